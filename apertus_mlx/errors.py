@@ -1,0 +1,45 @@
+"""Typed errors: each carries a message a user can act on, and the CLI prints it as one line."""
+
+
+class ApertusError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    exit_code = 1
+
+
+class ModelNotFoundError(ApertusError):
+    """The model is neither a local directory nor in the local Hugging Face cache."""
+
+    exit_code = 2
+
+
+class CheckpointError(ApertusError):
+    """A checkpoint exists but cannot be used as it is."""
+
+    exit_code = 2
+
+
+class ConfigError(CheckpointError):
+    """config.json is missing, unreadable or describes something we cannot run."""
+
+
+class UnsupportedModelError(ConfigError):
+    """config.json names another architecture."""
+
+
+class WeightsError(CheckpointError):
+    """The tensors do not match the architecture: missing, unexpected or mis-shaped."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file is truncated or malformed."""
+
+
+class TokenizerError(CheckpointError):
+    """tokenizer.json or the chat template cannot be used."""
+
+
+class UsageError(ApertusError):
+    """Bad input from the user (flags, prompt)."""
+
+    exit_code = 2

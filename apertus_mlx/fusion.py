@@ -1,0 +1,45 @@
+"""Load-time fusions that change how the model computes, never what.
+
+q, k and v read the same input, so one matmul over their concatenated weights replaces
+three (quantized ones too, when they share bits, group size and mode).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _fused(q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
+    parts = (q, k, v)
+    if all(type(p) is nn.Linear and "bias" not in p for p in parts):
+        fused = nn.Linear(1, 1, bias=False)
+        fused.weight = mx.concatenate([p.weight for p in parts], axis=0)
+        return fused
+    if all(type(p) is nn.QuantizedLinear and "bias" not in p for p in parts):
+        kinds = {(p.group_size, p.bits, p.mode) for p in parts}
+        if len(kinds) != 1:
+            return None
+        fused = nn.QuantizedLinear(q.group_size, q.group_size, bias=False, group_size=q.group_size,
+                                   bits=q.bits, mode=q.mode)  # fmt: skip
+        for name in ("weight", "scales", "biases"):
+            if name in q:
+                setattr(fused, name, mx.concatenate([p[name] for p in parts], axis=0))
+        return fused
+    return None
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Replace q/k/v projections with one `qkv_proj` where possible; return how many."""
+    count = 0
+    for layer in model.layers:
+        attn = layer.self_attn
+        fused = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        if fused is None:
+            continue
+        attn.qkv_proj = fused
+        for name in ("q_proj", "k_proj", "v_proj"):
+            del attn[name]
+        count += 1
+    mx.eval(model.parameters())
+    return count

@@ -1,0 +1,181 @@
+"""Load an Apertus checkpoint (Hugging Face layout, BF16/F16/F32 or MLX-quantized) into `Model`.
+
+Safetensors only: nothing that ships with a checkpoint is ever executed. Tensors are read
+lazily (`mx.load`), cast on the way and handed to the model one dictionary, so a load never
+holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelArgs
+from .errors import CorruptCheckpointError, WeightsError
+from .model import Model
+
+OPTIONAL_SUFFIXES = (".act_fn.beta", ".act_fn.eps")  # buffers some exports leave out
+DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived, never a learned weight
+_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+
+
+def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype) -> mx.Dtype:
+    """What the model computes in: as asked, else what the backend is fast at.
+
+    MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
+    bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
+    """
+    if isinstance(requested, str):
+        requested = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
+            requested
+        ]
+    if requested is not None:
+        return requested
+    return stored if mx.default_device() == mx.gpu else mx.float32
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CorruptCheckpointError(f"cannot read {index}: {e}") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{path} is incomplete: the index names {', '.join(missing)}, which are missing "
+                "(download it again)"
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CorruptCheckpointError(f"{path} has no *.safetensors weights")
+    return files
+
+
+def check_safetensors(file: Path) -> dict[str, Any]:
+    """Read the header and check the file is as long as it says: a truncated download
+    otherwise fails deep inside evaluation, or reads garbage."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise CorruptCheckpointError(f"{file} is not a valid safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise CorruptCheckpointError(
+            f"{file} is truncated ({size} of {8 + n + end} bytes): download it again"
+        )
+    return header
+
+
+def read_weights(path: Path) -> tuple[dict[str, mx.array], mx.Dtype]:
+    """All tensors, lazily, and the floating dtype most of them are stored in."""
+    weights: dict[str, mx.array] = {}
+    counts: dict[str, int] = {}
+    for file in safetensors_files(path):
+        header = check_safetensors(file)
+        for name, info in header.items():
+            if name != "__metadata__":
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError) as e:
+            raise CorruptCheckpointError(f"cannot read {file}: {e}") from None
+    floats = {k: v for k, v in counts.items() if k in _DTYPES}
+    stored = _DTYPES[max(floats, key=floats.get)] if floats else mx.float32
+    return weights, stored
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(DROPPED_SUFFIXES):
+            continue
+        if args.tie_word_embeddings and name.startswith("lm_head."):
+            continue  # a stray copy of the embedding
+        if ".act_fn." in name and w.size == 1:
+            w = w.reshape(())  # stored as (1,) by transformers, () by mlx-lm
+        out[name] = w
+    return out
+
+
+def quantize_like_checkpoint(model: Model, weights: dict[str, mx.array], quant: dict[str, Any]) -> None:
+    """Swap Linear/Embedding layers for quantized ones where the checkpoint has them,
+    following mlx-lm's convention: per-layer overrides keyed by module path, else
+    quantized exactly where `<path>.scales` exists."""
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path in quant:
+            return quant[path]
+        if path == "lm_head" and model.args.tie_word_embeddings:
+            return False
+        return f"{path}.scales" in weights
+
+    defaults = {"group_size": quant.get("group_size"), "bits": quant.get("bits")}
+    try:
+        nn.quantize(model, **defaults, mode=quant.get("mode", "affine"), class_predicate=predicate)
+    except ValueError as e:
+        raise WeightsError(f"the quantization block in config.json cannot be applied: {e}") from None
+
+
+def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(k for k in expected if k not in weights and not k.endswith(OPTIONAL_SUFFIXES))
+    unexpected = sorted(k for k in weights if k not in expected)
+    wrong = sorted(
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    )
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    if problems:
+        raise WeightsError("the weights do not match config.json: " + "; ".join(problems))
+
+
+def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating tensors (quantization scales and biases included) to the compute dtype;
+    packed integer weights stay as they are."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def load_model(path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True) -> Model:
+    """Build the model for the checkpoint at `path` (a local directory)."""
+    path = Path(path)
+    args = ModelArgs.from_dir(path)
+    weights, stored = read_weights(path)
+    weights = sanitize(weights, args)
+    model = Model(args)
+    if args.quantization:
+        quantize_like_checkpoint(model, weights, args.quantization)
+    check_names_and_shapes(model, weights)
+    weights = cast_weights(weights, compute_dtype(dtype, stored))
+    model.update(tree_unflatten(list(weights.items())))
+    del weights
+    mx.eval(model.parameters())
+    model.fold_constants()
+    model.set_fast_ops(mx.default_device() == mx.gpu)
+    if fuse:
+        from .fusion import fuse_qkv
+
+        fuse_qkv(model)
+    model.eval()
+    return model

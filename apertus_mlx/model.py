@@ -1,0 +1,232 @@
+"""The Apertus architecture in MLX.
+
+Parameter names are the checkpoint's names, so loading is a dictionary update. The forward
+pass reads like transformers' `modeling_apertus.py`:
+
+    h   = x + attn(attention_layernorm(x))          attn: q/k/v -> QK-RMSNorm -> RoPE -> GQA
+    out = h + down_proj(xielu(up_proj(feedforward_layernorm(h))))
+
+`fast_ops` picks, per backend, how RMSNorm and RoPE run: `mx.fast` kernels (one Metal kernel
+each) or plain operations, which `mx.compile` fuses into neighbouring work on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache
+from .config import ModelArgs
+from .kernels import xielu
+
+XIELU_BETA = 0.5
+XIELU_EPS = -1e-6
+
+
+def rope_inv_freq(args: ModelArgs) -> np.ndarray:
+    """Inverse RoPE frequencies (float32), llama3-scaled exactly as transformers computes them."""
+    dim = args.head_dim
+    inv_freq = (1.0 / (args.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
+        np.float32
+    )
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq).astype(np.float32)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, fast: bool) -> mx.array:
+    if fast:
+        return mx.fast.rms_norm(x, weight, eps)
+    # As the reference: normalise in float32, cast back, then scale.
+    xf = x.astype(mx.float32)
+    xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+        self.fast = False
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.weight, self.eps, self.fast)
+
+
+class RoPE(nn.Module):
+    """Rotate-half (non-interleaved) rotary embedding from precomputed inverse frequencies."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self._inv_freq = mx.array(rope_inv_freq(args))
+        self._wavelengths = 1.0 / self._inv_freq  # what mx.fast.rope calls `freqs`
+        self.dims = args.head_dim
+        self.fast = False
+
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        # x: (B, heads, L, head_dim)
+        if self.fast:
+            return mx.fast.rope(
+                x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                freqs=self._wavelengths,
+            )  # fmt: skip
+        positions = mx.arange(x.shape[2], dtype=mx.float32) + offset
+        angles = positions[:, None] * self._inv_freq[None, :]
+        angles = mx.concatenate([angles, angles], axis=-1)
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        half = self.dims // 2
+        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+
+class XIELU(nn.Module):
+    """xIELU with per-layer learned scalars; `fold()` turns them into inference constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = mx.array(math.log(math.expm1(0.8)))
+        self.alpha_n = mx.array(math.log(math.expm1(0.8 - XIELU_BETA)))
+        self.beta = mx.array(XIELU_BETA)
+        self.eps = mx.array(XIELU_EPS)
+        self.fold()
+
+    def fold(self) -> None:
+        f32 = mx.float32
+        self._beta = self.beta.astype(f32).reshape(())
+        self._eps = self.eps.astype(f32).reshape(())
+        self._a_p = nn.softplus(self.alpha_p.astype(f32)).reshape(())
+        self._a_n = (self._beta + nn.softplus(self.alpha_n.astype(f32))).reshape(())
+        mx.eval(self._beta, self._eps, self._a_p, self._a_n)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return xielu(x, self._a_p, self._a_n, self._beta, self._eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.rope = RoPE(args)
+
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        if "qkv_proj" in self:  # fused at load: one matmul instead of three
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x)
+            return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def __call__(
+        self, x: mx.array, mask: Any, cache: KVCache | None, layer: int, offset: int | mx.array
+    ) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        # (B, L, heads * head_dim) -> (B, heads, L, head_dim), RMSNorm per head, then RoPE
+        q = self.rope(self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3), offset)
+        k = self.rope(self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3), offset)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(layer, k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.act_fn = XIELU()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x, mask, cache, layer, offset) -> mx.array:
+        h = x + self.self_attn(self.attention_layernorm(x), mask, cache, layer, offset)
+        return h + self.mlp(self.feedforward_layernorm(h))
+
+
+class ApertusModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        offset = cache.offset if cache is not None else 0
+        mask = "causal" if inputs.shape[1] > 1 else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cache, i, offset)
+        if cache is not None:
+            cache.advance(inputs.shape[1])
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = ApertusModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
+        return self.logits(self.model(inputs, cache))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def set_fast_ops(self, enabled: bool) -> None:
+        """Use `mx.fast` RMSNorm/RoPE kernels (Metal) or plain fusable ops (CPU)."""
+        for _, module in self.named_modules():
+            if isinstance(module, (RMSNorm, RoPE)):
+                module.fast = enabled
+
+    def fold_constants(self) -> None:
+        for layer in self.layers:
+            layer.mlp.act_fn.fold()

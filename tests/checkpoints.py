@@ -1,0 +1,94 @@
+"""Tiny random Apertus checkpoints, written by transformers itself (the reference).
+
+Learned scalars and norm weights are perturbed away from their initial values, so a port that
+ignores them, or folds xIELU wrongly, cannot pass the parity tests by luck.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+BASE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+)
+
+# name -> (config overrides, storage dtype, save options)
+VARIANTS: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
+    "gqa-llama3-f32": ({}, "float32", {}),
+    "tied-mha-f32": ({"tie_word_embeddings": True, "num_key_value_heads": 4}, "float32", {}),
+    "norope-scaling-f32": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+        "float32",
+        {},
+    ),
+    "head-dim-f32": ({"head_dim": 24, "num_key_value_heads": 2}, "float32", {}),
+    "gqa-llama3-bf16": ({"num_key_value_heads": 2}, "bfloat16", {}),
+    "tied-bf16-sharded": (
+        {"tie_word_embeddings": True, "num_hidden_layers": 3},
+        "bfloat16",
+        {"max_shard_size": "100KB"},
+    ),
+}
+
+
+def build_checkpoint(
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    vocab_size: int,
+    overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    **save_options: Any,
+) -> Path:
+    import torch
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    torch.manual_seed(seed)
+    config = ApertusConfig(**{**BASE, "vocab_size": vocab_size, **(overrides or {})})
+    model = ApertusForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("alpha_p", "alpha_n")):
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True, **save_options)
+
+    # Real Apertus configs carry these too; mlx-lm requires them.
+    cfg_file = out_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(mlp_bias=False, attention_bias=False, post_norm=False, qk_norm=True)
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def reference_model(path: Path, dtype: str = "float32"):
+    """transformers' ApertusForCausalLM for the checkpoint at path."""
+    import torch
+    from transformers import ApertusForCausalLM
+
+    return ApertusForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()

@@ -1,0 +1,51 @@
+"""Session fixtures: one tokenizer and a handful of tiny checkpoints, built once, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.checkpoints import VARIANTS, build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _tokenizer_build(tmp_path_factory) -> tuple[Path, int]:
+    from tests.fixture_tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    return out, build_tokenizer(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(_tokenizer_build) -> Path:
+    return _tokenizer_build[0]
+
+
+@pytest.fixture(scope="session")
+def vocab_size(_tokenizer_build) -> int:
+    return _tokenizer_build[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
+    """checkpoint(name) -> directory of the VARIANTS entry `name`, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            overrides, dtype, save = VARIANTS[name]
+            out = tmp_path_factory.mktemp(name)
+            built[name] = build_checkpoint(out, tokenizer_dir, vocab_size, overrides, dtype, **save)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(checkpoint) -> Path:
+    return checkpoint("gqa-llama3-f32")
