@@ -39,6 +39,12 @@ class KVCache:
         self.keys[layer], self.values[layer] = buf_k, buf_v
         return buf_k[..., :end, :], buf_v[..., :end, :]
 
+    def reserve(self, needed: int) -> None:
+        """Grow every (non-empty) layer's buffers to hold `needed` positions."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and needed > k.shape[2]:
+                self.keys[i], self.values[i] = self._grown(k, k, needed), self._grown(v, v, needed)
+
     def _grown(self, buf: mx.array | None, new: mx.array, needed: int) -> mx.array:
         size = -(-needed // self.step) * self.step
         B, H, _, D = new.shape

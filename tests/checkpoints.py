@@ -73,10 +73,14 @@ def build_checkpoint(
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(out_dir, safe_serialization=True, **save_options)
 
-    # Real Apertus configs carry these too; mlx-lm requires them.
+    # Real Apertus configs carry these too (the RoPE settings in transformers-4 spelling
+    # beside the v5 one); mlx-lm requires them.
     cfg_file = out_dir / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg.update(mlp_bias=False, attention_bias=False, post_norm=False, qk_norm=True)
+    rope = dict(cfg["rope_parameters"])
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope["rope_type"] != "default" else None
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
     if tokenizer_dir is not None:

@@ -1,0 +1,62 @@
+"""`apertus-mlx ...`: a click group whose commands are imported only when they run,
+so `apertus-mlx --help` and `generate` start without loading what they do not use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> (module:function, one-line help shown by --help without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("apertus_mlx.commands.generate:generate", "Answer one prompt, streamed to stdout."),
+    "chat": ("apertus_mlx.commands.chat:chat", "Open the terminal chat UI."),
+    "convert": ("apertus_mlx.commands.convert:convert", "Quantize a checkpoint to INT2-INT8."),
+    "bench": ("apertus_mlx.commands.bench:bench", "Measure speed, side by side with mlx-lm."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="apertus-mlx")
+def cli() -> None:
+    """Run the Apertus language models locally with MLX.
+
+    MODEL is a local checkpoint directory or a Hugging Face repo id already downloaded.
+    """
+
+
+def main() -> None:
+    """Entry point: typed errors become one line on stderr and an exit status, not a traceback."""
+    from .errors import ApertusError
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ApertusError as e:
+        click.echo(f"apertus-mlx: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,118 @@
+"""Choosing the next token: repetition penalty, temperature, top-k, top-p, min-p, seed.
+
+The order is transformers': penalty first, then temperature, then the truncations. A seed
+gives a private random key, so two runs with the same seed and settings sample the same
+tokens whatever else uses MLX's global generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+# Model card recommendation for Apertus instruct models.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.9
+REPETITION_WINDOW = 256  # recent tokens the penalty looks at
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        from .errors import UsageError
+
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (self.top_k >= 0, "top-k must be >= 0"),
+            (0 <= self.min_p < 1, "min-p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_defaults(cls, defaults: dict, **overrides) -> SamplingParams:
+        """Settings from generation_config.json, then the caller's (None means 'not given')."""
+        known = {k: defaults[k] for k in ("temperature", "top_p", "top_k", "min_p",
+                                          "repetition_penalty") if defaults.get(k) is not None}  # fmt: skip
+        if defaults.get("do_sample") is False:
+            known["temperature"] = 0.0
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**known)
+
+
+class Sampler:
+    """Callable: (logits (1, vocab), recent token ids as an array) -> next token id, shape (1,).
+
+    History stays an (unevaluated) array, so the decode loop can sample step n+1 before
+    step n's token has reached Python."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self._key = mx.random.key(params.seed) if params.seed is not None else None
+
+    def __call__(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
+        p = self.params
+        logits = logits.astype(mx.float32)
+        if p.repetition_penalty != 1.0 and history is not None and history.size:
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if p.greedy:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits / p.temperature
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if p.top_k > 0 and p.top_k < logprobs.shape[-1]:
+            logprobs = top_k_filter(logprobs, p.top_k)
+        if p.top_p < 1.0:
+            logprobs = top_p_filter(logprobs, p.top_p)
+        if p.min_p > 0.0:
+            logprobs = min_p_filter(logprobs, p.min_p)
+        key = None
+        if self._key is not None:
+            self._key, key = mx.random.split(self._key)
+        return mx.random.categorical(logprobs, key=key)
+
+
+def apply_repetition_penalty(logits: mx.array, ids: mx.array, penalty: float) -> mx.array:
+    """transformers' rule: shrink the logits of tokens already seen (repeats are harmless)."""
+    selected = logits[:, ids]
+    selected = mx.where(selected < 0, selected * penalty, selected / penalty)
+    logits[:, ids] = selected
+    return logits
+
+
+def top_k_filter(logprobs: mx.array, k: int) -> mx.array:
+    kth = mx.sort(logprobs, axis=-1)[:, -k][:, None]
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def top_p_filter(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    cumulative = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    # keep a token if the mass before it is still below top_p (the top token always stays)
+    keep_sorted = (cumulative - mx.exp(sorted_lp)) < top_p
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def min_p_filter(logprobs: mx.array, min_p: float) -> mx.array:
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
