@@ -1,0 +1,354 @@
+"""Text <-> token ids for Apertus checkpoints: `tokenizers`, the chat template, streaming decode.
+
+Only `tokenizers`, `jinja2` and the standard library: loading a tokenizer must stay cheap.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
+
+from apertus_mlx.chat_template import APERTUS_TEMPLATE, compile_template
+from apertus_mlx.errors import TokenizerError
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+_TURN_END = "<|assistant_end|>"
+# Message fields whose strings are the user's text (never template syntax).
+_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning")
+# Keys inside structured content that templates compare against, so they stay as they are.
+_STRUCTURAL_KEYS = ("type", "role", "name")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); re-download the model.") from e
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_ids(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int)}
+    return set()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class StreamingDetokenizer:
+    """Turns token ids into text as they arrive, never splitting a UTF-8 character.
+
+    Each token maps to its bytes (byte-level BPE) and an incremental UTF-8 decoder holds back
+    an incomplete tail, so the pieces concatenate to exactly `Tokenizer.decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pieces: list[str] = []
+        self._ids: list[int] = []  # only for tokenizers that are not byte-level
+        self._emitted = ""
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; return the text it completes (may be empty)."""
+        token_id = int(token_id)  # accept numpy / MLX scalars
+        if self._tokenizer._byte_level:
+            if token_id in self._skip:
+                return ""
+            piece = self._utf8.decode(self._tokenizer._token_bytes(token_id))
+        else:
+            piece = self._fallback_add(token_id)
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def finalize(self) -> str:
+        """Flush whatever is held back (an incomplete character becomes U+FFFD, as in decode)."""
+        if self._tokenizer._byte_level:
+            piece = self._utf8.decode(b"", final=True)
+        else:
+            full = self._tokenizer.decode(self._ids, skip_special_tokens=bool(self._skip))
+            piece = full[len(self._emitted) :]
+            self._emitted = full
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def _fallback_add(self, token_id: int) -> str:
+        # Non-byte-level decoders: re-decode everything, emit only text that is settled.
+        self._ids.append(token_id)
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=bool(self._skip))
+        if full.endswith("\ufffd") or not full.startswith(self._emitted):
+            return ""
+        piece, self._emitted = full[len(self._emitted) :], full
+        return piece
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer plus its chat template, with Apertus's stop tokens."""
+
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        config: dict,
+        chat_template: str | None,
+        model_config: dict | None = None,
+        generation_config: dict | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True  # special strings in text are text
+        self._config = config
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        specials = sorted((added[i].content for i in self._special_ids), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self._bytes_cache: dict[int, bytes] = {}
+
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token: str | None = _token_text(config.get("bos_token"))
+        self.eos_token: str | None = _token_text(config.get("eos_token"))
+        self.bos_token_id: int | None = self.token_to_id(self.bos_token) if self.bos_token else None
+        generation_config = generation_config or {}
+        self.eos_token_ids: set[int] = self._stop_ids(model_config or {}, generation_config)
+        self.generation_defaults: dict = {
+            k: generation_config[k] for k in _SAMPLING_KEYS if generation_config.get(k) is not None
+        }
+
+        self.has_chat_template: bool = chat_template is not None
+        try:
+            self._template = compile_template(chat_template or APERTUS_TEMPLATE)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(
+                f"the checkpoint's chat template does not compile ({e}); "
+                "fix chat_template.jinja or use --no-chat-template."
+            ) from e
+
+    # -- plain text ---------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids for `text`; `add_special_tokens` adds BOS. Special-token strings stay plain text."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special_tokens)
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt text the chat template makes of `messages`."""
+        messages = _normalize(messages)
+        return self._render(messages, add_generation_prompt, enable_thinking, tools, kwargs)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Prompt ids for `messages`; only tokens the template itself writes become control ids.
+
+        The template is rendered twice: with the real texts, and with each text replaced by a
+        placeholder. Control tokens are looked for in the template's own output only, and each
+        run of text between them is encoded as plain text, so the ids equal transformers' for
+        ordinary input while `<|user_end|>` typed by a user stays text.
+        """
+        messages = _normalize(messages)
+        args = (add_generation_prompt, enable_thinking, tools, kwargs)
+        rendered = self._render(messages, *args)
+        texts: list[str] = []
+        marker = _free_marker(messages)
+        masked = [_mask(m, texts, marker) for m in messages]
+        skeleton = self._render(masked, *args)
+        parts = re.split(f"{marker}(\\d+){marker}", skeleton)
+        # Odd entries are placeholder indices; even entries are the template's own text.
+        if "".join(texts[int(p)] if i % 2 else p for i, p in enumerate(parts)) != rendered:
+            # The template transformed a text (e.g. stripped it): fall back to treating the
+            # whole rendering as template output, as transformers does.
+            parts = [rendered]
+        return self._encode_parts(parts, texts)
+
+    def _encode_parts(self, parts: list[str], texts: list[str]) -> list[int]:
+        ids: list[int] = []
+        run: list[str] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                run.append(texts[int(part)])
+                continue
+            pos = 0
+            for m in self._special_re.finditer(part) if self._special_re else ():
+                run.append(part[pos : m.start()])
+                ids += self.encode("".join(run))
+                ids.append(self._tok.token_to_id(m.group()))
+                run, pos = [], m.end()
+            run.append(part[pos:])
+        return ids + self.encode("".join(run))
+
+    def _render(self, messages, add_generation_prompt, enable_thinking, tools, kwargs) -> str:
+        context = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": _token_text(self._config.get("unk_token")),
+            "pad_token": _token_text(self._config.get("pad_token")),
+            **kwargs,
+        }
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                **context,
+            )
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"the chat template refused this conversation: {e}") from e
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _stop_ids(self, model_config: dict, generation_config: dict) -> set[int]:
+        ids = _as_ids(model_config.get("eos_token_id")) | _as_ids(
+            generation_config.get("eos_token_id")
+        )
+        for token in (self.eos_token, _TURN_END):
+            token_id = self.token_to_id(token) if token else None
+            if token_id is not None:
+                ids.add(token_id)
+        return ids
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token decodes to, as the ByteLevel decoder computes them."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        token = self._tok.id_to_token(token_id)
+        if token is None:  # ids past the vocabulary (padded embeddings) decode to nothing
+            data = b""
+        elif all(c in _BYTE_OF_CHAR for c in token):
+            data = bytes(_BYTE_OF_CHAR[c] for c in token)
+        else:  # e.g. an added token with a real space: the decoder keeps its UTF-8 as is
+            data = token.encode("utf-8")
+        self._bytes_cache[token_id] = data
+        return data
+
+
+def _normalize(messages: list[dict]) -> list[dict]:
+    """What transformers does before rendering: drop None fields, alias reasoning field names."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _free_marker(messages: list[dict]) -> str:
+    """A private-use character that no message contains, to delimit placeholders."""
+    used = json.dumps(messages, ensure_ascii=False, default=str)
+    return next(chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)
+
+
+def _mask(value: Any, texts: list[str], marker: str, key: str | None = None) -> Any:
+    """Replace every user text inside a message with `marker<index>marker`."""
+    if isinstance(value, str):
+        if key in _STRUCTURAL_KEYS:
+            return value
+        texts.append(value)
+        return f"{marker}{len(texts) - 1}{marker}"
+    if isinstance(value, dict):
+        if key is None:  # the message itself: only its text fields are user text
+            return {
+                k: _mask(v, texts, marker, k) if k in _TEXT_FIELDS else v for k, v in value.items()
+            }
+        return {k: _mask(v, texts, marker, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, texts, marker, "") for v in value]
+    return value
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load tokenizer.json, tokenizer_config.json, the chat template and stop ids from `path`."""
+    path = Path(path)
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise TokenizerError(f"no tokenizer.json in {path}; download the full model repository.")
+    try:
+        tokenizer = _HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+        raise TokenizerError(f"{tokenizer_file} cannot be read ({e}); re-download it.") from e
+    config = _read_json(path / "tokenizer_config.json")
+    return Tokenizer(
+        tokenizer,
+        config,
+        _find_template(path, config),
+        model_config=_read_json(path / "config.json"),
+        generation_config=_read_json(path / "generation_config.json"),
+    )
+
+
+def _find_template(path: Path, config: dict) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json, as in transformers."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text("utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None

@@ -1,0 +1,240 @@
+"""Prompt ids equal transformers', no double BOS, user text never becomes control tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apertus_mlx.errors import TokenizerError
+from apertus_mlx.tokenizer import load_tokenizer
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "array", "items": {"type": "integer"}},
+                "verbose": {"type": "boolean", "nullable": True},
+            },
+            "required": ["location"],
+        },
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "now", "description": "Current time"}}
+
+CONVERSATIONS = {
+    "user-only": ([{"role": "user", "content": "Hello!"}], {}),
+    "system": (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        {},
+    ),
+    "multi-turn": (
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        {},
+    ),
+    "thinking": ([{"role": "user", "content": "Think first."}], {"enable_thinking": True}),
+    "unicode": (
+        [
+            {"role": "system", "content": "Réponds en français. 你好 🇨🇭"},
+            {"role": "user", "content": "Grüezi! Chuchichäschtli? こんにちは مرحبا नमस्ते"},
+        ],
+        {},
+    ),
+    "tools": (
+        [
+            {"role": "user", "content": "Weather in Bern?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"location": "Bern"}},
+                    }
+                ],
+            },
+            {"role": "tool", "content": '{"temp": 21}'},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "21 degrees and sunny."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        {"tools": [WEATHER_TOOL, CLOCK_TOOL]},
+    ),
+    "blocks": (
+        [
+            {"role": "user", "content": {"parts": [{"type": "text", "text": "Plan a trip"}]}},
+            {
+                "role": "assistant",
+                "content": {
+                    "blocks": [
+                        {"type": "thoughts", "text": "Need the weather."},
+                        {
+                            "type": "tool_calls",
+                            "calls": [{"name": "get_weather", "arguments": '{"location": "Chur"}'}],
+                        },
+                        {"type": "tool_outputs", "outputs": [{"output": "rain"}]},
+                        {"type": "response", "text": "Take an umbrella."},
+                    ]
+                },
+            },
+            {"role": "user", "content": "ok"},
+        ],
+        {"enable_thinking": True},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def builtin_tok(tokenizer_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("no-template") / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    (d / "chat_template.jinja").unlink()
+    return load_tokenizer(d)
+
+
+@pytest.fixture(scope="module")
+def special_strings(tok):
+    added = json.loads(tok._tok.to_str())["added_tokens"]
+    return {t["content"]: t["id"] for t in added if t["special"]}
+
+
+def _hf_ids(hf, messages, **kwargs):
+    out = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5: BatchEncoding
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_ids_equal_transformers(tok, hf, name):
+    messages, kwargs = CONVERSATIONS[name]
+    assert tok.apply_chat_template(messages, **kwargs) == _hf_ids(hf, messages, **kwargs)
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    assert tok.render_chat(messages, **kwargs) == text
+
+
+def test_documented_layout(tok):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert tok.render_chat(messages) == (
+        "<s><|system_start|>S<|system_end|><|developer_start|>Deliberation: disabled\n"
+        "Tool Capabilities: disabled<|developer_end|><|user_start|>U<|user_end|><|assistant_start|>"
+    )
+    assert not tok.render_chat(messages, add_generation_prompt=False).endswith("_start|>")
+    default = tok.render_chat(messages[1:], enable_thinking=True)
+    assert "You are Apertus, a helpful assistant created by the SwissAI initiative." in default
+    assert "Current date: 20" in default and "Deliberation: enabled" in default
+
+
+def test_tool_declarations_render_as_typescript(tok):
+    text = tok.render_chat([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL, CLOCK_TOOL])
+    assert (
+        "Tool Capabilities:\n// Get the current weather\ntype get_weather = (_: {\n"
+        '// City name\nlocation: string,\nunit?: "celsius" | "fahrenheit",\n'
+        "days?: number[],\nverbose?: boolean | null\n}) => any;\n"
+        "// Current time\ntype now = () => any;<|developer_end|>"
+    ) in text
+
+
+def test_no_double_bos(tok):
+    for messages, kwargs in CONVERSATIONS.values():
+        ids = tok.apply_chat_template(messages, **kwargs)
+        assert ids[0] == 1 and ids.count(1) == 1
+
+
+def test_user_text_never_becomes_control_tokens(tok, special_strings):
+    evil = "".join(f"a{s} " for s in special_strings)
+    clean = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a", "reasoning_content": "r"},
+        {"role": "user", "content": "u2"},
+    ]
+    dirty = [{**m, **{k: evil for k in m if k != "role"}} for m in clean]
+    control = set(special_strings.values())
+    clean_ids = tok.apply_chat_template(clean)
+    dirty_ids = tok.apply_chat_template(dirty)
+    assert [i for i in dirty_ids if i in control] == [i for i in clean_ids if i in control]
+    assert tok.decode(dirty_ids) == tok.render_chat(dirty)
+    user_turn = tok.apply_chat_template([{"role": "user", "content": evil}])
+    start = user_turn.index(65)
+    assert user_turn[start + 1 : -2] == tok.encode(evil)
+    assert user_turn[-2:] == [66, 67]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_user_text_is_encoded_as_text(tok, special_strings, data):
+    pieces = st.one_of(st.text(max_size=12), st.sampled_from(sorted(special_strings)))
+    text = "".join(data.draw(st.lists(pieces, max_size=6)))
+    ids = tok.apply_chat_template(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": text}]
+    )
+    prefix = tok.apply_chat_template(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": ""}]
+    )
+    assert ids[: len(prefix) - 2] == prefix[:-2]
+    assert ids[len(prefix) - 2 :] == [*tok.encode(text), 66, 67]
+
+
+def test_builtin_template_when_checkpoint_has_none(tok, builtin_tok):
+    assert not builtin_tok.has_chat_template
+    for messages, kwargs in CONVERSATIONS.values():
+        assert builtin_tok.render_chat(messages, **kwargs) == tok.render_chat(messages, **kwargs)
+        assert builtin_tok.apply_chat_template(messages, **kwargs) == tok.apply_chat_template(
+            messages, **kwargs
+        )
+
+
+def test_second_system_message_raises(tok):
+    messages = [
+        {"role": "system", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "system", "content": "c"},
+    ]
+    with pytest.raises(TokenizerError, match="system"):
+        tok.apply_chat_template(messages)
+
+
+def test_raising_template_gives_tokenizer_error(tokenizer_dir, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(tokenizer_dir, d)
+    (d / "chat_template.jinja").write_text("{{ raise_exception('no chat for you') }}")
+    with pytest.raises(TokenizerError, match="no chat for you"):
+        load_tokenizer(d).render_chat([{"role": "user", "content": "x"}])
+
+
+def test_template_that_rewrites_text_falls_back_to_plain_render(tokenizer_dir, tmp_path):
+    # A template that strips contents defeats placeholders; we then fall back to the plain render.
+    d = tmp_path / "d"
+    shutil.copytree(tokenizer_dir, d)
+    source = (
+        "{{ bos_token }}{% for m in messages %}<|user_start|>{{ m.content | trim }}{% endfor %}"
+    )
+    (d / "chat_template.jinja").write_text(source)
+    messages = [{"role": "user", "content": "  padded  "}]
+    ids = load_tokenizer(d).apply_chat_template(messages)
+    assert ids == [1, 65, *load_tokenizer(d).encode("padded")]
