@@ -4,6 +4,7 @@ so `apertus-mlx --help` and `generate` start without loading what they do not us
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -12,6 +13,9 @@ import click
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("apertus_mlx.commands.generate:generate", "Answer one prompt, streamed to stdout."),
     "chat": ("apertus_mlx.commands.chat:chat", "Open the terminal chat UI."),
+    "download": ("apertus_mlx.commands.models:download", "Download a model for offline use."),
+    "models": ("apertus_mlx.commands.models:list_models", "List known and downloaded models."),
+    "rm": ("apertus_mlx.commands.models:remove", "Delete a downloaded model."),
     "convert": ("apertus_mlx.commands.convert:convert", "Quantize a checkpoint to INT2-INT8."),
     "bench": ("apertus_mlx.commands.bench:bench", "Measure speed, side by side with mlx-lm."),
 }
@@ -60,3 +64,9 @@ def main() -> None:
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("APERTUS_MLX_DEBUG"):
+            raise
+        click.echo(f"apertus-mlx: internal error: {type(e).__name__}: {e} "
+                   "(set APERTUS_MLX_DEBUG=1 for the traceback)", err=True)  # fmt: skip
+        sys.exit(1)

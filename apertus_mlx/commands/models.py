@@ -1,0 +1,60 @@
+"""`apertus-mlx download`, `models` and `rm`: the local model collection."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("model")
+def download(model: str) -> None:
+    """Download MODEL (catalog alias or hub repo id) for offline use; resumes if interrupted."""
+    from ..hub import download as fetch
+
+    path = fetch(model)
+    click.echo(f"ready: {path}")
+
+
+@click.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_models(as_json: bool) -> None:
+    """List the catalog of known Apertus models and what is downloaded."""
+    from ..hub import cached_models, catalog
+
+    cached = cached_models()
+    rows = []
+    for entry in catalog():
+        path, size = cached.get(entry.repo, (None, 0))
+        rows.append({"alias": entry.alias, "repo": entry.repo, "params": entry.params,
+                     "format": entry.format, "downloaded": path is not None,
+                     "size_gb": round((size or entry.size_gb * 1e9) / 1e9, 2),
+                     "description": entry.description})  # fmt: skip
+    known = {r["repo"] for r in rows}
+    for repo, (path, size) in sorted(cached.items()):
+        if repo not in known and "apertus" in repo.lower():
+            rows.append({"alias": "", "repo": repo, "params": "", "format": "", "downloaded": True,
+                         "size_gb": round(size / 1e9, 2), "description": ""})  # fmt: skip
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    for r in rows:
+        mark = "✓" if r["downloaded"] else " "
+        click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {r['size_gb']:>7.2f} GB  {r['description']}")
+    click.echo("\n✓ downloaded. Get one with `apertus-mlx download ALIAS`.")
+
+
+@click.command("rm")
+@click.argument("model")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def remove(model: str, yes: bool) -> None:
+    """Delete a downloaded MODEL from the local Hugging Face cache."""
+    from ..hub import remove as delete
+    from ..hub import repo_for
+
+    if not yes:
+        click.confirm(f"Delete {repo_for(model)} from the cache?", abort=True)
+    freed = delete(model)
+    click.echo(f"deleted {repo_for(model)}, {freed / 1e9:.2f} GB freed")
