@@ -1,7 +1,7 @@
 """apertus-mlx: the Apertus language models on Apple's MLX, fully offline.
 
-    from apertus_mlx import load
-    model, tokenizer = load("swiss-ai/Apertus-8B-Instruct-2509")   # or a local directory
+from apertus_mlx import load
+model, tokenizer = load("swiss-ai/Apertus-8B-Instruct-2509")   # or a local directory
 """
 
 from __future__ import annotations

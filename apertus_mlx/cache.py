@@ -28,7 +28,9 @@ class KVCache:
         k = self.keys[0]
         return 0 if k is None else k.shape[2]
 
-    def update_and_fetch(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(
+        self, layer: int, keys: mx.array, values: mx.array
+    ) -> tuple[mx.array, mx.array]:
         """Write (B, kv_heads, L, head_dim) at the current offset; return everything so far."""
         start, end = self.offset, self.offset + keys.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]

@@ -11,7 +11,10 @@ import click
 
 # name -> (module:function, one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("apertus_mlx.commands.generate:generate", "Answer one prompt, streamed to stdout."),
+    "generate": (
+        "apertus_mlx.commands.generate:generate",
+        "Answer one prompt, streamed to stdout.",
+    ),
     "chat": ("apertus_mlx.commands.chat:chat", "Open the terminal chat UI."),
     "download": ("apertus_mlx.commands.models:download", "Download a model for offline use."),
     "models": ("apertus_mlx.commands.models:list_models", "List known and downloaded models."),
@@ -67,6 +70,9 @@ def main() -> None:
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("APERTUS_MLX_DEBUG"):
             raise
-        click.echo(f"apertus-mlx: internal error: {type(e).__name__}: {e} "
-                   "(set APERTUS_MLX_DEBUG=1 for the traceback)", err=True)  # fmt: skip
+        click.echo(
+            f"apertus-mlx: internal error: {type(e).__name__}: {e} "
+            "(set APERTUS_MLX_DEBUG=1 for the traceback)",
+            err=True,
+        )
         sys.exit(1)

@@ -78,7 +78,9 @@ class ModelArgs:
                 max_position_embeddings=int(config.get("max_position_embeddings", 65536)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 bos_token_id=config.get("bos_token_id", 1),
-                eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                eos_token_ids=tuple(
+                    eos if isinstance(eos, list) else [eos] if eos is not None else []
+                ),
                 pad_token_id=config.get("pad_token_id", 3),
                 quantization=config.get("quantization"),
             )
@@ -131,7 +133,9 @@ def _rope(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", config.get("max_position_embeddings", 8192))
+            params.get(
+                "original_max_position_embeddings", config.get("max_position_embeddings", 8192)
+            )
         ),
     )
     return theta, scaling

@@ -46,12 +46,18 @@ class CompiledDecodeStep:
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
             q, k, v = attn.project_qkv(layer.attention_layernorm(x))
-            q = attn.rope(attn.q_norm(q.reshape(1, 1, attn.n_heads, -1)).transpose(0, 2, 1, 3), position)
-            k = attn.rope(attn.k_norm(k.reshape(1, 1, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3), position)
+            q = attn.rope(
+                attn.q_norm(q.reshape(1, 1, attn.n_heads, -1)).transpose(0, 2, 1, 3), position
+            )
+            k = attn.rope(
+                attn.k_norm(k.reshape(1, 1, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3), position
+            )
             v = v.reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
             keys[i] = mx.slice_update(keys[i], k, offset, axes=(2,))
             values[i] = mx.slice_update(values[i], v, offset, axes=(2,))
-            out = mx.fast.scaled_dot_product_attention(q, keys[i], values[i], scale=attn.scale, mask=mask)
+            out = mx.fast.scaled_dot_product_attention(
+                q, keys[i], values[i], scale=attn.scale, mask=mask
+            )
             h = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
             x = h + layer.mlp(layer.feedforward_layernorm(h))
         logits = model.logits(model.model.norm(x)[:, -1, :])

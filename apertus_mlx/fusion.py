@@ -20,8 +20,14 @@ def _fused(q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         kinds = {(p.group_size, p.bits, p.mode) for p in parts}
         if len(kinds) != 1:
             return None
-        fused = nn.QuantizedLinear(q.group_size, q.group_size, bias=False, group_size=q.group_size,
-                                   bits=q.bits, mode=q.mode)  # fmt: skip
+        fused = nn.QuantizedLinear(
+            q.group_size,
+            q.group_size,
+            bias=False,
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+        )
         for name in ("weight", "scales", "biases"):
             if name in q:
                 setattr(fused, name, mx.concatenate([p[name] for p in parts], axis=0))

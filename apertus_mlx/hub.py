@@ -94,9 +94,13 @@ def download(name: str) -> Path:
             f"{repo} is gated: accept its terms on huggingface.co, then `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"no repository {repo} on the hub (see `apertus-mlx models`)") from None
+        raise ModelNotFoundError(
+            f"no repository {repo} on the hub (see `apertus-mlx models`)"
+        ) from None
     except LocalEntryNotFoundError:
-        raise ModelNotFoundError(f"cannot reach the hub to download {repo}: are you offline?") from None
+        raise ModelNotFoundError(
+            f"cannot reach the hub to download {repo}: are you offline?"
+        ) from None
     except HfHubHTTPError as e:
         raise ModelNotFoundError(f"download of {repo} failed: {e}") from None
     except OSError as e:  # disk full, permissions: partial files stay and resume next time

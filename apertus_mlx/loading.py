@@ -71,7 +71,9 @@ def check_safetensors(file: Path) -> dict[str, Any]:
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+        )
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise CorruptCheckpointError(f"{file} is not a valid safetensors file ({e})") from None
     if 8 + n + end > size:
@@ -112,7 +114,9 @@ def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.arra
     return out
 
 
-def quantize_like_checkpoint(model: Model, weights: dict[str, mx.array], quant: dict[str, Any]) -> None:
+def quantize_like_checkpoint(
+    model: Model, weights: dict[str, mx.array], quant: dict[str, Any]
+) -> None:
     """Swap Linear/Embedding layers for quantized ones where the checkpoint has them,
     following mlx-lm's convention: per-layer overrides keyed by module path, else
     quantized exactly where `<path>.scales` exists."""
@@ -130,7 +134,9 @@ def quantize_like_checkpoint(model: Model, weights: dict[str, mx.array], quant: 
     try:
         nn.quantize(model, **defaults, mode=quant.get("mode", "affine"), class_predicate=predicate)
     except ValueError as e:
-        raise WeightsError(f"the quantization block in config.json cannot be applied: {e}") from None
+        raise WeightsError(
+            f"the quantization block in config.json cannot be applied: {e}"
+        ) from None
 
 
 def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
@@ -154,7 +160,9 @@ def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
 def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Floating tensors (quantization scales and biases included) to the compute dtype;
     packed integer weights stay as they are."""
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True) -> Model:

@@ -82,9 +82,14 @@ class RoPE(nn.Module):
         # x: (B, heads, L, head_dim)
         if self.fast:
             return mx.fast.rope(
-                x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                x,
+                self.dims,
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=offset,
                 freqs=self._wavelengths,
-            )  # fmt: skip
+            )
         positions = mx.arange(x.shape[2], dtype=mx.float32) + offset
         angles = positions[:, None] * self._inv_freq[None, :]
         angles = mx.concatenate([angles, angles], axis=-1)
@@ -136,7 +141,11 @@ class Attention(nn.Module):
         if "qkv_proj" in self:  # fused at load: one matmul instead of three
             q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             qkv = self.qkv_proj(x)
-            return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+            return (
+                qkv[..., :q_size],
+                qkv[..., q_size : q_size + kv_size],
+                qkv[..., q_size + kv_size :],
+            )
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(
@@ -146,7 +155,9 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x)
         # (B, L, heads * head_dim) -> (B, heads, L, head_dim), RMSNorm per head, then RoPE
         q = self.rope(self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3), offset)
-        k = self.rope(self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3), offset)
+        k = self.rope(
+            self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3), offset
+        )
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(layer, k, v)

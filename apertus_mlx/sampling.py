@@ -50,8 +50,11 @@ class SamplingParams:
     @classmethod
     def from_defaults(cls, defaults: dict, **overrides) -> SamplingParams:
         """Settings from generation_config.json, then the caller's (None means 'not given')."""
-        known = {k: defaults[k] for k in ("temperature", "top_p", "top_k", "min_p",
-                                          "repetition_penalty") if defaults.get(k) is not None}  # fmt: skip
+        known = {
+            k: defaults[k]
+            for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+            if defaults.get(k) is not None
+        }
         if defaults.get("do_sample") is False:
             known["temperature"] = 0.0
         known.update({k: v for k, v in overrides.items() if v is not None})

@@ -44,16 +44,24 @@ class ChatSession:
             self.messages, add_generation_prompt=True, enable_thinking=self.enable_thinking
         )
 
-    def reply(self, text: str, stop_event: threading.Event | None = None) -> Iterator[Event | Error]:
+    def reply(
+        self, text: str, stop_event: threading.Event | None = None
+    ) -> Iterator[Event | Error]:
         """Add a user turn and stream the assistant's answer; the answer joins the history,
         even when interrupted, so nothing the user saw is lost."""
         self.messages.append({"role": "user", "content": text})
         try:
             ids = self.prompt_ids()
             self._reuse_prefix(ids)
-            for event in generate(self.model, self.tokenizer, ids, params=self.params,
-                                  max_tokens=self.max_tokens, cache=self.cache,
-                                  stop_event=stop_event):  # fmt: skip
+            for event in generate(
+                self.model,
+                self.tokenizer,
+                ids,
+                params=self.params,
+                max_tokens=self.max_tokens,
+                cache=self.cache,
+                stop_event=stop_event,
+            ):
                 if isinstance(event, Done):
                     self._cached_ids = (ids + event.tokens)[: self.cache.offset]
                     self.messages.append({"role": "assistant", "content": event.text})

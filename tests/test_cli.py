@@ -30,12 +30,30 @@ def test_greedy_json_matches_the_engine(tiny_model_dir):
     from apertus_mlx.generate import generate
     from apertus_mlx.sampling import SamplingParams
 
-    out = cli("generate", "Grüezi mitenand!", "-m", str(tiny_model_dir), "--temp", "0",
-              "-n", "12", "--json")  # fmt: skip
+    out = cli(
+        "generate",
+        "Grüezi mitenand!",
+        "-m",
+        str(tiny_model_dir),
+        "--temp",
+        "0",
+        "-n",
+        "12",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    for key in ("text", "prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s",
-                "prefill_tps", "decode_tps", "peak_memory_gb", "finish_reason"):  # fmt: skip
+    for key in (
+        "text",
+        "prompt_tokens",
+        "cached_tokens",
+        "generated_tokens",
+        "ttft_s",
+        "prefill_tps",
+        "decode_tps",
+        "peak_memory_gb",
+        "finish_reason",
+    ):
         assert key in result
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Grüezi mitenand!"}])
@@ -56,8 +74,19 @@ def test_prompt_from_stdin_equals_argument(tiny_model_dir):
 
 
 def test_seed_repeats_and_stats_go_to_stderr(tiny_model_dir):
-    args = ("generate", "Ciao", "-m", str(tiny_model_dir), "--seed", "3", "--temp", "1.0",
-            "-n", "10", "--stats")  # fmt: skip
+    args = (
+        "generate",
+        "Ciao",
+        "-m",
+        str(tiny_model_dir),
+        "--seed",
+        "3",
+        "--temp",
+        "1.0",
+        "-n",
+        "10",
+        "--stats",
+    )
     a, b = cli(*args), cli(*args)
     assert a.returncode == 0 and a.stdout == b.stdout
     assert "tok/s" in a.stderr and "tok/s" not in a.stdout
@@ -130,10 +159,24 @@ def long_context_model(tmp_path_factory, tokenizer_dir, vocab_size):
 
 def test_ctrl_c_flushes_the_partial_answer_and_exits_130(long_context_model):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "-m",
-         str(long_context_model), "-n", "50000", "--temp", "0", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "apertus_mlx",
+            "generate",
+            "Erzähl mir alles.",
+            "-m",
+            str(long_context_model),
+            "-n",
+            "50000",
+            "--temp",
+            "0",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # --json prints nothing until the end; wait for the model to be generating instead:
         # stderr stays empty, so poll the process's own CPU work via a short first read.

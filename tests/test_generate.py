@@ -43,10 +43,18 @@ def test_greedy_tokens_equal_transformers_generate(checkpoint, name):
     path = checkpoint(name)
     model, tokenizer = load_model(path), NoEos(load_tokenizer(path))
     ids = [1, 65, 300, 301, 302, 66, 67]
-    ref = reference_model(path).generate(
-        torch.tensor([ids]), do_sample=False, max_new_tokens=40, min_new_tokens=40,
-        eos_token_id=None, pad_token_id=0,
-    )[0, len(ids):].tolist()  # fmt: skip
+    ref = (
+        reference_model(path)
+        .generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=40,
+            min_new_tokens=40,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(ids) :]
+        .tolist()
+    )
     done = run(model, tokenizer, ids, params=GREEDY, max_tokens=40)
     assert done.tokens == ref
     assert done.stats.finish_reason == "length"
@@ -83,8 +91,13 @@ def test_seed_makes_sampling_repeatable(tiny_model_dir):
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, min_p=0.01, seed=7)
     a = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
     b = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
-    c = run(model, tokenizer, [1, 200, 201],
-            params=SamplingParams(temperature=1.0, seed=8), max_tokens=30).tokens  # fmt: skip
+    c = run(
+        model,
+        tokenizer,
+        [1, 200, 201],
+        params=SamplingParams(temperature=1.0, seed=8),
+        max_tokens=30,
+    ).tokens
     assert a == b
     assert a != c
 

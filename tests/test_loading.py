@@ -50,15 +50,27 @@ def test_dtype_override_and_default(tiny_model_dir):
 
 
 def test_config_reads_both_rope_spellings():
-    common = dict(model_type="apertus", hidden_size=64, num_attention_heads=4,
-                  num_hidden_layers=1, intermediate_size=8, vocab_size=8, post_norm=False)  # fmt: skip
-    rope = {"factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
-            "original_max_position_embeddings": 8192}  # fmt: skip
+    common = dict(
+        model_type="apertus",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=8,
+        post_norm=False,
+    )
+    rope = {
+        "factor": 8,
+        "low_freq_factor": 1,
+        "high_freq_factor": 4,
+        "original_max_position_embeddings": 8192,
+    }
     legacy = ModelArgs.from_dict(
         {**common, "rope_theta": 12e6, "rope_scaling": {**rope, "type": "llama3"}}
     )
-    v5 = ModelArgs.from_dict({**common, "rope_parameters": {**rope, "rope_type": "llama3",
-                                                             "rope_theta": 12e6}})  # fmt: skip
+    v5 = ModelArgs.from_dict(
+        {**common, "rope_parameters": {**rope, "rope_type": "llama3", "rope_theta": 12e6}}
+    )
     assert legacy == v5
     assert legacy.rope_scaling.factor == 8 and legacy.rope_theta == 12e6
     assert legacy.head_dim == 16 and legacy.num_key_value_heads == 4
@@ -67,8 +79,14 @@ def test_config_reads_both_rope_spellings():
 
 
 def test_eos_ids_accept_int_and_list():
-    base = dict(model_type="apertus", hidden_size=8, num_attention_heads=1,
-                num_hidden_layers=1, intermediate_size=8, vocab_size=8)  # fmt: skip
+    base = dict(
+        model_type="apertus",
+        hidden_size=8,
+        num_attention_heads=1,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=8,
+    )
     assert ModelArgs.from_dict({**base, "eos_token_id": 2}).eos_token_ids == (2,)
     assert ModelArgs.from_dict({**base, "eos_token_id": [2, 68]}).eos_token_ids == (2, 68)
 

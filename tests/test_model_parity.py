@@ -98,14 +98,26 @@ def test_rope_inverse_frequencies_equal_transformers(checkpoint, name):
 
 
 def test_llama3_frequencies_match_published_vector():
-    # Llama3InvFreqs(dim 8, theta 12e6, factor 8, low 1, high 4, original 8192), reference/apertus.md
+    # Llama3InvFreqs(dim 8, theta 12e6, factor 8, low 1, high 4, original 8192):
+    # the sanity vector quoted in reference/apertus.md
     args = ModelArgs.from_dict(
-        dict(model_type="apertus", hidden_size=8, num_attention_heads=1, num_hidden_layers=1,
-             intermediate_size=8, vocab_size=8,
-             rope_scaling={"rope_type": "llama3", "rope_theta": 12e6, "factor": 8,
-                           "low_freq_factor": 1, "high_freq_factor": 4,
-                           "original_max_position_embeddings": 8192})
-    )  # fmt: skip
+        dict(
+            model_type="apertus",
+            hidden_size=8,
+            num_attention_heads=1,
+            num_hidden_layers=1,
+            intermediate_size=8,
+            vocab_size=8,
+            rope_scaling={
+                "rope_type": "llama3",
+                "rope_theta": 12e6,
+                "factor": 8,
+                "low_freq_factor": 1,
+                "high_freq_factor": 4,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
     np.testing.assert_allclose(
         rope_inv_freq(args), [1, 0.016990442, 3.6084392e-5, 6.1308978e-7], rtol=1e-6
     )

@@ -18,13 +18,21 @@ def last(events):
 
 def test_second_turn_reuses_cache_and_matches_fresh(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    session = ChatSession(model, tokenizer, system="Du bist hilfreich.", params=GREEDY, max_tokens=10)
+    session = ChatSession(
+        model, tokenizer, system="Du bist hilfreich.", params=GREEDY, max_tokens=10
+    )
     first = last(session.reply("Grüezi!"))
     assert isinstance(first, Done) and first.stats.cached_tokens == 0
     second = last(session.reply("Und wie gaht's?"))
     assert isinstance(second, Done)
     assert second.stats.cached_tokens > first.stats.prompt_tokens // 2
-    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in session.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
 
     ids = tokenizer.apply_chat_template(session.messages[:-1])
     *_, fresh = generate(model, tokenizer, ids, params=GREEDY, max_tokens=10)

@@ -17,7 +17,9 @@ def read_prompt(prompt: str | None) -> str:
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
     if prompt is None:
-        raise UsageError("give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)")
+        raise UsageError(
+            "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
+        )
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt
@@ -28,7 +30,9 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
         return tokenizer.encode(prompt, add_special_tokens=True)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=think
+    )
 
 
 def backend_summary(model) -> str:
@@ -52,27 +56,62 @@ def format_stats(stats, backend: str) -> str:
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option("-m", "--model", "model_name", required=True, envvar="APERTUS_MLX_MODEL",
-              help="Checkpoint directory or downloaded hub repo id (env APERTUS_MLX_MODEL).")
+@click.option(
+    "-m",
+    "--model",
+    "model_name",
+    required=True,
+    envvar="APERTUS_MLX_MODEL",
+    help="Checkpoint directory or downloaded hub repo id (env APERTUS_MLX_MODEL).",
+)
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
 @click.option("--think", is_flag=True, help="Enable the model's deliberation (thinking) mode.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
-              help="Most tokens to generate [default: 4096, within the model's context].")
-@click.option("-t", "--temp", "temperature", type=float, help="Temperature; 0 is greedy and deterministic [default: 0.8].")
+@click.option(
+    "-n",
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most tokens to generate [default: 4096, within the model's context].",
+)
+@click.option(
+    "-t",
+    "--temp",
+    "temperature",
+    type=float,
+    help="Temperature; 0 is greedy and deterministic [default: 0.8].",
+)
 @click.option("--top-p", type=float, help="Nucleus sampling mass [default: 0.9].")
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
 @click.option("--seed", type=int, help="Make sampling repeatable.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (repeatable).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Compute dtype [default: float32 on CPU, the checkpoint's on Metal].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    help="Compute dtype [default: float32 on CPU, the checkpoint's on Metal].",
+)
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
-def generate(prompt, model_name, system, no_chat_template, think, max_tokens, temperature,
-             top_p, top_k, min_p, repetition_penalty, seed, stop_strings, dtype, stats,
-             as_json) -> None:  # fmt: skip
+def generate(
+    prompt,
+    model_name,
+    system,
+    no_chat_template,
+    think,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop_strings,
+    dtype,
+    stats,
+    as_json,
+) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
     Sampling defaults come from the checkpoint's generation_config.json, else the model card's
@@ -85,15 +124,21 @@ def generate(prompt, model_name, system, no_chat_template, think, max_tokens, te
     text = read_prompt(prompt)
     model, tokenizer = load(model_name, dtype=dtype)
     params = SamplingParams.from_defaults(
-        tokenizer.generation_defaults, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
+        tokenizer.generation_defaults,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
     limit = max_tokens or DEFAULT_MAX_TOKENS
     done = None
     try:
-        for event in generate(model, tokenizer, ids, params=params, max_tokens=limit,
-                              stop_strings=stop_strings):  # fmt: skip
+        for event in generate(
+            model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+        ):
             if isinstance(event, Chunk) and not as_json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -104,13 +149,18 @@ def generate(prompt, model_name, system, no_chat_template, think, max_tokens, te
         sys.exit(0)
     s = done.stats
     if as_json:
-        click.echo(json.dumps({"text": done.text, **s.as_dict(), "backend": backend_summary(model)},
-                              ensure_ascii=False))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {"text": done.text, **s.as_dict(), "backend": backend_summary(model)},
+                ensure_ascii=False,
+            )
+        )
     else:
         sys.stdout.write("\n")
     if s.finish_reason == "length":
-        click.echo(f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]",
-                   err=True)  # fmt: skip
+        click.echo(
+            f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
+        )
     if stats:
         click.echo(format_stats(s, backend_summary(model)), err=True)
     if s.finish_reason == "interrupted":

@@ -27,22 +27,39 @@ def list_models(as_json: bool) -> None:
     rows = []
     for entry in catalog():
         path, size = cached.get(entry.repo, (None, 0))
-        rows.append({"alias": entry.alias, "repo": entry.repo, "params": entry.params,
-                     "format": entry.format, "downloaded": path is not None,
-                     "size_gb": round((size or entry.size_gb * 1e9) / 1e9, 2),
-                     "description": entry.description})  # fmt: skip
+        rows.append(
+            {
+                "alias": entry.alias,
+                "repo": entry.repo,
+                "params": entry.params,
+                "format": entry.format,
+                "downloaded": path is not None,
+                "size_gb": round((size or entry.size_gb * 1e9) / 1e9, 2),
+                "description": entry.description,
+            }
+        )
     known = {r["repo"] for r in rows}
-    for repo, (path, size) in sorted(cached.items()):
+    for repo, (_, size) in sorted(cached.items()):
         if repo not in known and "apertus" in repo.lower():
-            rows.append({"alias": "", "repo": repo, "params": "", "format": "", "downloaded": True,
-                         "size_gb": round(size / 1e9, 2), "description": ""})  # fmt: skip
+            rows.append(
+                {
+                    "alias": "",
+                    "repo": repo,
+                    "params": "",
+                    "format": "",
+                    "downloaded": True,
+                    "size_gb": round(size / 1e9, 2),
+                    "description": "",
+                }
+            )
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
         return
     for r in rows:
         mark = "✓" if r["downloaded"] else " "
-        click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {r['size_gb']:>7.2f} GB  {r['description']}")
+        size = f"{r['size_gb']:>7.2f} GB"
+        click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {r['description']}")
     click.echo("\n✓ downloaded. Get one with `apertus-mlx download ALIAS`.")
 
 
