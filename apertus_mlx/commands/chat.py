@@ -1,0 +1,45 @@
+"""`apertus-mlx chat`: the terminal UI; Textual is imported here only, so other commands
+start without it."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "-m",
+    "--model",
+    "model_name",
+    envvar="APERTUS_MLX_MODEL",
+    help="Checkpoint directory, downloaded hub repo id or catalog alias "
+    "(env APERTUS_MLX_MODEL). Without it, the app explains how to get one.",
+)
+@click.option("-s", "--system", help="System prompt (replaces the model's default one).")
+@click.option(
+    "-t",
+    "--temp",
+    "temperature",
+    type=click.FloatRange(min=0),
+    help="Temperature; 0 is greedy [default: the checkpoint's, else 0.8].",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Nucleus sampling mass [default: the checkpoint's, else 0.9].",
+)
+@click.option(
+    "-n",
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="Most tokens per answer [default: 4096, within the model's context].",
+)
+def chat(model_name, system, temperature, top_p, max_tokens) -> None:  # fmt: skip
+    """Chat with MODEL in the terminal. Enter sends, Esc stops the answer, ctrl+n starts a
+    new conversation, ctrl+p opens the command palette, ctrl+q quits."""
+    from apertus_mlx_app.app import ChatApp
+    from apertus_mlx_app.worker import ChatSettings
+
+    settings = ChatSettings(system=system, temperature=temperature, top_p=top_p,
+                            max_tokens=max_tokens)  # fmt: skip
+    ChatApp(model_name, settings).run()
