@@ -41,6 +41,7 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 65536
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # transformers honours it; `mlp_bias` it ignores, and so do we
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = 3
@@ -56,9 +57,6 @@ class ModelArgs:
         act = config.get("hidden_act", "xielu")
         if act != "xielu":
             raise UnsupportedModelError(f"config.json has hidden_act {act!r}; Apertus uses 'xielu'")
-        for flag in ("attention_bias", "mlp_bias"):
-            if config.get(flag):
-                raise UnsupportedModelError(f"config.json sets {flag}; Apertus layers have no bias")
         try:
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
@@ -77,6 +75,7 @@ class ModelArgs:
                 rope_scaling=scaling,
                 max_position_embeddings=int(config.get("max_position_embeddings", 65536)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                attention_bias=bool(config.get("attention_bias", False)),
                 bos_token_id=config.get("bos_token_id", 1),
                 eos_token_ids=tuple(
                     eos if isinstance(eos, list) else [eos] if eos is not None else []

@@ -12,27 +12,22 @@ import mlx.nn as nn
 
 def _fused(q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
     parts = (q, k, v)
-    if all(type(p) is nn.Linear and "bias" not in p for p in parts):
-        fused = nn.Linear(1, 1, bias=False)
-        fused.weight = mx.concatenate([p.weight for p in parts], axis=0)
-        return fused
-    if all(type(p) is nn.QuantizedLinear and "bias" not in p for p in parts):
-        kinds = {(p.group_size, p.bits, p.mode) for p in parts}
-        if len(kinds) != 1:
+    bias = "bias" in q
+    if any(("bias" in p) != bias for p in parts):
+        return None
+    if all(type(p) is nn.Linear for p in parts):
+        fused = nn.Linear(1, 1, bias=bias)
+    elif all(type(p) is nn.QuantizedLinear for p in parts):
+        if len({(p.group_size, p.bits, p.mode) for p in parts}) != 1:
             return None
-        fused = nn.QuantizedLinear(
-            q.group_size,
-            q.group_size,
-            bias=False,
-            group_size=q.group_size,
-            bits=q.bits,
-            mode=q.mode,
-        )
-        for name in ("weight", "scales", "biases"):
-            if name in q:
-                setattr(fused, name, mx.concatenate([p[name] for p in parts], axis=0))
-        return fused
-    return None
+        g = q.group_size
+        fused = nn.QuantizedLinear(g, g, bias=bias, group_size=g, bits=q.bits, mode=q.mode)
+    else:
+        return None
+    for name in ("weight", "scales", "biases", "bias"):
+        if name in q:
+            setattr(fused, name, mx.concatenate([p[name] for p in parts], axis=0))
+    return fused
 
 
 def fuse_qkv(model: nn.Module) -> int:

@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
         {},
     ),
     "head-dim-f32": ({"head_dim": 24, "num_key_value_heads": 2}, "float32", {}),
+    "attn-bias-f32": ({"attention_bias": True, "num_hidden_layers": 1}, "float32", {}),
     "gqa-llama3-bf16": ({"num_key_value_heads": 2}, "bfloat16", {}),
     "tied-bf16-sharded": (
         {"tie_word_embeddings": True, "num_hidden_layers": 3},
@@ -77,7 +78,8 @@ def build_checkpoint(
     # beside the v5 one); mlx-lm requires them.
     cfg_file = out_dir / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg.update(mlp_bias=False, attention_bias=False, post_norm=False, qk_norm=True)
+    cfg.update(mlp_bias=False, post_norm=False, qk_norm=True)
+    cfg.setdefault("attention_bias", False)
     rope = dict(cfg["rope_parameters"])
     cfg["rope_theta"] = rope.pop("rope_theta")
     cfg["rope_scaling"] = rope if rope["rope_type"] != "default" else None

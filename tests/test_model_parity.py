@@ -140,3 +140,11 @@ def test_xielu_folds_learned_scalars_per_layer(tiny_model_dir):
     act.fold()
     out = act(mx.array([2.0, -2.0]))
     np.testing.assert_allclose(np.array(out), [3.772588722239781, 0.35462209218399154], rtol=1e-6)
+
+
+def test_batched_logits_match_transformers(checkpoint, vocab_size):
+    path = checkpoint("gqa-llama3-f32")
+    ids = np.concatenate([prompt(vocab_size, 20, seed=1), prompt(vocab_size, 20, seed=2)])
+    ours = np.array(load_model(path)(mx.array(ids)))
+    assert ours.shape == (2, 20, vocab_size)
+    assert relative_error(ours, reference_logits(path, ids)) <= 1e-4
