@@ -38,7 +38,7 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
 def backend_summary(model) -> str:
     import mlx.core as mx
 
-    from ..kernels.xielu import xielu_backend
+    from ..kernels import xielu_backend
 
     device = "metal" if mx.default_device() == mx.gpu else "cpu"
     dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")

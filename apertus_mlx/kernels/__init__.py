@@ -1,5 +1,5 @@
-"""Fused operations with a Metal kernel where Metal is available and an mx.compile path elsewhere."""
+"""Fused operations: a Metal kernel where Metal is available, an mx.compile path elsewhere."""
 
-from .xielu import xielu
+from .xielu import xielu, xielu_backend
 
-__all__ = ["xielu"]
+__all__ = ["xielu", "xielu_backend"]

@@ -1,15 +1,79 @@
-"""xIELU with its learned scalars already folded: a_p = softplus(alpha_p), a_n = beta + softplus(alpha_n).
+"""xIELU with its learned scalars folded at load.
 
-The portable path is one `mx.compile`d function, so the where/expm1/multiply chain runs as one
-fused kernel; the constants are inputs, so one compiled graph serves every layer.
+y = a_p*x*x + beta*x for x > 0, else (expm1(min(x, eps)) - x)*a_n + beta*x, where
+a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n).
+
+Two paths compute the same formula in float32:
+- a Metal kernel (`mx.fast.metal_kernel`), used when MLX runs on a Metal GPU. One thread per
+  element; the constants are kernel inputs, so one compiled kernel serves every layer. It checks
+  itself against `xielu_reference` on first use per dtype and, on any failure, logs one line
+  and hands over to the compiled path for good.
+- an `mx.compile`d reference, which MLX fuses into one element-wise kernel on any backend and
+  which also works inside an outer `mx.compile`d function.
+
+The kernel text sticks to built-ins a C++ compiler accepts given a small stand-in header, so
+tests on machines without Metal compile and run it with g++ (see DESIGN.md).
+`APERTUS_MLX_NO_METAL_KERNELS=1` forces the compiled path.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+from typing import Any
+
 import mlx.core as mx
 
+logger = logging.getLogger("apertus_mlx")
 
-def xielu_reference(x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
+# Names of the kernel's buffers, in the order of MLX's generated signature.
+INPUT_NAMES = ("x", "a_p", "a_n", "beta", "eps")
+OUTPUT_NAMES = ("out",)
+
+# Metal's standard library has no expm1, so the kernel carries one. Only m <= eps < 0 reaches
+# it: below -0.5, exp(m) - 1 loses at most a few ulp; above, a Taylor series avoids the
+# cancellation of exp(m) - 1 near zero (truncation < 1.5e-8 relative at m = -0.5).
+KERNEL_HEADER = """
+inline float xielu_expm1_nonpositive(float m) {
+    if (m < -0.5f) {
+        return metal::precise::exp(m) - 1.0f;
+    }
+    float s = 1.0f;
+    for (int k = 8; k >= 2; --k) {
+        s = 1.0f + m * s / static_cast<float>(k);
+    }
+    return m * s;
+}
+"""
+
+KERNEL_SOURCE = """
+    uint i = thread_position_in_grid.x;
+    float v = static_cast<float>(x[i]);
+    float y;
+    if (v > 0.0f) {
+        y = a_p * v * v + beta * v;
+    } else {
+        float m = metal::min(v, static_cast<float>(eps));
+        y = (xielu_expm1_nonpositive(m) - v) * a_n + beta * v;
+    }
+    out[i] = static_cast<T>(y);
+"""
+
+THREADGROUP = 256
+MAX_GRID = 2**31 - 1  # MLX takes the grid as 32-bit ints
+
+# (rtol, atol) per dtype for `agrees`: a few float32 ulps, plus one ulp of the output type.
+TOLERANCE = {
+    mx.float32: (1e-5, 1e-9),
+    mx.float16: (2e-3, 1e-7),
+    mx.bfloat16: (1e-2, 1e-9),
+}
+
+
+def xielu_reference(
+    x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array
+) -> mx.array:
     """The formula as transformers writes it, computed in float32 and cast back."""
     xf = x.astype(mx.float32)
     positive = a_p * xf * xf + beta * xf
@@ -20,5 +84,121 @@ def xielu_reference(x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, e
 _xielu_compiled = mx.compile(xielu_reference)
 
 
+def launch_geometry(shape: tuple[int, ...], dtype: mx.Dtype) -> dict[str, Any]:
+    """Every launch argument that depends on the input: one thread per element, grid = size.
+
+    MLX dispatches exact grids (the last threadgroup may be partial), so no tail check is needed.
+    """
+    size = math.prod(shape)
+    if not 0 < size <= MAX_GRID:
+        raise ValueError(f"xIELU kernel needs 1..{MAX_GRID} elements, got {size}")
+    return {
+        "grid": (size, 1, 1),
+        "threadgroup": (min(THREADGROUP, size), 1, 1),
+        "output_shapes": [tuple(shape)],
+        "output_dtypes": [dtype],
+        "template": [("T", dtype)],
+    }
+
+
+_kernel_object = None
+
+
+def _kernel():
+    """Build the kernel object once; MLX compiles one instance per element type on first launch."""
+    global _kernel_object
+    if _kernel_object is None:
+        _kernel_object = mx.fast.metal_kernel(
+            name="apertus_xielu",
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            source=KERNEL_SOURCE,
+            header=KERNEL_HEADER,
+        )
+    return _kernel_object
+
+
+def _xielu_metal(
+    x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array
+) -> mx.array:
+    # 0-d float32 inputs become `const constant float&` in the kernel's signature.
+    consts = [
+        c if c.ndim == 0 and c.dtype == mx.float32 else c.astype(mx.float32).reshape(())
+        for c in (a_p, a_n, beta, eps)
+    ]
+    return _kernel()(inputs=[x, *consts], **launch_geometry(x.shape, x.dtype))[0]
+
+
+def probe_values() -> list[float]:
+    """Inputs for the self-check: edges of both branches, eps's neighbourhood, specials."""
+    edges = [0.0, -0.0, 1e-6, -1e-6, -1e-7, -2e-6, 1e-30, -1e-30, 1e-3, -1e-3, 0.5, -0.5]
+    edges += [-0.49, -0.51, 1.0, -1.0, 3.0, -3.0, 100.0, -100.0, 6e4, -6e4, 1e20, -1e20]
+    edges += [math.inf, -math.inf, math.nan]
+    return edges + [i / 8 for i in range(-160, 161)]
+
+
+_disabled: str | None = None  # why the Metal path is off for good, once decided
+_checked: set[mx.Dtype] = set()
+
+
+def _metal_possible() -> bool:
+    return (
+        _disabled is None
+        and os.environ.get("APERTUS_MLX_NO_METAL_KERNELS", "") in ("", "0")
+        and mx.metal.is_available()
+        and mx.default_device() == mx.gpu
+    )
+
+
+def agrees(got: mx.array, want: mx.array, x: mx.array) -> mx.array:
+    """Per element: does `got` match the reference output `want` for input x?
+
+    The negative branch cancels near its root (x ~ -2.6), so the error bound scales with the
+    size of the terms (~|x|), not only of the result. nan must meet nan, infinities must match.
+    """
+    g, w, xf = (a.astype(mx.float32) for a in (got, want, x))
+    rtol, atol = TOLERANCE[x.dtype]
+    close = mx.abs(g - w) <= atol + rtol * (mx.abs(w) + mx.abs(xf))
+    return mx.where(mx.isfinite(w), close, (g == w) | (mx.isnan(g) & mx.isnan(w)))
+
+
+def _self_check(dtype: mx.Dtype) -> str | None:
+    """Compare the kernel with the reference on the probe; return what went wrong, if anything."""
+    x = mx.array(probe_values(), dtype=mx.float32).astype(dtype)
+    # Distinct a_p and a_n, so swapped constants show.
+    consts = [mx.array(v, dtype=mx.float32) for v in (0.83, 0.77, 0.5, -1e-6)]
+    try:
+        ok = mx.all(agrees(_xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
+    except Exception as error:  # a Metal compile error surfaces here as a RuntimeError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"failed to run ({first_line})"
+    return None if ok else f"disagrees with the reference for {dtype}"
+
+
+def _use_metal(dtype: mx.Dtype) -> bool:
+    global _disabled
+    if not _metal_possible() or dtype not in TOLERANCE:
+        return False
+    if dtype not in _checked:
+        problem = _self_check(dtype)
+        if problem is not None:
+            _disabled = problem
+            logger.warning("xIELU Metal kernel %s; using the mx.compile path", problem)
+            return False
+        _checked.add(dtype)
+    return True
+
+
+def xielu_backend() -> str:
+    """Which path `xielu` takes, for `--stats`: "metal" or "compiled".
+
+    Before the first call on a Metal GPU this says "metal"; a failed self-check turns it for good.
+    """
+    return "metal" if _metal_possible() else "compiled"
+
+
 def xielu(x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
+    """xIELU of x (float32/float16/bfloat16) with 0-d float32 constants; same dtype out."""
+    if 0 < x.size <= MAX_GRID and _use_metal(x.dtype):
+        return _xielu_metal(x, a_p, a_n, beta, eps)
     return _xielu_compiled(x, a_p, a_n, beta, eps)
