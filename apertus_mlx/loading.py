@@ -139,6 +139,28 @@ def quantize_like_checkpoint(
         ) from None
 
 
+def check_quantized_layers(model: Model, weights: dict[str, mx.array]) -> None:
+    """Name the layer whose packed tensors contradict config.json's quantization block (say
+    bits 4 where the shapes imply 8): the generic shape message would not say why."""
+    for path, module in model.named_modules():
+        if not hasattr(module, "bits") or f"{path}.weight" not in weights:
+            continue
+        packed, scales = weights[f"{path}.weight"], weights.get(f"{path}.scales")
+        if scales is None or (packed.shape, scales.shape) == (
+            module.weight.shape,
+            module.scales.shape,
+        ):
+            continue
+        in_dim = module.weight.shape[-1] * 32 // module.bits
+        bits, group = packed.shape[-1] * 32 / in_dim, in_dim / max(scales.shape[-1], 1)
+        found = f"{bits:g} bits in groups of {group:g}"
+        raise WeightsError(
+            f"config.json's quantization block says {path} has {module.bits} bits in groups of "
+            f"{module.group_size} ({module.mode}), but its tensors are packed as {found}: "
+            "the checkpoint's config.json does not match its weights"
+        )
+
+
 def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(k for k in expected if k not in weights and not k.endswith(OPTIONAL_SUFFIXES))
@@ -174,6 +196,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool
     model = Model(args)
     if args.quantization:
         quantize_like_checkpoint(model, weights, args.quantization)
+        check_quantized_layers(model, weights)
     check_names_and_shapes(model, weights)
     weights = cast_weights(weights, compute_dtype(dtype, stored))
     model.update(tree_unflatten(list(weights.items())))

@@ -198,7 +198,8 @@ class ApertusModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = self.embed_tokens(inputs)
+        # A dequantized float-format embedding (mxfp4, nvfp4, mxfp8) comes out in bfloat16.
+        h = self.embed_tokens(inputs).astype(self.norm.weight.dtype)
         offset = cache.offset if cache is not None else 0
         mask = "causal" if inputs.shape[1] > 1 else None
         for i, layer in enumerate(self.layers):
