@@ -1,0 +1,294 @@
+"""Speed side by side with mlx-lm: same checkpoint, same random prompt, same token count.
+
+Each engine runs greedy decoding of a fixed number of tokens (EOS ignored) from a freshly
+loaded model, after a short warm-up (a 1-token prefill and one decode step: the first call of
+our compiled step traces and compiles, which is a once-per-model cost, not decode speed).
+Runs alternate between the engines, and the model is unloaded between runs, so peak memory
+is per run and neither engine profits from the other's caches. Of several runs each metric
+reports its best (highest tok/s, lowest time to first token and memory): noise on a shared
+machine only ever slows a run down.
+
+Graph operations per token count the primitives of one decode step's graph as
+`mx.export_to_dot` writes it for the step's outputs (logits and updated KV buffers).
+View-only primitives (reshape, slice, transpose, broadcast, ...) are left out: they move no
+data. A node fused by `mx.compile` (label `Compiled...`) counts once: it runs as one kernel.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+VIEW_OPS = frozenset(
+    {
+        "AsStrided",
+        "Broadcast",
+        "BroadcastAxes",
+        "ExpandDims",
+        "Flatten",
+        "Reshape",
+        "Slice",
+        "Squeeze",
+        "Transpose",
+        "Unflatten",
+        "View",
+    }
+)
+WARMUP_TOKENS = 1  # enough to compile our decode step; cheap for mlx-lm's slow INT-n
+_NODE = re.compile(r'^\{ \S+ \[label ="([^"]+)", shape=rectangle\]; \}$', re.MULTILINE)
+
+
+@dataclass
+class Result:
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory_gb: float
+    graph_ops_per_token: int
+    ops: dict[str, int] = field(default_factory=dict, repr=False)  # primitive -> count
+
+    def as_dict(self, with_ops: bool = False) -> dict:
+        d = asdict(self)
+        if not with_ops:
+            del d["ops"]
+        return d
+
+
+def dot_primitives(dot: str) -> Counter[str]:
+    """Primitive name -> how many nodes of it, from `mx.export_to_dot` text."""
+    return Counter(_NODE.findall(dot))
+
+
+def compute_ops(primitives: Counter[str]) -> Counter[str]:
+    """The primitives that do work: everything but view-only ones."""
+    return Counter({k: n for k, n in primitives.items() if k not in VIEW_OPS})
+
+
+def graph_primitives(outputs: Sequence[mx.array]) -> Counter[str]:
+    """Primitives in the (unevaluated) graph behind `outputs`."""
+    fd, name = tempfile.mkstemp(suffix=".dot")
+    os.close(fd)
+    try:
+        mx.export_to_dot(name, *outputs)
+        return dot_primitives(Path(name).read_text())
+    finally:
+        os.unlink(name)
+
+
+def random_prompt(n: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """n token ids, the same for every engine and run; ids below 4 (specials) avoided."""
+    return np.random.default_rng(seed).integers(4, vocab_size, size=n).tolist()
+
+
+def unload() -> None:
+    """Drop what the last run left, so the next run's peak memory is its own."""
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+
+
+class _NullTokenizer:
+    """What `generate` needs of a tokenizer when the text does not matter: no EOS, no text."""
+
+    eos_token_ids: set[int] = set()
+
+    def detokenizer(self) -> _NullTokenizer:
+        return self
+
+    def add(self, token: int) -> str:
+        return ""
+
+    def finalize(self) -> str:
+        return ""
+
+
+def ours_step_ops(model, prompt: list[int]) -> Counter[str]:
+    """Warm up our compiled decode step and return the primitives of one step's graph."""
+    from .generate import default_step
+
+    step = default_step(model)
+    cache = model.make_cache()
+    logits = step.prefill(mx.array([prompt[:WARMUP_TOKENS]]), cache)
+    # The measured run's first decode step has this capacity: compile for the same shapes.
+    cache.reserve(len(prompt) + 1)
+    y = mx.argmax(logits, axis=-1)
+    mx.eval(y, *cache.state())
+    logits = step(y, cache)
+    prims = graph_primitives([logits, *cache.keys, *cache.values])
+    mx.eval(logits, *cache.keys, *cache.values)
+    return prims
+
+
+def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
+    """Load with apertus-mlx, warm up, then time `generate` (greedy, EOS ignored)."""
+    from .generate import Done, generate
+    from .loading import load_model
+    from .sampling import SamplingParams
+
+    model = load_model(path)
+    prims = ours_step_ops(model, prompt)
+    unload()
+    done = None
+    for event in generate(
+        model,
+        _NullTokenizer(),
+        prompt,
+        params=SamplingParams(temperature=0),
+        max_tokens=gen_tokens,
+    ):
+        if isinstance(event, Done):
+            done = event
+    s = done.stats
+    if s.generated_tokens != gen_tokens:
+        raise RuntimeError(f"generated {s.generated_tokens} tokens instead of {gen_tokens}")
+    ops = compute_ops(prims)
+    return Result(
+        s.prefill_tps, s.decode_tps, s.ttft_s, s.peak_memory_gb, sum(ops.values()), dict(ops)
+    )
+
+
+def _arrays(cache: list) -> list[mx.array]:
+    """The arrays of an mlx-lm cache's state (which also holds plain ints)."""
+    return [a for c in cache for a in c.state if isinstance(a, mx.array)]
+
+
+def mlx_lm_step_ops(model, prompt: list[int]) -> Counter[str]:
+    """Warm up mlx-lm's model and return the primitives of one decode step's graph."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt[:WARMUP_TOKENS]]), cache=cache)
+    y = mx.argmax(logits[:, -1, :], axis=-1)
+    mx.eval(y, *_arrays(cache))
+    logits = model(y[None], cache=cache)
+    state = _arrays(cache)
+    prims = graph_primitives([logits, *state])
+    mx.eval(logits, *state)
+    return prims
+
+
+def bench_mlx_lm(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
+    """Load with mlx-lm, warm up, then time its `generate_step` (greedy by default)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model as lm_load
+
+    model, _ = lm_load(Path(path))
+    prims = mlx_lm_step_ops(model, prompt)
+    unload()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = start
+    n = 0
+    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=gen_tokens), 1):
+        if n == 1:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    mx.synchronize()  # generate_step queues one step past the last token it yields
+    if n != gen_tokens:
+        raise RuntimeError(f"mlx-lm generated {n} tokens instead of {gen_tokens}")
+    ttft = first - start
+    ops = compute_ops(prims)
+    return Result(
+        prefill_tps=len(prompt) / max(ttft, 1e-9),
+        decode_tps=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
+        ttft_s=ttft,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        graph_ops_per_token=sum(ops.values()),
+        ops=dict(ops),
+    )
+
+
+def best(results: Sequence[Result]) -> Result:
+    """Each metric at its best over the runs (graph ops are the same in every run)."""
+    return Result(
+        prefill_tps=max(r.prefill_tps for r in results),
+        decode_tps=max(r.decode_tps for r in results),
+        ttft_s=min(r.ttft_s for r in results),
+        peak_memory_gb=min(r.peak_memory_gb for r in results),
+        graph_ops_per_token=results[0].graph_ops_per_token,
+        ops=results[0].ops,
+    )
+
+
+def vocab_size(path: str | Path) -> int:
+    from .config import ModelArgs
+
+    return ModelArgs.from_dir(path).vocab_size
+
+
+def run(
+    path: str | Path,
+    prompt_tokens: int,
+    gen_tokens: int,
+    repeats: int = 2,
+    vs_mlx_lm: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Result]:
+    """Alternate ours and mlx-lm `repeats` times; {"ours": best, "mlx_lm": best}."""
+    prompt = random_prompt(prompt_tokens, vocab_size(path))
+    engines: dict[str, Callable[[str | Path, list[int], int], Result]] = {"ours": bench_ours}
+    if vs_mlx_lm:
+        engines["mlx_lm"] = bench_mlx_lm
+    runs: dict[str, list[Result]] = {name: [] for name in engines}
+    for i in range(repeats):
+        for name, fn in engines.items():
+            result = fn(path, prompt, gen_tokens)
+            unload()
+            runs[name].append(result)
+            if progress:
+                progress(
+                    f"{name} run {i + 1}/{repeats}: prefill {result.prefill_tps:.1f} tok/s, "
+                    f"decode {result.decode_tps:.2f} tok/s"
+                )
+    return {name: best(rs) for name, rs in runs.items()}
+
+
+# (label, Result field, format)
+METRICS = [
+    ("prefill tok/s", "prefill_tps", "{:.1f}"),
+    ("decode tok/s", "decode_tps", "{:.2f}"),
+    ("TTFT s", "ttft_s", "{:.3f}"),
+    ("peak memory GB", "peak_memory_gb", "{:.2f}"),
+    ("graph ops/token", "graph_ops_per_token", "{:d}"),
+]
+
+
+def format_table(results: dict[str, dict[str, Result]]) -> str:
+    """One block of rows per model: each metric for ours, mlx-lm and their ratio."""
+    header = ["model", "metric", "ours", "mlx-lm", "ours/mlx-lm"]
+    rows = []
+    for label, engines in results.items():
+        ours, theirs = engines.get("ours"), engines.get("mlx_lm")
+        for i, (metric, key, fmt) in enumerate(METRICS):
+            a = getattr(ours, key) if ours else None
+            b = getattr(theirs, key) if theirs else None
+            ratio = f"{a / b:.2f}" if a is not None and b else "-"
+            rows.append(
+                [
+                    label if i == 0 else "",
+                    metric,
+                    fmt.format(a) if a is not None else "-",
+                    fmt.format(b) if b is not None else "-",
+                    ratio,
+                ]
+            )
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    lines = []
+    for j, r in enumerate([header, *rows]):
+        if j > 1 and r[0]:
+            lines.append("")
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [v.rjust(w) for v, w in zip(r[2:], widths[2:])]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""`make bench` (`python -m benchmarks`): apertus-mlx beside mlx-lm on the model-card shapes.
+
+Builds random-weight checkpoints once under `.bench-cache/`, runs `apertus_mlx.bench.run` with
+mlx-lm on each, prints one table and writes it, with per-primitive op counts and the machine,
+to `.bench-cache/results.json`.
+
+    python -m benchmarks                 # every model (about 10 minutes on 2 CPU cores)
+    python -m benchmarks --quick         # fewer tokens, one run each
+    python -m benchmarks --only 0.5B-int4 --only narrow-bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from apertus_mlx.bench import format_table, run
+
+from .models import CACHE, MODELS, ensure
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import mlx.core as mx
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "device": str(mx.default_device()),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [m.name for m in MODELS]
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
+    parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
+    parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 2)
+
+    started = time.perf_counter()
+    info = machine()
+    print(
+        f"{info['cpu']}, {info['nproc']} cores, {info['device']}, mlx {info['mlx']}, "
+        f"mlx-lm {info['mlx_lm']}",
+        file=sys.stderr,
+    )
+    table, record = {}, {}
+    for m in MODELS:
+        if args.only and m.name not in args.only:
+            continue
+        prompt, gen = m.quick if args.quick else (m.prompt_tokens, m.gen_tokens)
+        print(f"== {m.name}: {prompt} prompt tokens, {gen} generated", file=sys.stderr)
+        path = ensure(m)
+        results = run(
+            path,
+            prompt,
+            gen,
+            repeats=repeats,
+            vs_mlx_lm=True,
+            progress=lambda line: print("   " + line, file=sys.stderr, flush=True),
+        )
+        table[f"{m.name} ({prompt}/{gen})"] = results
+        record[m.name] = {
+            "prompt_tokens": prompt,
+            "gen_tokens": gen,
+            **{name: r.as_dict(with_ops=True) for name, r in results.items()},
+        }
+    wall = time.perf_counter() - started
+
+    print(
+        f"\nbest of {repeats} runs; (prompt/generated tokens); {info['cpu']}, "
+        f"{info['nproc']} cores, {info['device']}"
+    )
+    print(format_table(table))
+    print(f"\nwall time {wall:.0f} s; per-primitive op counts in {CACHE / 'results.json'}")
+    CACHE.mkdir(exist_ok=True)
+    out = {"machine": info, "repeats": repeats, "wall_s": round(wall, 1), "models": record}
+    (CACHE / "results.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
