@@ -41,24 +41,14 @@ class CompiledDecodeStep:
         keys, values = list(buffers[:n]), list(buffers[n:])
         capacity = keys[0].shape[2]
         mask = (mx.arange(capacity) <= offset)[None, None, None, :]  # (1, 1, 1, capacity)
-        position = offset[0]
-        x = model.model.embed_tokens(token)
+        rotation = model.model.rope(1, offset[0])
+        x = model.model.embed(token)
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
-            q, k, v = attn.project_qkv(layer.attention_layernorm(x))
-            q = attn.rope(
-                attn.q_norm(q.reshape(1, 1, attn.n_heads, -1)).transpose(0, 2, 1, 3), position
-            )
-            k = attn.rope(
-                attn.k_norm(k.reshape(1, 1, attn.n_kv_heads, -1)).transpose(0, 2, 1, 3), position
-            )
-            v = v.reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            q, k, v = attn.heads(layer.attention_layernorm(x), rotation)
             keys[i] = mx.slice_update(keys[i], k, offset, axes=(2,))
             values[i] = mx.slice_update(values[i], v, offset, axes=(2,))
-            out = mx.fast.scaled_dot_product_attention(
-                q, keys[i], values[i], scale=attn.scale, mask=mask
-            )
-            h = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
+            h = x + attn.attend(q, keys[i], values[i], mask)
             x = h + layer.mlp(layer.feedforward_layernorm(h))
         logits = model.logits(model.model.norm(x)[:, -1, :])
         return [logits, *keys, *values]

@@ -13,7 +13,7 @@ each) or plain operations, which `mx.compile` fuses into neighbouring work on th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,6 +68,40 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.fast)
 
 
+class Rotation(NamedTuple):
+    """RoPE for the positions of one forward pass: computed once, applied to every layer's q, k.
+
+    Plain path: cos and sin tables of shape (L, 2, head_dim/2), laid out so that rotate-half
+    needs no concatenation: with x split into halves (x1, x2), the output halves are
+    (x1*cos - x2*sin, x2*cos + x1*sin) = halves * cos + swapped halves * (-sin, sin),
+    and swapping the halves is a strided view, which `mx.compile` fuses into one kernel.
+    Fast path: `mx.fast.rope` (one Metal kernel), given the offset.
+    """
+
+    offset: int | mx.array
+    cos: mx.array | None = None
+    sin: mx.array | None = None
+    wavelengths: mx.array | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, heads, L, head_dim)
+        if self.cos is None:
+            return mx.fast.rope(
+                x,
+                x.shape[-1],
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=self.offset,
+                freqs=self.wavelengths,
+            )
+        B, H, L, D = x.shape
+        halves = x.reshape(B, H, L, 2, D // 2)
+        swapped = halves[..., ::-1, :]
+        out = halves * self.cos.astype(x.dtype) + swapped * self.sin.astype(x.dtype)
+        return out.reshape(B, H, L, D)
+
+
 class RoPE(nn.Module):
     """Rotate-half (non-interleaved) rotary embedding from precomputed inverse frequencies."""
 
@@ -75,28 +109,16 @@ class RoPE(nn.Module):
         super().__init__()
         self._inv_freq = mx.array(rope_inv_freq(args))
         self._wavelengths = 1.0 / self._inv_freq  # what mx.fast.rope calls `freqs`
-        self.dims = args.head_dim
         self.fast = False
 
-    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        # x: (B, heads, L, head_dim)
+    def __call__(self, length: int, offset: int | mx.array) -> Rotation:
+        """The rotation of positions offset .. offset + length - 1."""
         if self.fast:
-            return mx.fast.rope(
-                x,
-                self.dims,
-                traditional=False,
-                base=None,
-                scale=1.0,
-                offset=offset,
-                freqs=self._wavelengths,
-            )
-        positions = mx.arange(x.shape[2], dtype=mx.float32) + offset
-        angles = positions[:, None] * self._inv_freq[None, :]
-        angles = mx.concatenate([angles, angles], axis=-1)
-        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
-        half = self.dims // 2
-        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+            return Rotation(offset, wavelengths=self._wavelengths)
+        positions = mx.arange(length, dtype=mx.float32) + offset
+        angles = positions[:, None] * self._inv_freq[None, :]  # float32, as transformers
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        return Rotation(offset, mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1))
 
 
 class XIELU(nn.Module):
@@ -136,7 +158,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-        self.rope = RoPE(args)
 
     def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         if "qkv_proj" in self:  # fused at load: one matmul instead of three
@@ -149,21 +170,28 @@ class Attention(nn.Module):
             )
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def __call__(
-        self, x: mx.array, mask: Any, cache: KVCache | None, layer: int, offset: int | mx.array
-    ) -> mx.array:
+    def heads(self, x: mx.array, rotation: Rotation) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v as (B, heads, L, head_dim): projected, RMS-normed per head (q, k), rotated."""
         B, L, _ = x.shape
         q, k, v = self.project_qkv(x)
-        # (B, L, heads * head_dim) -> (B, heads, L, head_dim), RMSNorm per head, then RoPE
-        q = self.rope(self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3), offset)
-        k = self.rope(
-            self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3), offset
-        )
+        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return rotation(q), rotation(k), v
+
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: Any) -> mx.array:
+        """Grouped-query attention of q over the keys and values, projected back."""
+        B, _, L, _ = q.shape
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(
+        self, x: mx.array, mask: Any, cache: KVCache | None, layer: int, rotation: Rotation
+    ) -> mx.array:
+        q, k, v = self.heads(x, rotation)
         if cache is not None:
             k, v = cache.update_and_fetch(layer, k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -185,8 +213,8 @@ class DecoderLayer(nn.Module):
         self.attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x, mask, cache, layer, offset) -> mx.array:
-        h = x + self.self_attn(self.attention_layernorm(x), mask, cache, layer, offset)
+    def __call__(self, x, mask, cache, layer, rotation) -> mx.array:
+        h = x + self.self_attn(self.attention_layernorm(x), mask, cache, layer, rotation)
         return h + self.mlp(self.feedforward_layernorm(h))
 
 
@@ -196,17 +224,42 @@ class ApertusModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rope = RoPE(args)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
-        # A dequantized float-format embedding (mxfp4, nvfp4, mxfp8) comes out in bfloat16.
-        h = self.embed_tokens(inputs).astype(self.norm.weight.dtype)
+        h = self.embed(inputs)
         offset = cache.offset if cache is not None else 0
         mask = "causal" if inputs.shape[1] > 1 else None
+        rotation = self.rope(inputs.shape[1], offset)
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cache, i, offset)
+            h = layer(h, mask, cache, i, rotation)
         if cache is not None:
             cache.advance(inputs.shape[1])
         return self.norm(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token embeddings in the compute dtype.
+
+        A quantized embedding dequantizes in its scales' dtype, which may be the stored one
+        (bfloat16, see `loading.cast_weights`); so the looked-up rows' scales are widened first.
+        """
+        dtype = self.norm.weight.dtype
+        table = self.embed_tokens
+        if not isinstance(table, nn.QuantizedEmbedding):
+            return table(inputs).astype(dtype)
+        scales, biases = table["scales"][inputs], table.get("biases")
+        if mx.issubdtype(scales.dtype, mx.floating):  # affine; float formats have uint8 scales
+            scales, biases = scales.astype(dtype), biases[inputs].astype(dtype)
+        else:
+            biases = None if biases is None else biases[inputs]
+        return mx.dequantize(
+            table["weight"][inputs],
+            scales,
+            biases,
+            group_size=table.group_size,
+            bits=table.bits,
+            mode=table.mode,
+        ).astype(dtype)
 
 
 class Model(nn.Module):

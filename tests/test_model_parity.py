@@ -67,6 +67,21 @@ def test_cached_decoding_reproduces_full_sequence(checkpoint, vocab_size, name):
     assert relative_error(np.concatenate(steps, axis=1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["gqa-llama3-f32", "head-dim-f32"])
+def test_metal_path_ops_match_transformers(checkpoint, vocab_size, name):
+    """`mx.fast` RMSNorm and RoPE, what runs on a Mac, also run (slowly) on the CPU."""
+    path = checkpoint(name)
+    model = load_model(path, dtype="float32")
+    model.set_fast_ops(True)
+    ids = prompt(vocab_size)
+    ref = reference_logits(path, ids)
+    assert relative_error(np.array(model(mx.array(ids))), ref) <= 1e-4
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array(ids[:, :40]), cache=cache))]
+    steps += [np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)) for t in range(40, LENGTH)]
+    assert relative_error(np.concatenate(steps, axis=1), ref) <= 1e-4
+
+
 def test_cache_trim_then_continue_matches_fresh_prefill(tiny_model_dir, vocab_size):
     model = load_model(tiny_model_dir, dtype="float32")
     ids = prompt(vocab_size, 30)
