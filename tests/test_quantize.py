@@ -113,7 +113,10 @@ def mode_supported(mode: str) -> bool:
 def test_mlx_lm_affine_checkpoints_give_mlx_lm_logits(wide, tmp_path, ids, bits, group_size):
     path = mlx_lm_convert(wide, tmp_path / "q", bits, group_size)
     model = load_model(path, fuse=True)
-    assert model.model.norm.weight.dtype == mx.float32  # CPU: scales and biases cast too
+    assert model.model.norm.weight.dtype == mx.float32  # CPU: computes in float32
+    # but keeps the scales as stored (memory)
+    assert model.layers[0].self_attn.qkv_proj.scales.dtype == mx.bfloat16
+    assert model.model.embed_tokens.scales.dtype == mx.bfloat16
     layers = quantized_layers(model)
     assert layers["model.embed_tokens"] == (bits, group_size, "affine")
     assert layers["model.layers.0.self_attn.qkv_proj"] == (bits, group_size, "affine")
