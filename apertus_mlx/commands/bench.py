@@ -8,17 +8,11 @@ import json
 import click
 
 from ..errors import UsageError
+from . import model_option
 
 
 @click.command()
-@click.option(
-    "-m",
-    "--model",
-    "model_name",
-    required=True,
-    envvar="APERTUS_MLX_MODEL",
-    help="Checkpoint directory or downloaded hub repo id (env APERTUS_MLX_MODEL).",
-)
+@model_option()
 @click.option(
     "--prompt-tokens",
     type=click.IntRange(min=1),

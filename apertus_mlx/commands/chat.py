@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import click
 
+from . import model_option
+
 
 @click.command()
-@click.option(
-    "-m",
-    "--model",
-    "model_name",
-    envvar="APERTUS_MLX_MODEL",
-    help="Checkpoint directory, downloaded hub repo id or catalog alias "
-    "(env APERTUS_MLX_MODEL). Without it, the app explains how to get one.",
-)
+@model_option(required=False, extra_help=" Without it, the app explains how to get one.")
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option(
     "-t",

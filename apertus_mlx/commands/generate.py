@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import UsageError
+from . import model_option
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -56,14 +57,7 @@ def format_stats(stats, backend: str) -> str:
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option(
-    "-m",
-    "--model",
-    "model_name",
-    required=True,
-    envvar="APERTUS_MLX_MODEL",
-    help="Checkpoint directory or downloaded hub repo id (env APERTUS_MLX_MODEL).",
-)
+@model_option()
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
 @click.option("--think", is_flag=True, help="Enable the model's deliberation (thinking) mode.")
