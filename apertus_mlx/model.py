@@ -71,10 +71,10 @@ class RMSNorm(nn.Module):
 class Rotation(NamedTuple):
     """RoPE for the positions of one forward pass: computed once, applied to every layer's q, k.
 
-    Plain path: cos and sin tables of shape (L, 2, head_dim/2), laid out so that rotate-half
-    needs no concatenation: with x split into halves (x1, x2), the output halves are
-    (x1*cos - x2*sin, x2*cos + x1*sin) = halves * cos + swapped halves * (-sin, sin),
-    and swapping the halves is a strided view, which `mx.compile` fuses into one kernel.
+    Plain path: cos and sin tables of shape (L, 1, 2, head_dim/2), laid out so that
+    rotate-half needs no concatenation: with x split into halves (x1, x2), the output halves
+    are (x1*cos - x2*sin, x2*cos + x1*sin) = halves * cos + swapped halves * (-sin, sin),
+    and swapping the halves is a strided view.
     Fast path: `mx.fast.rope` (one Metal kernel), given the offset.
     """
 
@@ -83,11 +83,16 @@ class Rotation(NamedTuple):
     sin: mx.array | None = None
     wavelengths: mx.array | None = None
 
-    def __call__(self, x: mx.array) -> mx.array:
-        # x: (B, heads, L, head_dim)
+    def __call__(self, x: mx.array, norm: RMSNorm) -> mx.array:
+        """RMSNorm each head of x (B, L, heads, head_dim), then rotate; (B, heads, L, head_dim).
+
+        On the plain path the norm's scaling and the rotation are one expression over x and a
+        swapped view of x (the norm commutes with the swap, given the swapped weight), so
+        `mx.compile` runs both as one kernel after the sum of squares.
+        """
         if self.cos is None:
             return mx.fast.rope(
-                x,
+                norm(x).transpose(0, 2, 1, 3),
                 x.shape[-1],
                 traditional=False,
                 base=None,
@@ -95,11 +100,16 @@ class Rotation(NamedTuple):
                 offset=self.offset,
                 freqs=self.wavelengths,
             )
-        B, H, L, D = x.shape
-        halves = x.reshape(B, H, L, 2, D // 2)
-        swapped = halves[..., ::-1, :]
-        out = halves * self.cos.astype(x.dtype) + swapped * self.sin.astype(x.dtype)
-        return out.reshape(B, H, L, D)
+        B, L, H, D = x.shape
+        halves = x.astype(mx.float32).reshape(B, L, H, 2, D // 2)
+        mean_sq = mx.mean(halves * halves, axis=(-2, -1), keepdims=True)
+        inv_rms = mx.rsqrt(mean_sq + norm.eps)
+        weight = norm.weight.reshape(2, D // 2)
+        # As the reference: normalise in float32, cast back, scale, then rotate.
+        y = weight * (halves * inv_rms).astype(x.dtype)
+        y_swapped = weight[::-1] * (halves[..., ::-1, :] * inv_rms).astype(x.dtype)
+        out = y * self.cos.astype(x.dtype) + y_swapped * self.sin.astype(x.dtype)
+        return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 class RoPE(nn.Module):
@@ -118,7 +128,8 @@ class RoPE(nn.Module):
         positions = mx.arange(length, dtype=mx.float32) + offset
         angles = positions[:, None] * self._inv_freq[None, :]  # float32, as transformers
         cos, sin = mx.cos(angles), mx.sin(angles)
-        return Rotation(offset, mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1))
+        tables = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
+        return Rotation(offset, *(t[:, None] for t in tables))  # (L, 1, 2, head_dim/2)
 
 
 class XIELU(nn.Module):
@@ -174,10 +185,9 @@ class Attention(nn.Module):
         """q, k, v as (B, heads, L, head_dim): projected, RMS-normed per head (q, k), rotated."""
         B, L, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return rotation(q), rotation(k), v
+        q = rotation(q.reshape(B, L, self.n_heads, -1), self.q_norm)
+        k = rotation(k.reshape(B, L, self.n_kv_heads, -1), self.k_norm)
+        return q, k, v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
     def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: Any) -> mx.array:
         """Grouped-query attention of q over the keys and values, projected back."""
