@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -123,16 +123,14 @@ def generate(
     history = mx.array(prompt[-REPETITION_WINDOW:]) if use_history else None
     mx.reset_peak_memory()
 
-    start = time.perf_counter()
-    logits = _prefill(step, prompt[cached:], cache)
-    y = sampler(logits, history)
-    mx.async_eval(y)
     tokens: list[int] = []
     parts: list[str] = []
     reason = "length"
     stopped_by_string = False
-    first_token_at = start
+    start = first_token_at = time.perf_counter()
     try:
+        y = sampler(_prefill(step, prompt[cached:], cache), history)
+        mx.async_eval(y)
         while len(tokens) < max_tokens:
             if use_history:
                 history = mx.concatenate([history[-(REPETITION_WINDOW - 1) :], y])
@@ -175,6 +173,20 @@ def generate(
         stats.decode_tps = (len(tokens) - 1) / max(end - first_token_at, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
     yield Done("".join(parts), stats, tokens)
+
+
+def wind_down(events: Generator[Event, None, None]) -> Iterator[Event]:
+    """The rest of `generate`'s events after a Ctrl+C that reached the consumer instead.
+
+    KeyboardInterrupt is raised wherever Python is running; when that is the consumer's code
+    (writing a chunk, say), this hands it to the generator, which ends as if interrupted
+    itself: held-back text flushed, `Done` last.
+    """
+    try:
+        yield events.throw(KeyboardInterrupt())
+    except StopIteration:
+        return
+    yield from events
 
 
 def _prefill(step: DecodeStep, ids: list[int], cache: KVCache) -> mx.array:

@@ -170,3 +170,17 @@ def test_sampling_parameters_are_validated():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"min_p": 1.5}):
         with pytest.raises(UsageError):
             SamplingParams(**bad)
+
+
+def test_ctrl_c_in_the_consumer_winds_the_generator_down(tiny_model_dir):
+    from apertus_mlx.generate import wind_down
+
+    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    events = generate(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=50)
+    first, second = next(events), next(events)
+    assert isinstance(first, Chunk) and isinstance(second, Chunk)
+    *rest, done = wind_down(events)  # as if KeyboardInterrupt hit between the two chunks
+    assert isinstance(done, Done) and all(isinstance(e, Chunk) for e in rest)
+    assert done.stats.finish_reason == "interrupted"
+    assert done.tokens == [first.token, second.token]
+    assert done.text == first.text + second.text + "".join(e.text for e in rest)

@@ -112,7 +112,7 @@ def generate(
     temperature 0.8 / top-p 0.9. Ctrl+C stops the answer; what was generated is kept.
     """
     from .. import load
-    from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate
+    from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
 
     text = read_prompt(prompt)
@@ -128,16 +128,25 @@ def generate(
     )
     ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
     limit = max_tokens or DEFAULT_MAX_TOKENS
+    events = generate(
+        model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+    )
     done = None
-    try:
-        for event in generate(
-            model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
-        ):
+
+    def consume(events) -> None:
+        nonlocal done
+        for event in events:
             if isinstance(event, Chunk) and not as_json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+
+    try:
+        try:
+            consume(events)
+        except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
+            consume(wind_down(events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
         sys.stderr.close()
         sys.exit(0)
