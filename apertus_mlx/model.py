@@ -21,7 +21,7 @@ import numpy as np
 
 from .cache import KVCache
 from .config import ModelArgs
-from .kernels import xielu
+from .kernels import norm_rope, qk_norm_rope, qk_rope_kernel_usable, rope_tables, xielu
 
 XIELU_BETA = 0.5
 XIELU_EPS = -1e-6
@@ -71,45 +71,32 @@ class RMSNorm(nn.Module):
 class Rotation(NamedTuple):
     """RoPE for the positions of one forward pass: computed once, applied to every layer's q, k.
 
-    Plain path: cos and sin tables of shape (L, 1, 2, head_dim/2), laid out so that
-    rotate-half needs no concatenation: with x split into halves (x1, x2), the output halves
-    are (x1*cos - x2*sin, x2*cos + x1*sin) = halves * cos + swapped halves * (-sin, sin),
-    and swapping the halves is a strided view.
-    Fast path: `mx.fast.rope` (one Metal kernel), given the offset.
+    Plain path: cos and sin tables of shape (L, 1, 2, head_dim/2) for `norm_rope`, whose
+    arithmetic is the reference. Fast path (Metal): the fused qk-norm+RoPE kernel, given the
+    offset and inverse frequencies; where that is unusable, `mx.fast.rms_norm` and `mx.fast.rope`.
     """
 
     offset: int | mx.array
     cos: mx.array | None = None
     sin: mx.array | None = None
     wavelengths: mx.array | None = None
+    inv_freq: mx.array | None = None
 
     def __call__(self, x: mx.array, norm: RMSNorm) -> mx.array:
-        """RMSNorm each head of x (B, L, heads, head_dim), then rotate; (B, heads, L, head_dim).
-
-        On the plain path the norm's scaling and the rotation are one expression over x and a
-        swapped view of x (the norm commutes with the swap, given the swapped weight), so
-        `mx.compile` runs both as one kernel after the sum of squares.
-        """
-        if self.cos is None:
-            return mx.fast.rope(
-                norm(x).transpose(0, 2, 1, 3),
-                x.shape[-1],
-                traditional=False,
-                base=None,
-                scale=1.0,
-                offset=self.offset,
-                freqs=self.wavelengths,
-            )
-        B, L, H, D = x.shape
-        halves = x.astype(mx.float32).reshape(B, L, H, 2, D // 2)
-        mean_sq = mx.mean(halves * halves, axis=(-2, -1), keepdims=True)
-        inv_rms = mx.rsqrt(mean_sq + norm.eps)
-        weight = norm.weight.reshape(2, D // 2)
-        # As the reference: normalise in float32, cast back, scale, then rotate.
-        y = weight * (halves * inv_rms).astype(x.dtype)
-        y_swapped = weight[::-1] * (halves[..., ::-1, :] * inv_rms).astype(x.dtype)
-        out = y * self.cos.astype(x.dtype) + y_swapped * self.sin.astype(x.dtype)
-        return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+        """RMSNorm each head of x (B, L, heads, head_dim), then rotate; (B, heads, L, head_dim)."""
+        if self.cos is not None:
+            return norm_rope(x, norm.weight, norm.eps, self.cos, self.sin)
+        if self.inv_freq is not None and qk_rope_kernel_usable(x, norm.weight):
+            return qk_norm_rope(x, norm.weight, norm.eps, self.offset, self.inv_freq)
+        return mx.fast.rope(
+            norm(x).transpose(0, 2, 1, 3),
+            x.shape[-1],
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=self.offset,
+            freqs=self.wavelengths,
+        )
 
 
 class RoPE(nn.Module):
@@ -124,12 +111,8 @@ class RoPE(nn.Module):
     def __call__(self, length: int, offset: int | mx.array) -> Rotation:
         """The rotation of positions offset .. offset + length - 1."""
         if self.fast:
-            return Rotation(offset, wavelengths=self._wavelengths)
-        positions = mx.arange(length, dtype=mx.float32) + offset
-        angles = positions[:, None] * self._inv_freq[None, :]  # float32, as transformers
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        tables = mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
-        return Rotation(offset, *(t[:, None] for t in tables))  # (L, 1, 2, head_dim/2)
+            return Rotation(offset, wavelengths=self._wavelengths, inv_freq=self._inv_freq)
+        return Rotation(offset, *rope_tables(length, offset, self._inv_freq))
 
 
 class XIELU(nn.Module):

@@ -39,11 +39,12 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
 def backend_summary(model) -> str:
     import mlx.core as mx
 
-    from ..kernels import xielu_backend
+    from ..kernels import qk_rope_backend, xielu_backend
 
     device = "metal" if mx.default_device() == mx.gpu else "cpu"
     dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
-    return f"{device}, {dtype} activations, xielu {xielu_backend()}"
+    kernels = f"xielu {xielu_backend()}, qk-norm+rope {qk_rope_backend()}"
+    return f"{device}, {dtype} activations, {kernels}"
 
 
 def format_stats(stats, backend: str) -> str:
