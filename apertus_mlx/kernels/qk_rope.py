@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from .metal import failure, kernels_allowed, on_metal_gpu
 
 logger = logging.getLogger("apertus_mlx")
 
@@ -216,12 +217,7 @@ _checked: set[mx.Dtype] = set()
 
 
 def _metal_possible() -> bool:
-    return (
-        _disabled is None
-        and os.environ.get("APERTUS_MLX_NO_METAL_KERNELS", "") in ("", "0")
-        and mx.metal.is_available()
-        and mx.default_device() == mx.gpu
-    )
+    return _disabled is None and kernels_allowed()
 
 
 def _self_check(dtype: mx.Dtype) -> str | None:
@@ -233,8 +229,7 @@ def _self_check(dtype: mx.Dtype) -> str | None:
         want = qk_norm_rope_reference(x, weight, eps, offset, inv_freq)
         ok = mx.all(agrees(got, want, x, weight, eps)).item()
     except Exception as error:  # a Metal compile error surfaces here as a RuntimeError
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"failed to run ({first_line})"
+        return failure(error)
     return None if ok else f"disagrees with the reference for {dtype}"
 
 
@@ -266,7 +261,7 @@ def qk_rope_backend() -> str:
     """
     if _metal_possible():
         return "metal"
-    return "mx.fast" if mx.metal.is_available() and mx.default_device() == mx.gpu else "plain"
+    return "mx.fast" if on_metal_gpu() else "plain"
 
 
 def qk_norm_rope(

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import mlx.core as mx
+
+from .metal import failure, kernels_allowed
 
 logger = logging.getLogger("apertus_mlx")
 
@@ -142,12 +143,7 @@ _checked: set[mx.Dtype] = set()
 
 
 def _metal_possible() -> bool:
-    return (
-        _disabled is None
-        and os.environ.get("APERTUS_MLX_NO_METAL_KERNELS", "") in ("", "0")
-        and mx.metal.is_available()
-        and mx.default_device() == mx.gpu
-    )
+    return _disabled is None and kernels_allowed()
 
 
 def agrees(got: mx.array, want: mx.array, x: mx.array) -> mx.array:
@@ -170,8 +166,7 @@ def _self_check(dtype: mx.Dtype) -> str | None:
     try:
         ok = mx.all(agrees(_xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
     except Exception as error:  # a Metal compile error surfaces here as a RuntimeError
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"failed to run ({first_line})"
+        return failure(error)
     return None if ok else f"disagrees with the reference for {dtype}"
 
 
