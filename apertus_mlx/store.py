@@ -43,6 +43,7 @@ MIN_PREFIX = 4  # shortest prefix accepted for an id
 TITLE_WORDS = 8
 TITLE_CHARS = 60
 _RETRIES = 3  # a write still busy after `timeout` is tried this many times in all
+_SQLITE_READONLY, _SQLITE_IOERR_WRITE = 8, 778  # result codes (constants only from Python 3.11)
 _TOKEN_TYPE = next(t for t in "IL" if array(t).itemsize == 4)  # uint32
 
 
@@ -689,8 +690,13 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
 
 def _store_error(path: Path, e: sqlite3.Error) -> StoreError:
     reason = str(e) or type(e).__name__
+    code = getattr(e, "sqlite_errorcode", None) or 0
     if _is_busy(e):
         reason += " (another apertus-mlx is writing to it; try again)"
+    elif code == _SQLITE_IOERR_WRITE:  # e.g. EFBIG or ENOSPC on a write
+        reason += " (is the disk full?)"
+    elif code & 0xFF == _SQLITE_READONLY:
+        reason += " (is the file or its directory read-only?)"
     return StoreError(f"history database {path}: {reason}")
 
 
