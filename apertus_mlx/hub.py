@@ -5,12 +5,18 @@ Resolution never touches the network: `apertus-mlx download` is the one command 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+
+
+class DownloadCancelled(Exception):
+    """The user stopped a download; what arrived stays in the cache and resumes next time."""
 
 # Files a checkpoint needs to run here; never *.bin, *.pt or code.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
@@ -25,6 +31,9 @@ class CatalogEntry:
     size_gb: float
     context: int
     description: str
+    # True when the repo id follows the publisher's naming but was not seen on the hub yet
+    unconfirmed: bool = False
+    recommended: bool = False  # the chat app's suggestion for a first model
 
 
 @cache
@@ -45,6 +54,17 @@ def repo_for(name: str) -> str:
         if name.lower() == entry.alias:
             return entry.repo
     return name
+
+
+def catalog_entry(name: str) -> CatalogEntry | None:
+    """The catalog entry for an alias or a repo id, if the catalog knows it."""
+    key = name.lower()
+    return next((e for e in catalog() if key in (e.alias, e.repo.lower())), None)
+
+
+def recommended() -> CatalogEntry:
+    """The model the chat app offers first (the catalog marks one; else its first entry)."""
+    return next((e for e in catalog() if e.recommended), catalog()[0])
 
 
 def looks_like_repo_id(name: str) -> bool:
@@ -71,10 +91,46 @@ def resolve_model(name: str | Path) -> Path:
         ) from None
 
 
-def download(name: str) -> Path:
+def progress_class(report: Callable[[int, int], None], cancel: threading.Event | None = None):
+    """A tqdm class for `snapshot_download(tqdm_class=...)` that calls report(done, total) in
+    bytes instead of drawing, and stops the download (DownloadCancelled) once `cancel` is set.
+
+    huggingface_hub sums every file's bytes into one bar (files already on disk count as its
+    initial value), so report sees the whole snapshot; it is called from download threads.
+    """
+    import io
+
+    from tqdm import tqdm
+
+    class Progress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs.update(file=io.StringIO(), disable=False)
+            self._bytes = kwargs.get("unit") == "B" and "Downloading" not in kwargs.get("desc", "")
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if cancel is not None and cancel.is_set():
+                raise DownloadCancelled("download cancelled")
+            shown = super().update(n)
+            if self._bytes:
+                report(int(self.n), int(self.total or 0))
+            return shown
+
+    return Progress
+
+
+def download(
+    name: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Path:
     """Download (or finish downloading) a model into the Hugging Face cache, with progress bars.
 
     huggingface_hub resumes partial files itself; only safetensors, JSON and templates come.
+    progress: called with (bytes done, bytes total) instead of drawing bars; cancel: set it to
+    stop the download with DownloadCancelled (partial files stay and resume next time).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -88,12 +144,20 @@ def download(name: str) -> Path:
     if not looks_like_repo_id(repo):
         raise ModelNotFoundError(f"{name!r} is neither a catalog alias nor a repo id (owner/name)")
     try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
+        kwargs = {}
+        if progress is not None or cancel is not None:
+            kwargs["tqdm_class"] = progress_class(progress or (lambda done, total: None), cancel)
+        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, **kwargs))
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its terms on huggingface.co, then `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
+        entry = catalog_entry(repo)
+        if entry is not None and entry.unconfirmed:
+            raise ModelNotFoundError(
+                f"{repo}: the repo id was inferred from the naming and is not published (yet)"
+            ) from None
         raise ModelNotFoundError(
             f"no repository {repo} on the hub (see `apertus-mlx models`)"
         ) from None

@@ -36,6 +36,7 @@ def list_models(as_json: bool) -> None:
                 "downloaded": path is not None,
                 "size_gb": round((size or entry.size_gb * 1e9) / 1e9, 2),
                 "description": entry.description,
+                "unconfirmed": entry.unconfirmed,
             }
         )
     known = {r["repo"] for r in rows}
@@ -50,6 +51,7 @@ def list_models(as_json: bool) -> None:
                     "downloaded": True,
                     "size_gb": round(size / 1e9, 2),
                     "description": "",
+                    "unconfirmed": False,
                 }
             )
     if as_json:
@@ -57,10 +59,13 @@ def list_models(as_json: bool) -> None:
             click.echo(json.dumps(row))
         return
     for r in rows:
-        mark = "✓" if r["downloaded"] else " "
+        mark = "✓" if r["downloaded"] else "?" if r["unconfirmed"] else " "
         size = f"{r['size_gb']:>7.2f} GB"
         click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {r['description']}")
-    click.echo("\n✓ downloaded. Get one with `apertus-mlx download ALIAS`.")
+    click.echo(
+        "\n✓ downloaded. ? repo id inferred from the naming, not seen on the hub yet."
+        " Get one with `apertus-mlx download ALIAS`."
+    )
 
 
 @click.command("rm")
