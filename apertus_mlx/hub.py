@@ -18,6 +18,7 @@ from .errors import ModelNotFoundError
 class DownloadCancelled(Exception):
     """The user stopped a download; what arrived stays in the cache and resumes next time."""
 
+
 # Files a checkpoint needs to run here; never *.bin, *.pt or code.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 

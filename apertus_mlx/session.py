@@ -39,9 +39,12 @@ class ChatSession:
         self.cache = model.make_cache()
         self._cached_ids: list[int] = []  # the tokens whose keys/values the cache holds
 
-    def prompt_ids(self) -> list[int]:
+    def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
+        """The prompt for `messages` (default: the session's) as the model reads it."""
         return self.tokenizer.apply_chat_template(
-            self.messages, add_generation_prompt=True, enable_thinking=self.enable_thinking
+            self.messages if messages is None else messages,
+            add_generation_prompt=True,
+            enable_thinking=self.enable_thinking,
         )
 
     def reply(
@@ -50,6 +53,18 @@ class ChatSession:
         """Add a user turn and stream the assistant's answer; the answer joins the history,
         even when interrupted, so nothing the user saw is lost."""
         self.messages.append({"role": "user", "content": text})
+        return self._answer(stop_event)
+
+    def answer(
+        self, messages: list[dict], stop_event: threading.Event | None = None
+    ) -> Iterator[Event | Error]:
+        """Stream the answer to a whole conversation (ending with the user's turn): how a UI
+        with stored history, branches and edits asks. The cache keeps what this prompt shares
+        with the previous one, so continuing the same conversation prefills only the new turn."""
+        self.messages = [dict(m) for m in messages]
+        return self._answer(stop_event)
+
+    def _answer(self, stop_event: threading.Event | None) -> Iterator[Event | Error]:
         try:
             ids = self.prompt_ids()
             self._reuse_prefix(ids)

@@ -1,189 +1,618 @@
-"""The chat app: a scrolling conversation, an input line, and a model thread doing the work.
+"""The chat app: conversations from the history store on the left, the conversation on the
+right, the prompt below, a status bar; a model thread doing the work.
 
-State flows one way: the UI sends jobs to `ModelWorker` (load, reply, stop, new conversation)
-and reacts to the messages it posts back; nothing here touches MLX.
+State flows one way: the UI sends jobs to `ModelWorker` and reacts to the messages it posts
+back; nothing here touches MLX. Every message goes to the store first, so nothing typed or
+answered is lost; the screen is redrawn from the store when the conversation changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, LoadingIndicator, Markdown, Static
+from textual.widgets import Footer, Header, Input, ListView, Static
 
-from .widgets import AssistantMessage, UserMessage, format_stats, welcome_text
-from .worker import AnswerChunk, AnswerDone, ChatSettings, ModelFailed, ModelLoaded, ModelWorker
+from apertus_mlx.errors import ApertusError
 
-ASK_PLACEHOLDER = "Message Apertus (Enter sends)"
-LOAD_PLACEHOLDER = "Model directory, repo id or catalog alias to load (Enter)"
+from .screens.dialogs import (
+    ConfirmScreen,
+    DetailsScreen,
+    HelpScreen,
+    TextPromptScreen,
+    details_text,
+)
+from .screens.models import ModelsScreen
+from .screens.settings import SettingsScreen
+from .settings import AppConfig, ChatSettings
+from .widgets import (
+    AssistantMessage,
+    ConversationItem,
+    Notice,
+    PromptArea,
+    StatusBar,
+    UserMessage,
+    code_blocks,
+    format_stats,
+    format_stored,
+)
+from .worker import (
+    AnswerChunk,
+    AnswerDone,
+    AnswerStarted,
+    ModelFailed,
+    ModelLoaded,
+    ModelLoading,
+    ModelWorker,
+    Reply,
+)
+
+EMPTY_HINT = "Type a message below and press Enter. F1 lists the keys; ctrl+p has every action."
+
+
+@dataclass
+class Running:
+    """The answer being generated, wherever it is shown: its text so far lives here too, so
+    switching back to its conversation shows all of it."""
+
+    conversation_id: str
+    message_id: int | None = None
+    text: str = ""
 
 
 class ChatApp(App):
-    """`apertus-mlx chat`: talk to one model; Esc stops an answer, ctrl+n starts afresh."""
+    """`apertus-mlx chat`: conversations kept in the history, models at hand."""
 
     TITLE = "apertus-mlx"
     CSS_PATH = "chat.tcss"
     BINDINGS = [
-        Binding("escape", "stop", "Stop answer"),
-        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_conversation", "New"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("ctrl+o", "models", "Models"),
+        Binding("ctrl+s", "settings", "Settings"),
+        Binding("ctrl+t", "toggle_thinking", "Deliberation", show=False),
+        Binding("ctrl+b", "toggle_sidebar", "Chats", show=False),
+        Binding("f1,question_mark", "help", "Help"),
+        Binding("f2", "rename", "Rename", show=False),
+        Binding("f3,slash", "search", "Search", show=False),
+        Binding("f5", "copy_answer", "Copy answer", show=False),
+        Binding("f6", "copy_code", "Copy code", show=False),
+        Binding("f8", "delete", "Delete chat", show=False),
+        Binding("f9", "details", "Details", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
     generating: reactive[bool] = reactive(False, bindings=True)
-    model_ready: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, model: str | None = None, settings: ChatSettings | None = None) -> None:
+    def __init__(self, model: str | None = None, settings: ChatSettings | None = None,
+                 store=None) -> None:  # fmt: skip
         super().__init__()
-        self.model_name = model
-        self.settings = settings or ChatSettings()
-        self.turn = 0
+        self.model_name = model  # the model of the next answer
+        self.cli_settings = settings  # command-line settings win over the saved defaults
+        self.store = store
+        self.config = AppConfig()
+        self.conversation = None  # apertus_mlx.store.Conversation shown, None for a new one
+        self.running: Running | None = None
+        self.editing = None  # the user Message being edited
+        self.loaded: str | None = None
+        self.context: int | None = None
+        self.context_used = 0
+        self.tps: float | None = None
+        self.activity = ""
         self.worker: ModelWorker | None = None
-        self._answer: AssistantMessage | None = None
 
+    # --- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        yield VerticalScroll(id="messages")
-        with Horizontal(id="loading"):
-            yield LoadingIndicator()
-            yield Static(id="loading-label")
-        yield Input(placeholder=LOAD_PLACEHOLDER, id="prompt")
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Input(placeholder="Search history (F3)", id="search")
+                yield ListView(id="conversations")
+            with Vertical(id="main"):
+                yield VerticalScroll(id="messages")
+                yield PromptArea(id="prompt", soft_wrap=True, show_line_numbers=False)
+        yield StatusBar(id="status")
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.worker = ModelWorker(self.post_message, self.settings)
-        self.query_one("#loading").display = False
-        if self.model_name:
-            self.load_model(self.model_name)
-        else:
-            self.show_welcome()
-
-    def on_unmount(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown(timeout=2.0)
-
-    # --- model --------------------------------------------------------------------------
-    def show_welcome(self) -> None:
-        from apertus_mlx.hub import catalog
-
-        try:
-            aliases = [(e.alias, e.params, e.format, e.size_gb) for e in catalog()]
-        except Exception:  # noqa: BLE001 - the welcome panel must show even without a catalog
-            aliases = []
-        self.messages.mount(Markdown(welcome_text(aliases), id="welcome"))
-
-    def load_model(self, name: str) -> None:
-        self.model_name = name
-        self.model_ready = False
-        self.sub_title = f"loading {name}"
-        self.query_one("#loading-label", Static).update(f"Loading {name}…")
-        self.query_one("#loading").display = True
-        self.prompt.disabled = True
-        self.worker.load(name)
-
-    def on_model_loaded(self, message: ModelLoaded) -> None:
-        self.model_ready = True
-        self.sub_title = message.name
-        self.query_one("#loading").display = False
-        self.messages.remove_children()
-        self.messages.anchor()  # follow the answer as it streams in
-        self.prompt.placeholder = ASK_PLACEHOLDER
-        self.prompt.disabled = False
-        self.prompt.focus()
-
-    def on_model_failed(self, message: ModelFailed) -> None:
-        self.sub_title = "no model"
-        self.query_one("#loading").display = False
-        text = f"Could not load {message.name}: {message.error}"
-        self.messages.mount(Static(text, classes="error load-error", markup=False))
-        self.prompt.placeholder = LOAD_PLACEHOLDER
-        self.prompt.disabled = False
-        self.prompt.focus()
-
-    # --- conversation -------------------------------------------------------------------
     @property
     def messages(self) -> VerticalScroll:
         return self.query_one("#messages", VerticalScroll)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptArea:
+        return self.query_one("#prompt", PromptArea)
 
     @property
-    def answer(self) -> AssistantMessage | None:
-        """The answer of the current turn, if it is on screen."""
-        answer = self._answer
-        return answer if answer is not None and answer.turn == self.turn else None
+    def settings(self) -> ChatSettings:
+        """The settings of the conversation shown, else of the next new one."""
+        if self.conversation is not None:
+            c = self.conversation
+            return ChatSettings.from_dict(
+                {**c.settings, "system": c.system, "thinking": c.thinking}
+            )
+        return self.config.defaults
 
-    @on(Input.Submitted, "#prompt")
-    async def send(self, event: Input.Submitted) -> None:
-        text = event.value.strip()
+    async def on_mount(self) -> None:
+        from apertus_mlx.store import Store
+
+        try:
+            self.config = AppConfig.load()
+        except ApertusError as e:
+            self.notify(f"{e}; starting on defaults", severity="error", timeout=10)
+        if self.cli_settings is not None:
+            self.config.defaults = self.cli_settings
+        if self.store is None:
+            self.store = Store.open()
+        self.worker = ModelWorker(self.post_message, self.store)
+        self.model_name = self.model_name or self.config.last_model
+        self.prompt.border_title = "Message (Enter sends, ctrl+j new line)"
+        await self.show_conversation(None)
+        self.refresh_conversations()
+        self.update_status()
+        if self.model_name:
+            self.load_model(self.model_name)
+        else:
+            self.open_models(first_start=True)
+
+    def on_unmount(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(timeout=2.0)
+
+    def update_status(self) -> None:
+        model = self.model_name
+        if self.conversation is not None and self.conversation.model:
+            model = self.conversation.model
+        activity = self.activity
+        if self.editing is not None:
+            activity = "editing your last message: Enter sends it as a new branch, Esc cancels"
+        self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity)
+
+    def focus_prompt(self) -> None:
+        if isinstance(self.screen, Screen) and self.screen is self.screen_stack[0]:
+            self.prompt.focus()
+
+    def on_screen_resume(self) -> None:
+        self.focus_prompt()
+
+    def error(self, text: str, inline: bool = True) -> None:
+        """Show an error where the user looks: a notification, and at the end of the chat."""
+        self.notify(text, severity="error", timeout=10)
+        if inline:
+            self.messages.mount(Notice(text, error=True))
+            self.messages.scroll_end(animate=False)
+
+    # --- models -------------------------------------------------------------------------
+    def load_model(self, name: str) -> None:
+        self.model_name = name
+        self.worker.load(name)
+
+    def on_model_loading(self, message: ModelLoading) -> None:
+        self.activity = f"loading {message.name}…"
+        self.update_status()
+
+    def on_model_loaded(self, message: ModelLoaded) -> None:
+        self.loaded = message.name
+        self.context = message.context
+        self.activity = ""
+        self.sub_title = message.name
+        self.update_status()
+        self.focus_prompt()
+
+    def on_model_failed(self, message: ModelFailed) -> None:
+        self.loaded = None
+        self.activity = ""
+        self.update_status()
+        self.error(f"Could not load {message.name}: {message.error}")
+        self.focus_prompt()
+
+    def open_models(self, first_start: bool = False) -> None:
+        current = self.conversation.model if self.conversation else self.model_name
+        self.push_screen(ModelsScreen(current, first_start), self.model_chosen)
+
+    def model_chosen(self, repo: str | None) -> None:
+        if repo is None:
+            self.focus_prompt()
+            return
+        self.config.last_model = repo
+        self.save_config()
+        if self.conversation is not None:
+            self.conversation = self.store.update_conversation(self.conversation.id, model=repo)
+        self.load_model(repo)
+        self.update_status()
+        self.focus_prompt()
+
+    def save_config(self) -> None:
+        try:
+            self.config.save()
+        except OSError as e:
+            self.error(f"Could not save the settings: {e.strerror or e}", inline=False)
+
+    # --- conversations ------------------------------------------------------------------
+    def refresh_conversations(self, query: str = "") -> None:
+        """Fill the list: every conversation, or those the full-text search finds."""
+        items: list[ConversationItem] = []
+        if query.strip():
+            seen: set[str] = set()
+            for hit in self.store.search(query):
+                if hit.conversation_id not in seen:
+                    seen.add(hit.conversation_id)
+                    items.append(ConversationItem(hit.conversation_id, hit.title or "untitled",
+                                                  hit.snippet))  # fmt: skip
+        else:
+            for c in self.store.list_conversations(limit=200):
+                items.append(ConversationItem(c.id, c.title or "untitled"))
+        view = self.query_one("#conversations", ListView)
+        view.clear()
+        view.extend(items)
+        current = self.conversation.id if self.conversation else None
+        for i, item in enumerate(items):
+            if item.conversation_id == current:
+                view.index = i
+
+    @on(Input.Changed, "#search")
+    def search_changed(self, event: Input.Changed) -> None:
+        self.refresh_conversations(event.value)
+
+    @on(Input.Submitted, "#search")
+    def search_submitted(self) -> None:
+        self.query_one("#conversations", ListView).focus()
+
+    @on(ListView.Selected, "#conversations")
+    async def conversation_selected(self, event: ListView.Selected) -> None:
+        item = event.item
+        if isinstance(item, ConversationItem):
+            await self.show_conversation(item.conversation_id)
+            self.prompt.focus()
+
+    async def show_conversation(self, conversation_id: str | None) -> None:
+        """Draw a conversation from the store; a running answer in it shows as it streams."""
+        self.editing = None
+        self.conversation = (
+            self.store.get_conversation(conversation_id) if conversation_id else None
+        )
+        await self.messages.remove_children()
+        widgets = []
+        if self.conversation is None:
+            widgets.append(Static(EMPTY_HINT, id="empty-hint"))
+        else:
+            if self.conversation.model and self.conversation.model != self.model_name:
+                self.model_name = self.conversation.model  # its next answer uses its model
+            running = self.running
+            for m in self.store.branch(self.conversation.id):
+                if m.role == "user":
+                    widgets.append(UserMessage(m.content, m.id))
+                elif m.role == "assistant":
+                    if running is not None and running.message_id == m.id:
+                        widgets.append(AssistantMessage(m.id, running.text))
+                    else:
+                        status = format_stored(m.finish_reason, m.stats)
+                        widgets.append(AssistantMessage(m.id, m.content, status))
+            if running is not None and running.conversation_id == self.conversation.id \
+                    and running.message_id is None:  # fmt: skip
+                widgets.append(AssistantMessage())
+        await self.messages.mount_all(widgets)
+        self.messages.scroll_end(animate=False)
+        self.messages.anchor()
+        self.context_used = 0
+        self.update_status()
+
+    def answers(self) -> list[AssistantMessage]:
+        return list(self.messages.query(AssistantMessage))
+
+    def live_answer(self) -> AssistantMessage | None:
+        """The widget of the running answer, if its conversation is the one shown."""
+        r = self.running
+        if r is None or self.conversation is None or r.conversation_id != self.conversation.id:
+            return None
+        for answer in reversed(self.answers()):
+            if not answer.finished and answer.message_id in (None, r.message_id):
+                return answer
+        return None
+
+    # --- sending ------------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    async def send(self, event: PromptArea.Submitted) -> None:
+        text = event.text.strip()
         if not text:
             return
-        if not self.model_ready:
-            self.prompt.clear()
-            self.load_model(text)
+        if not self.model_name:
+            self.notify("Choose a model first (ctrl+o)", severity="warning")
+            self.open_models()
             return
-        if self.generating:
-            self.notify("Wait for the answer, or press Esc to stop it.", severity="warning")
+        if self.running is not None:
+            self.notify("An answer is being generated: wait, or press Esc to stop it.",
+                        severity="warning")  # fmt: skip
+            return
+        try:
+            if self.conversation is None:
+                s = self.settings
+                self.conversation = self.store.create_conversation(
+                    model=self.model_name,
+                    system=s.system,
+                    thinking=s.thinking,
+                    settings=s.stored(),
+                )
+            parent = "leaf" if self.editing is None else self.editing.parent_id
+            user = self.store.add_message(self.conversation.id, "user", text, parent)
+        except ApertusError as e:
+            self.error(str(e))
             return
         self.prompt.clear()
-        self.turn += 1
+        editing, self.editing = self.editing, None
+        if editing is not None:
+            self.running = Running(self.conversation.id)
+            await self.show_conversation(self.conversation.id)
+            self.running = None
+        else:
+            hint = self.messages.query("#empty-hint")
+            await hint.remove()
+            await self.messages.mount_all([UserMessage(text, user.id), AssistantMessage()])
+            self.messages.scroll_end(animate=False)
+        self.start_reply(user.id)
+        self.refresh_conversations(self.query_one("#search", Input).value)
+
+    def start_reply(self, user_message_id: int) -> None:
+        """Queue the answer to `user_message_id` on the current branch."""
+        c = self.conversation
+        history = []
+        if c.system:
+            history.append({"role": "system", "content": c.system})
+        for m in self.store.branch(c.id):
+            history.append({"role": m.role, "content": m.content})
+            if m.id == user_message_id:
+                break
+        self.running = Running(c.id)
         self.generating = True
-        self._answer = AssistantMessage(self.turn)
-        await self.messages.mount_all([UserMessage(text), self._answer])
-        self.worker.reply(self.turn, text)
+        self.activity = "generating… (Esc stops)"
+        self.update_status()
+        model = c.model or self.model_name
+        self.worker.reply(Reply(c.id, user_message_id, history, model, self.settings))
+        if not self.live_answer():
+            self.messages.mount(AssistantMessage())
+
+    async def on_answer_started(self, message: AnswerStarted) -> None:
+        r = self.running
+        if r is None or r.conversation_id != message.conversation_id:
+            return
+        answer = self.live_answer()
+        r.message_id = message.message_id
+        if answer is not None:
+            answer.message_id = message.message_id
+        if message.dropped:
+            note = (
+                f"The conversation is longer than the model's window: the oldest "
+                f"{message.dropped} messages are left out of this answer's prompt "
+                "(the system prompt is kept). Start a new chat (ctrl+n) for a fresh window."
+            )
+            self.notify(note, severity="warning", timeout=10)
+            if self.conversation is not None and self.conversation.id == message.conversation_id:
+                await self.messages.mount(Notice(note), before=answer)
 
     async def on_answer_chunk(self, message: AnswerChunk) -> None:
-        answer = self.answer
-        if message.turn == self.turn and answer is not None:
+        r = self.running
+        if r is None or r.message_id != message.message_id:
+            return
+        r.text += message.text
+        answer = self.live_answer()
+        if answer is not None:
             await answer.append(message.text)
 
     async def on_answer_done(self, message: AnswerDone) -> None:
-        if message.turn != self.turn:
-            return  # a turn from a conversation that was cleared
-        self.generating = False
-        answer = self.answer
-        if answer is None:
+        r = self.running
+        if r is None or r.conversation_id != message.conversation_id:
             return
-        if message.error:
-            await answer.finish(f"error: {message.error}", error=True)
-        else:
-            await answer.finish(format_stats(message.stats))
+        answer = self.live_answer()
+        self.running = None
+        self.generating = False
+        self.activity = ""
+        if message.stats is not None:
+            self.tps = message.stats.decode_tps
+            self.context_used = message.context_used
+        if answer is not None:
+            if message.error:
+                await answer.finish(f"error: {message.error}", error=True)
+                self.error(message.error, inline=False)
+            else:
+                await answer.finish(format_stats(message.stats))
+        elif message.error:
+            self.notify(message.error, severity="error")
+        if message.store_error:
+            self.error(f"The answer could not be saved: {message.store_error}")
+        if self.conversation is not None and self.conversation.id == message.conversation_id:
+            self.conversation = self.store.get_conversation(message.conversation_id)
+        self.update_status()
+        self.refresh_conversations(self.query_one("#search", Input).value)
 
     # --- actions ------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
-            return self.generating
-        if action == "new_conversation":
-            return self.model_ready
+            return self.generating or self.editing is not None
         return True
 
     def action_stop(self) -> None:
-        """Stop the answer; the part already generated stays, in the UI and in the history."""
-        if self.generating and self.worker is not None:
+        """Stop the answer; the part already generated stays, on screen and in the history."""
+        if self.editing is not None:
+            self.editing = None
+            self.prompt.clear()
+            self.update_status()
+        elif self.generating and self.worker is not None:
             self.worker.stop()
 
     async def action_new_conversation(self) -> None:
-        if self.worker is None or not self.model_ready:
-            return
-        self.worker.new_conversation()
-        self.turn += 1  # answers still arriving from the old conversation are dropped
-        self.generating = False
-        await self.messages.remove_children()
+        await self.show_conversation(None)
+        self.query_one("#conversations", ListView).index = None
         self.prompt.clear()
         self.prompt.focus()
 
+    def last_messages(self):
+        """(last user message, last assistant message) of the current branch, or Nones."""
+        if self.conversation is None:
+            return None, None
+        branch = self.store.branch(self.conversation.id)
+        users = [m for m in branch if m.role == "user"]
+        answers = [m for m in branch if m.role == "assistant"]
+        return (users[-1] if users else None), (answers[-1] if answers else None)
+
+    async def action_regenerate(self) -> None:
+        """A new answer to the last user message, as a sibling branch of the old one."""
+        if self.running is not None:
+            self.notify("Wait for the answer, or press Esc to stop it.", severity="warning")
+            return
+        user, _ = self.last_messages()
+        if user is None:
+            self.notify("Nothing to regenerate yet", severity="warning")
+            return
+        self.store.set_current_leaf(self.conversation.id, user.id)
+        await self.show_conversation(self.conversation.id)
+        self.start_reply(user.id)
+
+    def action_edit_last(self) -> None:
+        """Put the last user message in the prompt; Enter sends it as a new branch."""
+        user, _ = self.last_messages()
+        if user is None:
+            self.notify("No message to edit yet", severity="warning")
+            return
+        if self.running is not None:
+            self.notify("Wait for the answer, or press Esc to stop it.", severity="warning")
+            return
+        self.editing = user
+        self.prompt.text = user.content
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.prompt.focus()
+        self.update_status()
+
+    def action_models(self) -> None:
+        self.open_models()
+
+    def action_settings(self) -> None:
+        self.push_screen(SettingsScreen(self.settings, self.conversation is not None),
+                         self.settings_chosen)  # fmt: skip
+
+    def settings_chosen(self, result: tuple[ChatSettings, str] | None) -> None:
+        if result is not None:
+            settings, scope = result
+            if scope == "default":
+                self.config.defaults = settings
+                self.save_config()
+                self.notify("Saved as the default for new chats")
+            elif self.conversation is not None:
+                self.save_chat_settings(settings)
+                self.notify("Saved for this chat")
+        self.focus_prompt()
+
+    def save_chat_settings(self, s: ChatSettings) -> None:
+        self.conversation = self.store.update_conversation(
+            self.conversation.id, settings=s.stored(), system=s.system, thinking=s.thinking
+        )
+
+    def action_toggle_thinking(self) -> None:
+        s = self.settings.with_(thinking=not self.settings.thinking)
+        if self.conversation is not None:
+            self.save_chat_settings(s)
+        else:
+            self.config.defaults = s
+            self.save_config()
+        self.notify(f"Deliberation {'on' if s.thinking else 'off'}")
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_search(self) -> None:
+        self.query_one("#sidebar").display = True
+        self.query_one("#search", Input).focus()
+
+    def action_rename(self) -> None:
+        if self.conversation is None:
+            self.notify("Send a message first: a new chat has no title yet", severity="warning")
+            return
+
+        def renamed(title: str | None) -> None:
+            if title:
+                self.conversation = self.store.rename(self.conversation.id, title)
+                self.refresh_conversations(self.query_one("#search", Input).value)
+            self.focus_prompt()
+
+        self.push_screen(TextPromptScreen("New title:", self.conversation.title or ""), renamed)
+
+    def action_delete(self) -> None:
+        c = self.conversation
+        if c is None:
+            return
+
+        async def confirmed(yes: bool | None) -> None:
+            if yes:
+                if self.running is not None and self.running.conversation_id == c.id:
+                    self.worker.stop()
+                self.store.delete(c.id)
+                await self.show_conversation(None)
+                self.refresh_conversations(self.query_one("#search", Input).value)
+                self.notify(f"Deleted “{c.title or 'untitled'}”")
+            self.focus_prompt()
+
+        self.push_screen(ConfirmScreen(f"Delete the conversation “{c.title or 'untitled'}”?"),
+                         confirmed)  # fmt: skip
+
+    def action_copy_answer(self) -> None:
+        answers = [a for a in self.answers() if a.text]
+        if not answers:
+            self.notify("No answer to copy yet", severity="warning")
+            return
+        self.copy_to_clipboard(answers[-1].text)
+        self.notify("Answer copied")
+
+    def action_copy_code(self) -> None:
+        for answer in reversed(self.answers()):
+            blocks = code_blocks(answer.text)
+            if blocks:
+                self.copy_to_clipboard(blocks[-1])
+                self.notify("Code block copied")
+                return
+        self.notify("No code block in this conversation", severity="warning")
+
+    def action_details(self, message_id: int | None = None) -> None:
+        if message_id is None:
+            _, answer = self.last_messages()
+            if answer is None:
+                self.notify("No answer yet", severity="warning")
+                return
+            message_id = answer.id
+        self.push_screen(DetailsScreen(details_text(self.store.message(message_id))))
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        if self.generating:
-            yield SystemCommand("Stop answer", "Stop generating (Esc)", self.action_stop)
-        if self.model_ready:
-            yield SystemCommand(
-                "New conversation", "Clear the chat and start afresh (ctrl+n)",
-                self.action_new_conversation,
-            )  # fmt: skip
+        commands = [
+            ("Stop answer", "Stop generating; the part generated stays (Esc)", self.action_stop),
+            ("New conversation", "Start a new chat (ctrl+n)", self.action_new_conversation),
+            ("Regenerate", "A new answer to the last message (ctrl+r)", self.action_regenerate),
+            ("Edit last message", "Change and resend it, as a branch (ctrl+l)",
+             self.action_edit_last),
+            ("Models", "Download, delete or choose a model (ctrl+o)", self.action_models),
+            ("Settings", "Sampling, max tokens, seed, system prompt (ctrl+s)",
+             self.action_settings),
+            ("Deliberation on/off", "The model's thinking mode (ctrl+t)",
+             self.action_toggle_thinking),
+            ("Rename conversation", "Give this chat a title (F2)", self.action_rename),
+            ("Delete conversation", "Delete this chat, after asking (F8)", self.action_delete),
+            ("Search history", "Full-text search of every chat (F3)", self.action_search),
+            ("Copy last answer", "To the clipboard (F5)", self.action_copy_answer),
+            ("Copy last code block", "To the clipboard (F6)", self.action_copy_code),
+            ("Answer details", "Model, revision, settings, seed, speed (F9)",
+             self.action_details),
+            ("Show/hide conversations", "The list on the left (ctrl+b)",
+             self.action_toggle_sidebar),
+            ("Keys", "Every key binding (F1)", self.action_help),
+        ]  # fmt: skip
+        for title, help_text, callback in commands:
+            yield SystemCommand(title, help_text, callback)

@@ -1,35 +1,30 @@
-"""Message widgets: the welcome panel, a user turn, and an assistant turn that streams in."""
+"""The chat screen's widgets: the prompt, messages (an answer streams in as Markdown), the
+conversation list and the status bar."""
 
 from __future__ import annotations
 
+import re
+
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Markdown, Static
+from textual.message import Message
+from textual.widgets import Label, ListItem, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
 FINISH_LABELS = {
     "stop": "done",
-    "length": "stopped: length (raise --max-tokens for longer answers)",
+    "length": "stopped: length (raise max tokens in Settings, ctrl+s, for longer answers)",
     "interrupted": "stopped: interrupted",
     "error": "stopped: error",
 }
+NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
 
-def welcome_text(aliases: list[tuple[str, str, str, float]]) -> str:
-    """Markdown for the start screen when no model is given.
-
-    aliases: (alias, parameters, format, download size in GB) from the catalog."""
-    rows = "\n".join(f"| `{a}` | {p} | {f} | {gb:g} GB |" for a, p, f, gb in aliases)
-    head = "| alias | parameters | format | download |\n|---|---|---|---|\n"
-    table = f"Known models:\n\n{head}{rows}\n" if rows else ""
-    return (
-        "# Apertus chat\n\n"
-        "No model is loaded. Start the chat on a model with\n\n"
-        "```\napertus-mlx chat --model DIR_OR_REPO\n```\n\n"
-        "where DIR_OR_REPO is a checkpoint directory, a downloaded Hugging Face repo id or a "
-        "catalog alias (`apertus-mlx download ALIAS` fetches one). Or type one below and press "
-        f"Enter.\n\n{table}"
-    )
+def code_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a Markdown answer, in order (a block still open is skipped)."""
+    return [m.group(1) for m in CODE_BLOCK.finditer(text)]
 
 
 def format_stats(stats) -> str:
@@ -43,24 +38,85 @@ def format_stats(stats) -> str:
     )
 
 
+def format_stored(finish_reason: str | None, stats: dict | None) -> str:
+    """The status line of an answer read back from the store."""
+    if finish_reason is None:
+        return "unfinished (the app stopped while it was written)"
+    s = stats or {}
+    reason = FINISH_LABELS.get(finish_reason, f"stopped: {finish_reason}")
+    if not s:
+        return reason
+    return f"{s.get('generated_tokens', 0)} tokens · {s.get('decode_tps', 0):.1f} tok/s · {reason}"
+
+
+class PromptArea(TextArea):
+    """A multi-line input: Enter sends, ctrl+j (or shift+enter where the terminal reports it)
+    starts a new line."""
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        if event.key in NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            start, end = self.selection
+            self._replace_via_keyboard("\n", start, end)
+            return
+        await super()._on_key(event)
+
+
 class UserMessage(Static):
-    def __init__(self, text: str) -> None:
+    """A user turn; clicking it copies its text."""
+
+    def __init__(self, text: str, message_id: int | None = None) -> None:
         super().__init__(text, markup=False)
+        self.text = text
+        self.message_id = message_id
+
+    def on_click(self) -> None:
+        self.app.copy_to_clipboard(self.text)
+        self.notify("Message copied")
+
+
+class AnswerStatus(Static):
+    """The line under an answer; clicking it opens the answer's details."""
+
+    def on_click(self) -> None:
+        answer = self.parent
+        if isinstance(answer, AssistantMessage) and answer.message_id is not None:
+            self.app.action_details(answer.message_id)
 
 
 class AssistantMessage(Vertical):
     """The answer as Markdown, streamed while it is generated, then a status line."""
 
-    def __init__(self, turn: int) -> None:
+    def __init__(
+        self, message_id: int | None = None, text: str = "", status: str | None = None
+    ) -> None:
         super().__init__()
-        self.turn = turn
-        self.text = ""
-        self.finished = False
+        self.message_id = message_id
+        self.text = text
+        self.finished = status is not None
+        self._status = status or "generating… (Esc stops)"
         self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
-        yield Markdown(classes="answer")
-        yield Static("generating… (Esc stops)", classes="status", markup=False)
+        yield Markdown(self.text, classes="answer")
+        yield AnswerStatus(self._status, classes="status", markup=False)
+
+    def on_click(self, event: events.Click) -> None:
+        if isinstance(event.widget, AnswerStatus):
+            return
+        self.app.copy_to_clipboard(self.text)
+        self.notify("Answer copied")
 
     async def append(self, text: str) -> None:
         self.text += text
@@ -72,7 +128,41 @@ class AssistantMessage(Vertical):
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
+        await self.query_one(Markdown).update(self.text)  # one clean render of the whole answer
         self.finished = True
-        line = self.query_one(".status", Static)
+        line = self.query_one(AnswerStatus)
         line.update(status)
         line.set_class(error, "error")
+
+    @property
+    def status(self) -> str:
+        return str(self.query_one(AnswerStatus).render())
+
+
+class Notice(Static):
+    """An inline line in the conversation: an error or what the context budget dropped."""
+
+    def __init__(self, text: str, error: bool = False) -> None:
+        super().__init__(text, markup=False, classes="notice error" if error else "notice")
+
+
+class ConversationItem(ListItem):
+    def __init__(self, conversation_id: str, title: str, detail: str = "") -> None:
+        super().__init__(
+            Label(title, markup=False),
+            *([Label(detail, classes="hit", markup=False)] if detail else []),
+        )
+        self.conversation_id = conversation_id
+
+
+class StatusBar(Static):
+    """Model · tokens/s · context used / window · what the app is doing."""
+
+    def show(self, model: str | None, tps: float | None, used: int, window: int | None,
+             activity: str = "") -> None:  # fmt: skip
+        parts = [f"model: {model or 'none'}"]
+        parts.append(f"{tps:.1f} tok/s" if tps is not None else "– tok/s")
+        parts.append(f"context {used}/{window}" if window else f"context {used}/–")
+        if activity:
+            parts.append(activity)
+        self.update(" · ".join(parts))

@@ -3,33 +3,48 @@
 MLX streams belong to the thread that made them, so loading and generating must happen on the
 same thread; a queue of jobs gives that, and keeps the UI responsive while the model works.
 Results go back as Textual messages ("attributes down, messages up"); `post_message` is
-thread-safe.
+thread-safe. Every answer streams into the history store as it is generated, tagged with its
+conversation, so the UI may show another conversation meanwhile without losing or mixing it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from textual.message import Message
 
+from .settings import ChatSettings
+
 
 @dataclass(frozen=True)
-class ChatSettings:
-    """What the user chose on the command line; None means the checkpoint's default."""
+class Reply:
+    """One answer to make: the conversation as the model should read it, ending with the
+    user message `parent_id` that the answer replies to."""
 
-    system: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
+    conversation_id: str
+    parent_id: int
+    history: list[dict]
+    model: str
+    settings: ChatSettings
 
 
-class ModelLoaded(Message):
+class ModelLoading(Message):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
+
+
+class ModelLoaded(Message):
+    """The model is ready; `context` is its window in tokens, `revision` its snapshot hash."""
+
+    def __init__(self, name: str, context: int, revision: str | None) -> None:
+        super().__init__()
+        self.name = name
+        self.context = context
+        self.revision = revision
 
 
 class ModelFailed(Message):
@@ -41,22 +56,47 @@ class ModelFailed(Message):
         self.error = error
 
 
-class AnswerChunk(Message):
-    def __init__(self, turn: int, text: str) -> None:
+class AnswerStarted(Message):
+    """The answer's row exists in the store (`message_id`); `dropped` counts the oldest
+    messages left out so the prompt fits the model's window (0 if none)."""
+
+    def __init__(self, conversation_id: str, message_id: int, dropped: int) -> None:
         super().__init__()
-        self.turn = turn
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.dropped = dropped
+
+
+class AnswerChunk(Message):
+    def __init__(self, conversation_id: str, message_id: int, text: str) -> None:
+        super().__init__()
+        self.conversation_id = conversation_id
+        self.message_id = message_id
         self.text = text
 
 
 class AnswerDone(Message):
-    """The answer ended; `stats` is apertus_mlx.generate.Stats, `error` set if it failed."""
+    """The answer ended; `stats` is apertus_mlx.generate.Stats (None on error), `error` one
+    line, `context_used` the tokens the conversation now fills, `store_error` a failed save."""
 
-    def __init__(self, turn: int, text: str, stats=None, error: str | None = None) -> None:
+    def __init__(
+        self,
+        conversation_id: str,
+        message_id: int | None,
+        text: str,
+        stats=None,
+        error: str | None = None,
+        context_used: int = 0,
+        store_error: str | None = None,
+    ) -> None:
         super().__init__()
-        self.turn = turn
+        self.conversation_id = conversation_id
+        self.message_id = message_id
         self.text = text
         self.stats = stats
         self.error = error
+        self.context_used = context_used
+        self.store_error = store_error
 
 
 def describe_error(e: BaseException) -> str:
@@ -68,39 +108,52 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def fit_to_window(
+    history: list[dict], count: Callable[[list[dict]], int], window: int, reserve: int
+) -> tuple[list[dict], int]:
+    """Drop the oldest turns (the system prompt stays, and the last user message) until the
+    prompt plus `reserve` answer tokens fits `window`; returns (history, messages dropped)."""
+    system = [m for m in history[:1] if m["role"] == "system"]
+    turns = history[len(system) :]
+    dropped = 0
+    while len(turns) > 1 and count(system + turns) + reserve > window:
+        cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+        turns = turns[cut:]
+        dropped += cut
+    return system + turns, dropped
+
+
 class ModelWorker:
     """Runs jobs on its own daemon thread; every public method is safe to call from the UI."""
 
-    def __init__(self, post: Callable[[Message], object], settings: ChatSettings) -> None:
+    def __init__(self, post: Callable[[Message], object], store) -> None:
         self._post = post
-        self.settings = settings
+        self._store = store
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stops: set[threading.Event] = set()  # one per queued or running answer
         self._lock = threading.Lock()
         self._parked = threading.Event()
         self._model = self._tokenizer = self._session = None
+        self._name: str | None = None
+        self._revision: str | None = None
         self._thread = threading.Thread(target=self._run, name="apertus-mlx-model", daemon=True)
         self._thread.start()
 
     # --- called from the UI thread -------------------------------------------------------
     def load(self, name: str) -> None:
-        self._jobs.put(lambda: self._load(name))
+        self._jobs.put(lambda: self._ensure_model(name))
 
-    def reply(self, turn: int, text: str) -> None:
+    def reply(self, job: Reply) -> None:
         stop = threading.Event()  # its own event: a later stop() never races a newer answer
         with self._lock:
             self._stops.add(stop)
-        self._jobs.put(lambda: self._reply(turn, text, stop))
+        self._jobs.put(lambda: self._reply(job, stop))
 
     def stop(self) -> None:
-        """Stop the answers queued or running; what was generated stays in the conversation."""
+        """Stop the answers queued or running; what was generated stays, marked interrupted."""
         with self._lock:
             for event in self._stops:
                 event.set()
-
-    def new_conversation(self) -> None:
-        self.stop()
-        self._jobs.put(self._new_session)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the answer and let the thread finish its job; it then parks (see `_run`)."""
@@ -119,53 +172,88 @@ class ModelWorker:
         self._parked.set()
         threading.Event().wait()
 
-    def _load(self, name: str) -> None:
+    def _ensure_model(self, name: str) -> bool:
+        if name == self._name and self._model is not None:
+            return True
+        self._post(ModelLoading(name))
         try:
             from apertus_mlx import load
+            from apertus_mlx.recording import model_identity
+            from apertus_mlx.session import ChatSession
 
+            self._model = self._tokenizer = self._session = None
+            self._name = None
             self._model, self._tokenizer = load(name)
-            self._new_session()
+            self._session = ChatSession(self._model, self._tokenizer)
+            try:
+                self._revision = model_identity(name)[1]
+            except Exception:  # noqa: BLE001 - the revision is a detail; the model runs
+                self._revision = None
         except Exception as e:  # noqa: BLE001 - shown in the UI, which stays usable
             self._model = self._tokenizer = self._session = None
             self._post(ModelFailed(name, describe_error(e)))
-            return
-        self._post(ModelLoaded(name))
+            return False
+        self._name = name
+        self._post(ModelLoaded(name, self._model.args.max_position_embeddings, self._revision))
+        return True
 
-    def _new_session(self) -> None:
-        if self._model is None:
-            return
-        from apertus_mlx.generate import DEFAULT_MAX_TOKENS
-        from apertus_mlx.sampling import SamplingParams
-        from apertus_mlx.session import ChatSession
-
-        s = self.settings
-        params = SamplingParams.from_defaults(
-            self._tokenizer.generation_defaults, temperature=s.temperature, top_p=s.top_p
-        )
-        self._session = ChatSession(self._model, self._tokenizer, system=s.system, params=params,
-                                    max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS)  # fmt: skip
-
-    def _reply(self, turn: int, text: str, stop: threading.Event) -> None:
+    def _reply(self, job: Reply, stop: threading.Event) -> None:
         try:
-            self._stream(turn, text, stop)
+            if stop.is_set():  # stopped while it waited for the model thread
+                self._post(AnswerDone(job.conversation_id, None, "", error="stopped"))
+                return
+            if not self._ensure_model(job.model):
+                self._post(AnswerDone(job.conversation_id, None, "", error="no model is loaded"))
+                return
+            self._answer(job, stop)
+        except Exception as e:  # noqa: BLE001 - the thread must survive for the next turn
+            self._post(AnswerDone(job.conversation_id, None, "", error=describe_error(e)))
         finally:
             with self._lock:
                 self._stops.discard(stop)
 
-    def _stream(self, turn: int, text: str, stop: threading.Event) -> None:
-        from apertus_mlx.generate import Chunk, Done
+    def _answer(self, job: Reply, stop: threading.Event) -> None:
+        from apertus_mlx.generate import DEFAULT_MAX_TOKENS, Chunk, Done
+        from apertus_mlx.sampling import SamplingParams
 
-        if self._session is None:
-            self._post(AnswerDone(turn, "", error="no model is loaded"))
-            return
-        try:
-            for event in self._session.reply(text, stop):
-                if isinstance(event, Chunk):
-                    if event.text:
-                        self._post(AnswerChunk(turn, event.text))
-                elif isinstance(event, Done):
-                    self._post(AnswerDone(turn, event.text, event.stats))
-                else:  # session.Error
-                    self._post(AnswerDone(turn, "", error=event.message))
-        except Exception as e:  # noqa: BLE001 - the thread must survive for the next turn
-            self._post(AnswerDone(turn, "", error=describe_error(e)))
+        s, session = job.settings, self._session
+        session.params = SamplingParams.from_defaults(
+            self._tokenizer.generation_defaults, **s.sampling()
+        )
+        session.enable_thinking = s.thinking
+        session.max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
+        window = self._model.args.max_position_embeddings
+        reserve = min(session.max_tokens, window // 4)
+        history, dropped = fit_to_window(
+            job.history, lambda m: len(session.prompt_ids(m)), window, reserve
+        )
+        recorded = {**s.as_dict(), **session.params.as_dict(), "max_tokens": session.max_tokens}
+        recorded |= {"model": self._name, "revision": self._revision}
+        writer = self._store.start_answer(
+            job.conversation_id, job.parent_id, settings=recorded, seed=s.seed
+        )
+        cid, mid = job.conversation_id, writer.message_id
+        self._post(AnswerStarted(cid, mid, dropped))
+        text, stats, error = "", None, None
+        for event in self._filtered(session.answer(history, stop)):
+            if isinstance(event, Chunk):
+                writer.append(event.text, event.token)
+                if event.text:
+                    text += event.text
+                    self._post(AnswerChunk(cid, mid, event.text))
+            elif isinstance(event, Done):
+                stats = event.stats
+            else:  # session.Error
+                error = event.message
+        if stats is not None:
+            store_error = writer.finish(stats.finish_reason, stats)
+            used = stats.prompt_tokens + stats.generated_tokens
+        else:
+            store_error = writer.finish("error")
+            used = 0
+        self._post(AnswerDone(cid, mid, text, stats, error, used,
+                              str(store_error) if store_error else None))  # fmt: skip
+
+    def _filtered(self, events: Iterable) -> Iterator:
+        """Where the installed PII output filter wraps the events, before screen and store."""
+        return iter(events)

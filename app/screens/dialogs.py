@@ -1,0 +1,126 @@
+"""Small modal screens: confirm, ask for a line of text, key help, an answer's details."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Markdown
+
+KEYS = """\
+| Key | Action |
+|---|---|
+| Enter | send the message |
+| ctrl+j (shift+enter where the terminal reports it) | new line in the message |
+| Esc | stop the answer (the part generated stays); cancel an edit |
+| ctrl+n | new conversation |
+| ctrl+r | regenerate the last answer (a new branch) |
+| ctrl+l | edit the last message (sent as a new branch) |
+| ctrl+o | models: download, delete, choose |
+| ctrl+s | settings of this conversation and the defaults |
+| ctrl+t | deliberation (thinking) on/off |
+| F2 | rename the conversation |
+| F3 or / | search the history |
+| F5 | copy the last answer |
+| F6 | copy the last code block |
+| F8 | delete the conversation |
+| F9 | details of the last answer (click an answer's status line for its own) |
+| ctrl+b | show or hide the conversation list |
+| ctrl+p | command palette: every action |
+| F1 or ? | this help |
+| ctrl+q | quit |
+
+Click a message to copy it.
+"""
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Yes or no; Esc is no."""
+
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("y", "dismiss(True)", "Yes")]
+
+    def __init__(self, question: str, yes: str = "Delete") -> None:
+        super().__init__()
+        self.question = question
+        self.yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question, markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button(self.yes, variant="error", id="yes")
+                yield Button("Cancel", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class TextPromptScreen(ModalScreen[str | None]):
+    """One line of text (e.g. a new title); Esc cancels."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, question: str, value: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.value = value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question, markup=False)
+            yield Input(self.value, id="answer")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q,question_mark", "dismiss(None)", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog wide"):
+            yield Markdown("# Keys\n\n" + KEYS)
+
+
+class DetailsScreen(ModalScreen[None]):
+    """What produced an answer: model and revision, settings, seed, speed, finish reason."""
+
+    BINDINGS = [Binding("escape,q,f9", "dismiss(None)", "Close")]
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog wide"):
+            yield Markdown(self.text, id="details")
+
+
+def details_text(message) -> str:
+    """Markdown for DetailsScreen from a store Message."""
+    s = dict(message.settings or {})
+    stats = message.stats or {}
+    rows = [
+        ("model", s.pop("model", None) or "?"),
+        ("revision", s.pop("revision", None) or "local directory / unknown"),
+        ("seed", "random" if message.seed is None else message.seed),
+        ("finish reason", message.finish_reason or "unfinished"),
+    ]
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens"):
+        if key in s:
+            rows.append((key.replace("_", " "), s[key]))
+    rows.append(("deliberation", "on" if s.get("thinking") else "off"))
+    for key, label in (("prompt_tokens", "prompt tokens"), ("cached_tokens", "cached tokens"),
+                       ("generated_tokens", "answer tokens")):  # fmt: skip
+        if key in stats:
+            rows.append((label, stats[key]))
+    if "decode_tps" in stats:
+        rows.append(("tokens/s", f"{stats['decode_tps']:.1f}"))
+    if "ttft_s" in stats:
+        rows.append(("first token", f"{stats['ttft_s']:.2f} s"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# Answer {message.id}\n\n| | |\n|---|---|\n{table}\n"

@@ -1,0 +1,74 @@
+"""The settings form: sampling, max tokens, seed, system prompt and deliberation.
+
+It edits one ChatSettings and hands it back with where to keep it: this conversation, or the
+defaults of new ones. A value out of range is refused here, with the reason under the form;
+nothing is returned until every field is valid.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Static, Switch, TextArea
+
+from apertus_mlx.errors import UsageError
+
+from ..settings import FIELDS, ChatSettings, form_text, parse_form
+
+
+class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
+    """Dismisses with (settings, "chat" | "default"), or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, settings: ChatSettings, has_chat: bool) -> None:
+        super().__init__()
+        self.settings = settings
+        self.has_chat = has_chat
+
+    def compose(self) -> ComposeResult:
+        s = self.settings
+        with VerticalScroll(classes="dialog wide", id="settings"):
+            yield Label("Settings (empty = the checkpoint's default)", classes="title")
+            for name, (label, _) in FIELDS.items():
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="label")
+                    yield Input(form_text(getattr(s, name)), id=name)
+            with Horizontal(classes="field"):
+                yield Label("Deliberation (thinking)", classes="label")
+                yield Switch(s.thinking, id="thinking")
+            yield Label("System prompt (empty = the model's own)")
+            yield TextArea(s.system or "", id="system")
+            yield Static("", id="settings-error", classes="error")
+            with Horizontal(classes="buttons"):
+                if self.has_chat:
+                    yield Button("Save for this chat", variant="primary", id="chat")
+                yield Button("Save as default", id="default")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#temperature", Input).focus()
+
+    def read(self) -> ChatSettings:
+        values = {name: self.query_one(f"#{name}", Input).value for name in FIELDS}
+        system = self.query_one("#system", TextArea).text
+        return parse_form(values, system, self.query_one("#thinking", Switch).value)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel":
+            self.dismiss(None)
+            return
+        self.save(event.button.id or "default")
+
+    def on_input_submitted(self) -> None:
+        self.save("chat" if self.has_chat else "default")
+
+    def save(self, scope: str) -> None:
+        try:
+            settings = self.read()
+        except UsageError as e:
+            self.query_one("#settings-error", Static).update(f"Not saved: {e}")
+            return
+        self.dismiss((settings, scope))

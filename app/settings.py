@@ -1,0 +1,153 @@
+"""Chat settings and the app's config file: what a conversation samples with, and what new
+conversations start from.
+
+Settings live per conversation in the history store; the app-wide defaults and the last model
+used live in `config_dir()/config.json`, written atomically (a temporary file, then a rename)
+so a crash never leaves half a file. Values are validated before anything is saved: a bad one
+is refused with a message, the old settings stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from apertus_mlx.errors import UsageError
+
+CONFIG_NAME = "config.json"
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What the next answer uses. None means "the checkpoint's default" (its
+    generation_config.json, else the model card's temperature 0.8 / top-p 0.9)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    system: str | None = None
+    thinking: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling overrides, as `SamplingParams.from_defaults` takes them."""
+        return {k: getattr(self, k) for k in SAMPLING_KEYS}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stored(self) -> dict[str, Any]:
+        """The part kept in a conversation's settings column (system and thinking have their
+        own columns)."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("system", "thinking")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ChatSettings:
+        """Settings from a stored dict; unknown keys (from newer versions) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+    def with_(self, **changes: Any) -> ChatSettings:
+        return replace(self, **changes)
+
+
+def validate(s: ChatSettings) -> None:
+    """UsageError with one line when a value is out of range; SamplingParams checks sampling."""
+    from apertus_mlx.sampling import SamplingParams
+
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise UsageError("max tokens must be at least 1")
+    if s.seed is not None and s.seed < 0:
+        raise UsageError("seed must be >= 0")
+    given = {k: v for k, v in s.sampling().items() if v is not None and k != "seed"}
+    SamplingParams(**given)
+
+
+# Form fields: name -> (label, parser). Empty text means "default" (None).
+FIELDS: dict[str, tuple[str, type]] = {
+    "temperature": ("Temperature (0 = greedy)", float),
+    "top_p": ("Top-p (0, 1]", float),
+    "top_k": ("Top-k (0 = off)", int),
+    "min_p": ("Min-p [0, 1)", float),
+    "repetition_penalty": ("Repetition penalty (1 = off)", float),
+    "max_tokens": ("Max tokens per answer", int),
+    "seed": ("Seed (empty = random)", int),
+}
+
+
+def parse_form(values: dict[str, str], system: str, thinking: bool) -> ChatSettings:
+    """Settings from the settings form's text; UsageError names the field that is wrong."""
+    parsed: dict[str, Any] = {}
+    for name, text in values.items():
+        label, kind = FIELDS[name]
+        text = text.strip()
+        if not text:
+            parsed[name] = None
+            continue
+        try:
+            parsed[name] = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise UsageError(f"{label.split(' (')[0]}: {text!r} is not {noun}") from None
+    return ChatSettings(**parsed, system=system.strip() or None, thinking=thinking)
+
+
+def form_text(value: Any) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class AppConfig:
+    """The config file: the model the app opens on, and the defaults of new conversations."""
+
+    last_model: str | None = None
+    defaults: ChatSettings = ChatSettings()
+
+    @classmethod
+    def path(cls) -> Path:
+        from apertus_mlx.paths import config_dir
+
+        return config_dir() / CONFIG_NAME
+
+    @classmethod
+    def load(cls) -> AppConfig:
+        """The saved config; a missing file is the default config. A damaged one raises
+        UsageError (the app reports it and starts on defaults, leaving the file alone)."""
+        path = cls.path()
+        try:
+            data = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {path}: {e}") from None
+        try:
+            return cls(data.get("last_model"), ChatSettings.from_dict(data.get("defaults")))
+        except (UsageError, TypeError, AttributeError) as e:
+            raise UsageError(f"{path}: {e}") from None
+
+    def save(self) -> None:
+        """Write atomically; OSError (disk full, read-only) is for the caller to show."""
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"last_model": self.last_model, "defaults": self.defaults.as_dict()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
