@@ -1,8 +1,10 @@
-"""The chat UI, driven through Textual's Pilot against the tiny fixture checkpoint."""
+"""The chat app, driven through Textual's Pilot against tiny real checkpoints, a real history
+store and config in a temporary APERTUS_MLX_HOME, and an empty temporary Hugging Face cache."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -14,11 +16,14 @@ import pytest
 pytest.importorskip("textual")
 
 from apertus_mlx_app.app import ChatApp  # noqa: E402
-from apertus_mlx_app.widgets import AssistantMessage, UserMessage  # noqa: E402
-from apertus_mlx_app.worker import ChatSettings  # noqa: E402
+from apertus_mlx_app.screens.models import ModelsScreen  # noqa: E402
+from apertus_mlx_app.screens.settings import SettingsScreen  # noqa: E402
+from apertus_mlx_app.settings import AppConfig, ChatSettings  # noqa: E402
+from apertus_mlx_app.widgets import AssistantMessage, Notice, UserMessage  # noqa: E402
+from apertus_mlx_app.worker import fit_to_window  # noqa: E402
 
-GREEDY = ChatSettings(temperature=0.0)
-SIZE = (100, 40)
+GREEDY = ChatSettings(temperature=0.0, max_tokens=24)
+SIZE = (110, 36)
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
 
@@ -26,6 +31,16 @@ pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Textual runs on asyncio
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """History and config in tmp; an empty Hugging Face cache in tmp."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("APERTUS_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "home"
 
 
 async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -39,8 +54,8 @@ async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 20.0) 
 
 
 async def ask(app: ChatApp, pilot, text: str) -> None:
-    app.query_one("#prompt").focus()
-    app.query_one("#prompt").value = text
+    app.prompt.focus()
+    app.prompt.text = text
     await pilot.press("enter")
 
 
@@ -48,118 +63,347 @@ def answers(app: ChatApp) -> list[AssistantMessage]:
     return list(app.query(AssistantMessage))
 
 
-def status(answer: AssistantMessage) -> str:
-    return str(answer.query_one(".status").render())
+async def answered(app: ChatApp, pilot, count: int) -> AssistantMessage:
+    await wait_for(pilot, lambda: len(answers(app)) == count and answers(app)[-1].finished)
+    await wait_for(pilot, lambda: app.running is None)
+    return answers(app)[-1]
 
 
-async def test_welcome_panel_without_a_model():
-    app = ChatApp()
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        source = app.query_one("#welcome").source
-        assert "apertus-mlx chat --model DIR_OR_REPO" in source
-        assert "apertus-8b" in source  # catalog aliases are listed
-        assert not app.model_ready
-        await pilot.press("ctrl+q")
-    assert app.return_code == 0
-
-
-async def test_bad_model_path_shows_one_line_error(tmp_path):
-    app = ChatApp(str(tmp_path / "missing"))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: bool(app.query(".load-error")))
-        text = str(app.query_one(".load-error").render())
-        assert "no model directory" in text and "Traceback" not in text
-        assert not app.prompt.disabled  # usable: another model can be typed in
-
-
-async def test_bad_checkpoint_then_load_by_typing(tmp_path, tiny_model_dir):
-    (tmp_path / "config.json").write_text("{not json")
-    app = ChatApp(str(tmp_path), GREEDY)
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: bool(app.query(".load-error")))
-        assert "config.json" in str(app.query_one(".load-error").render())
-        await ask(app, pilot, str(tiny_model_dir))
-        await wait_for(pilot, lambda: app.model_ready)
-        assert not app.query(".load-error")
-
-
-async def test_chat_streams_answer_with_stats_then_new_conversation(tiny_model_dir, monkeypatch):
-    import apertus_mlx
-
-    loading_seen = threading.Event()
-    real_load = apertus_mlx.load
-
-    def gated_load(*args, **kwargs):  # holds the model back until the test saw the loading state
-        loading_seen.wait(10)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(apertus_mlx, "load", gated_load)
-    app = ChatApp(str(tiny_model_dir), ChatSettings(temperature=0.0, max_tokens=24))
-    async with app.run_test(size=SIZE) as pilot:
-        assert app.prompt.disabled and app.query_one("#loading").display
-        assert not app.model_ready
-        loading_seen.set()
-        await wait_for(pilot, lambda: app.model_ready)
-        assert not app.query_one("#loading").display
-        titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "New conversation" in titles and "Quit" in titles
-        assert not app.prompt.disabled
-
-        await ask(app, pilot, "Hello there")
-        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].finished)
-        answer = answers(app)[-1]
-        assert answer.text.strip()
-        assert "tokens" in status(answer) and "tok/s" in status(answer)
-        assert "first token" in status(answer)
-        assert str(app.query_one(UserMessage).render()) == "Hello there"
-
-        await ask(app, pilot, "And again")  # a second turn reuses the session's cache
-        await wait_for(pilot, lambda: len(answers(app)) == 2 and answers(app)[-1].finished)
-        assert "cached" in status(answers(app)[-1])
-
-        await pilot.press("ctrl+n")
-        await wait_for(pilot, lambda: not app.query(UserMessage) and not answers(app))
-        await ask(app, pilot, "Fresh start")
-        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].finished)
-        assert "cached" not in status(answers(app)[-1])  # the old conversation is gone
-
-
-async def test_max_tokens_cut_is_visible(tiny_model_dir):
-    app = ChatApp(str(tiny_model_dir), ChatSettings(temperature=0.0, max_tokens=3))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.model_ready)
-        await ask(app, pilot, "Hi")
-        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].finished)
-        assert "stopped: length" in status(answers(app)[-1])
-
-
-async def test_escape_stops_a_long_answer(tiny_model_dir, monkeypatch):
-    """A model slower than the test: after its first token it waits (bounded) to be stopped."""
+@pytest.fixture
+def gate(monkeypatch) -> threading.Event:
+    """A model slower than the test: after its first token it waits until the gate opens
+    (or the answer is stopped), so the test can act while an answer is streaming."""
     import apertus_mlx.session as session
     from apertus_mlx.generate import Chunk
 
+    opened = threading.Event()
     real_generate = session.generate
 
     def slow_generate(*args, stop_event: threading.Event | None = None, **kwargs):
         for event in real_generate(*args, stop_event=stop_event, **kwargs):
             yield event
-            if isinstance(event, Chunk) and stop_event is not None:
-                stop_event.wait(10)
+            if isinstance(event, Chunk) and event.text:
+                for _ in range(500):
+                    if opened.is_set() or (stop_event is not None and stop_event.is_set()):
+                        break
+                    opened.wait(0.02)
 
     monkeypatch.setattr(session, "generate", slow_generate)
-    app = ChatApp(str(tiny_model_dir), ChatSettings(temperature=0.0, max_tokens=4096))
+    return opened
+
+
+async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_path, monkeypatch):
+    """No model: the models screen with the recommended one highlighted; Enter downloads it
+    from the (local) hub with progress, the chat opens on it, and the next start remembers it."""
+    from huggingface_hub import constants
+
+    from apertus_mlx.hub import recommended
+    from tests.hub_server import FakeHub
+
+    repo = recommended().repo
+    with FakeHub({repo: tiny_model_dir}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        app = ChatApp(settings=GREEDY)
+        progress: list[str] = []
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+            screen = app.screen
+            assert screen.query("#first-start")
+            assert screen.selected == repo  # the recommended model is highlighted
+            real = ModelsScreen.on_download_progress
+
+            def spy(self, message):
+                real(self, message)
+                progress.append(str(self.query_one("#download-status").render()))
+
+            monkeypatch.setattr(ModelsScreen, "on_download_progress", spy)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not isinstance(app.screen, ModelsScreen), 60)
+            await wait_for(pilot, lambda: app.loaded == repo, 60)
+            assert app.focused is app.prompt  # typing goes to the prompt at once
+            await ask(app, pilot, "Hi")
+            assert (await answered(app, pilot, 1)).text
+    assert any("MB" in line or "KB" in line for line in progress), progress
+    assert AppConfig.load().last_model == repo
+
+    again = ChatApp()
+    async with again.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: again.loaded == repo)  # opened on the last model
+        assert not isinstance(again.screen, ModelsScreen)
+        titles = [str(item.query_one("Label").render()) for item in again.query("ConversationItem")]
+        assert titles == ["Hi"]  # the conversation is kept
+
+
+def test_download_cancel_then_resume(tiny_model_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from apertus_mlx import hub
+    from tests.hub_server import FakeHub
+
+    repo = "test-org/apertus-tiny"
+    with FakeHub({repo: tiny_model_dir}) as served:
+        monkeypatch.setattr(constants, "ENDPOINT", served.url)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            served.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        cancel = threading.Event()
+        seen: list[tuple[int, int]] = []
+
+        def report(done: int, total: int) -> None:
+            seen.append((done, total))
+            cancel.set()  # the first bytes arrived: stop
+
+        with pytest.raises(hub.DownloadCancelled):
+            hub.download(repo, progress=report, cancel=cancel)
+        assert seen  # it had started
+        done: list[tuple[int, int]] = []
+        path = hub.download(repo, progress=lambda d, t: done.append((d, t)))
+        assert (path / "model.safetensors").exists()
+        assert done and done[-1][0] == done[-1][1] > 0  # the bar ends full
+
+
+async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.model_ready)
+        await wait_for(pilot, lambda: app.loaded is not None)
+        assert app.focused is app.prompt
+        await ask(app, pilot, "Hello there")
+        first = await answered(app, pilot, 1)
+        assert first.text.strip() and "tok/s" in first.status
+        assert "context" in str(app.query_one("#status").render())
+        assert app.context_used > 0 and app.context == 512
+
+        store, cid = app.store, app.conversation.id
+        assert [m.role for m in store.branch(cid)] == ["user", "assistant"]
+
+        await pilot.press("ctrl+r")  # regenerate: a sibling answer
+        await answered(app, pilot, 1)
+        branch = store.branch(cid)
+        assert len(store.siblings(branch[-1].id)) == 2
+
+        await pilot.press("ctrl+l")  # edit the last message
+        assert app.prompt.text == "Hello there"
+        app.prompt.text = "Hello again"
+        await pilot.press("enter")
+        await answered(app, pilot, 1)
+        branch = store.branch(cid)
+        assert [m.content for m in branch if m.role == "user"] == ["Hello again"]
+        assert len(store.siblings(branch[0].id)) == 2  # the old question is a branch
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["Hello again"]
+
+        await pilot.press("f9")  # details of the last answer
+        await wait_for(pilot, lambda: app.screen.query("#details"))
+        details = app.screen.query_one("#details").source
+        assert str(tiny_model_dir) in details and "finish reason | stop" in details
+        await pilot.press("escape")
+
+
+async def test_escape_stops_and_the_partial_answer_stays(tiny_model_dir, gate):
+    app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=400))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
         await ask(app, pilot, "Tell me a long story")
         await wait_for(pilot, lambda: answers(app) and answers(app)[-1].text)
         assert app.generating
         await pilot.press("escape")
-        await wait_for(pilot, lambda: answers(app)[-1].finished)
-        answer = answers(app)[-1]
-        assert "stopped: interrupted" in status(answer)
-        assert answer.text  # the partial answer stays
-        assert not app.generating
+        answer = await answered(app, pilot, 1)
+        assert "stopped: interrupted" in answer.status
+        assert answer.text
+        stored = app.store.branch(app.conversation.id)[-1]
+        assert stored.finish_reason == "interrupted" and stored.content == answer.text
+
+
+async def test_switching_conversations_while_an_answer_streams(tiny_model_dir, gate):
+    app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=16))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        gate.set()
+        await ask(app, pilot, "First chat")
+        await answered(app, pilot, 1)
+        first = app.conversation.id
+        gate.clear()
+
+        await pilot.press("ctrl+n")
+        await ask(app, pilot, "Second chat")
+        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].text)
+        second = app.conversation.id
+        await app.show_conversation(first)  # what clicking it in the list does
+        await pilot.pause()
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["First chat"]
+        assert all(a.finished for a in answers(app))
+        await pilot.press("h", "i")  # typing works meanwhile
+        assert app.prompt.text == "hi"
+        assert app.running is not None  # the other answer goes on
+
+        gate.set()
+        await wait_for(pilot, lambda: app.running is None)
+        assert len(answers(app)) == 1  # nothing of the other answer landed here
+        stored = app.store.branch(second)[-1]
+        assert stored.finish_reason in ("stop", "length") and stored.content
+
+        await app.show_conversation(second)
+        await pilot.pause()
+        assert answers(app)[-1].text == stored.content
+
+
+async def test_settings_persist_and_a_bad_value_is_refused(tiny_model_dir, home):
+    app = ChatApp(str(tiny_model_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        screen = app.screen
+        screen.query_one("#temperature").value = "-1"
+        await pilot.press("enter")  # Enter in a field saves (as the default: no chat yet)
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        assert "temperature must be >= 0" in str(screen.query_one("#settings-error").render())
+        screen.query_one("#temperature").value = "warm"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "'warm' is not a number" in str(screen.query_one("#settings-error").render())
+        assert not AppConfig.path().exists()  # nothing saved
+
+        screen.query_one("#temperature").value = "0"
+        screen.query_one("#max_tokens").value = "1"
+        screen.query_one("#system").text = "Answer in German."
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert app.focused is app.prompt
+    saved = json.loads(AppConfig.path().read_text())
+    assert saved["defaults"]["temperature"] == 0 and saved["defaults"]["max_tokens"] == 1
+
+    again = ChatApp(str(tiny_model_dir))
+    async with again.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: again.loaded is not None)
+        assert again.settings.system == "Answer in German."
+        await ask(again, pilot, "Hi")
+        answer = await answered(again, pilot, 1)
+        assert "stopped: length" in answer.status  # max tokens 1 was used
+        conversation = again.store.get_conversation(again.conversation.id)
+        assert (
+            conversation.system == "Answer in German." and conversation.settings["max_tokens"] == 1
+        )
+
+
+async def test_switching_models_keeps_the_history(tiny_model_dir, checkpoint):
+    other = checkpoint("mha-default-rope-bf16") if "mha-default-rope-bf16" in _variants() else None
+    if other is None:
+        other = checkpoint(sorted(n for n in _variants() if n != "gqa-llama3-f32")[0])
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        await ask(app, pilot, "Hello")
+        await answered(app, pilot, 1)
+        app.model_chosen(str(other))  # what choosing it on the models screen does
+        await wait_for(pilot, lambda: app.loaded == str(other))
+        await ask(app, pilot, "And now?")
+        await answered(app, pilot, 2)
+        branch = app.store.branch(app.conversation.id)
+        assert len(branch) == 4  # the history stays
+        assert branch[-1].settings["model"] == str(other)
+        assert branch[1].settings["model"] == str(tiny_model_dir)
+        assert branch[-1].stats["prompt_tokens"] > branch[1].stats["prompt_tokens"]
+
+
+def _variants() -> list[str]:
+    from tests.checkpoints import VARIANTS
+
+    return list(VARIANTS)
+
+
+async def test_search_rename_and_delete(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        await ask(app, pilot, "Rösti recipe please")
+        await answered(app, pilot, 1)
+        await pilot.press("ctrl+n")
+        await ask(app, pilot, "Fondue for two")
+        await answered(app, pilot, 1)
+        assert len(app.query("ConversationItem")) == 2
+
+        await pilot.press("f3")
+        await pilot.press(*"fondue")
+        await wait_for(pilot, lambda: len(app.query("ConversationItem")) == 1)
+
+        app.prompt.focus()
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen.query("#answer"))
+        app.screen.query_one("#answer").value = "Cheese night"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.conversation.title == "Cheese night")
+
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: app.screen.query("#yes"))
+        await pilot.click("#yes")
+        await wait_for(pilot, lambda: app.conversation is None)
+        assert [c.title for c in app.store.list_conversations()] == ["Rösti recipe please"]
+
+
+async def test_help_palette_and_newline_key(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for title in ("Regenerate", "Edit last message", "Models", "Settings", "Search history",
+                      "Copy last code block", "Answer details", "Delete conversation", "Keys"):  # fmt: skip
+            assert title in titles
+        await pilot.press("a", "ctrl+j", "b")
+        assert app.prompt.text == "a\nb"
+        app.prompt.text = ""
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: "HelpScreen" in type(app.screen).__name__)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.focused is app.prompt)
+
+
+def test_context_budget_drops_oldest_turns_and_keeps_the_system_prompt():
+    history = [{"role": "system", "content": "s"}]
+    for i in range(4):
+        history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    history.append({"role": "user", "content": "last"})
+
+    def count(messages):
+        return 100 * len(messages)
+
+    kept, dropped = fit_to_window(history, count, window=500, reserve=100)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
+    assert dropped == 6 and [m["content"] for m in kept] == ["s", "q3", "a3", "last"]
+    assert fit_to_window(history, count, window=10_000, reserve=100) == (history, 0)
+
+
+async def test_a_long_conversation_says_what_it_leaves_out(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=8))
+    words = " ".join(["cheese"] * 150)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        await ask(app, pilot, words)
+        await answered(app, pilot, 1)
+        await ask(app, pilot, words + " again")
+        await answered(app, pilot, 2)
+        notes = [str(n.render()) for n in app.query(Notice)]
+        assert any("oldest 2 messages are left out" in n for n in notes), notes
+
+
+async def test_bad_model_path_shows_one_line_error_in_view(tmp_path):
+    app = ChatApp(str(tmp_path / "missing"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: bool(app.query(Notice)))
+        text = str(app.query_one(Notice).render())
+        assert "no model directory" in text and "Traceback" not in text
+        assert app.focused is app.prompt
 
 
 def test_cli_imports_textual_only_for_chat():
@@ -172,27 +416,3 @@ def test_cli_imports_textual_only_for_chat():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "model_name" in out.stdout and "top_p" in out.stdout
-
-
-def test_quits_cleanly_after_chatting(tiny_model_dir):
-    """The process exits with status 0 after the model thread ran MLX work (no abort at exit)."""
-    script = (
-        "import asyncio, sys\n"
-        "from apertus_mlx_app.app import ChatApp\n"
-        "from apertus_mlx_app.worker import ChatSettings\n"
-        "from tests.test_app import answers, ask, wait_for\n"
-        "async def main():\n"
-        "    app = ChatApp(sys.argv[1], ChatSettings(temperature=0.0, max_tokens=8))\n"
-        "    async with app.run_test() as pilot:\n"
-        "        await wait_for(pilot, lambda: app.model_ready)\n"
-        "        await ask(app, pilot, 'Hi')\n"
-        "        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].finished)\n"
-        "        await pilot.press('ctrl+q')\n"
-        "    print('quit', app.return_code)\n"
-        "asyncio.run(main())\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], cwd=root,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "quit 0" in out.stdout
