@@ -43,3 +43,13 @@ class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
 
     exit_code = 2
+
+
+class FilterFormatError(ApertusError):
+    """An output filter file is unreadable or does not follow the documented format."""
+
+    exit_code = 2
+
+
+class FilterInstallError(ApertusError):
+    """The installed output filter cannot be used; generation refuses to run unfiltered."""
