@@ -89,6 +89,7 @@ def format_stats(stats, backend: str) -> str:
 )
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 def generate(
     prompt,
     model_name,
@@ -106,6 +107,7 @@ def generate(
     dtype,
     stats,
     as_json,
+    no_output_filter,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
@@ -115,6 +117,7 @@ def generate(
     from .. import load
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
+    from .filter import with_filter
 
     text = read_prompt(prompt)
     model, tokenizer = load(model_name, dtype=dtype)
@@ -132,6 +135,7 @@ def generate(
     events = generate(
         model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
     )
+    events = with_filter(events, disabled=no_output_filter)
     done = None
 
     def consume(events) -> None:
