@@ -53,3 +53,13 @@ class UnknownConversationError(StoreError):
     """No conversation, or more than one, has the id or prefix the user typed."""
 
     exit_code = 2
+
+
+class FilterFormatError(ApertusError):
+    """An output filter file is unreadable or does not follow the documented format."""
+
+    exit_code = 2
+
+
+class FilterInstallError(ApertusError):
+    """The installed output filter cannot be used; generation refuses to run unfiltered."""

@@ -357,8 +357,17 @@ async def test_help_palette_and_newline_key(tiny_model_dir):
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.loaded is not None)
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        wanted = ("Regenerate", "Edit last message", "Models", "Settings", "Search history",
-                  "Copy last code block", "Answer details", "Delete conversation", "Keys")  # fmt: skip
+        wanted = (
+            "Regenerate",
+            "Edit last message",
+            "Models",
+            "Settings",
+            "Search history",
+            "Copy last code block",
+            "Answer details",
+            "Delete conversation",
+            "Keys",
+        )
         assert set(wanted) <= titles
         await pilot.press("a", "ctrl+j", "b")
         assert app.prompt.text == "a\nb"

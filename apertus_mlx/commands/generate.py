@@ -104,6 +104,7 @@ def format_stats(stats, backend: str) -> str:
     metavar="ID",
     help="Add a turn to saved conversation ID, with its model and settings unless given.",
 )
+@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 def generate(
     prompt,
     model_name,
@@ -123,6 +124,7 @@ def generate(
     as_json,
     save,
     continue_id,
+    no_output_filter,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
@@ -133,6 +135,7 @@ def generate(
     from .. import load
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
+    from .filter import with_filter
 
     text = read_prompt(prompt)
     sampling = dict(
@@ -171,6 +174,7 @@ def generate(
     events = generate(
         model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
     )
+    events = with_filter(events, disabled=no_output_filter)
     done = None
 
     def consume(events) -> None:

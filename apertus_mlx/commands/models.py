@@ -57,6 +57,7 @@ def list_models(as_json: bool) -> None:
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
+        _filter_reminder()
         return
     for r in rows:
         mark = "✓" if r["downloaded"] else "?" if r["unconfirmed"] else " "
@@ -66,6 +67,16 @@ def list_models(as_json: bool) -> None:
         "\n✓ downloaded. ? repo id inferred from the naming, not seen on the hub yet."
         " Get one with `apertus-mlx download ALIAS`."
     )
+    _filter_reminder()
+
+
+def _filter_reminder() -> None:
+    """Once per `models` run, on stderr: no output filter, or one past six months old."""
+    from ..output_filter import reminder
+
+    note = reminder()
+    if note:
+        click.echo(f"note: {note}", err=True)
 
 
 @click.command("rm")
