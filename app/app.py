@@ -152,6 +152,7 @@ class ChatApp(App):
         if self.store is None:
             self.store = Store.open()
         self.worker = ModelWorker(self.post_message, self.store)
+        self.remind_filter()
         self.model_name = self.model_name or self.config.last_model
         self.prompt.border_title = "Message (Enter sends, ctrl+j new line)"
         await self.show_conversation(None)
@@ -161,6 +162,17 @@ class ChatApp(App):
             self.load_model(self.model_name)
         else:
             self.open_models(first_start=True)
+
+    def remind_filter(self) -> None:
+        """Once per run: no output filter installed, or one past six months old."""
+        from apertus_mlx.output_filter import reminder
+
+        try:
+            note = reminder()
+        except Exception:  # noqa: BLE001 - a reminder never stops the app
+            note = None
+        if note:
+            self.notify(note, title="Output filter", severity="warning", timeout=15)
 
     def on_unmount(self) -> None:
         if self.worker is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from textual.message import Message
@@ -136,6 +136,7 @@ class ModelWorker:
         self._model = self._tokenizer = self._session = None
         self._name: str | None = None
         self._revision: str | None = None
+        self._filter = None  # (file mtime, OutputFilter) of the installed filter
         self._thread = threading.Thread(target=self._run, name="apertus-mlx-model", daemon=True)
         self._thread.start()
 
@@ -234,19 +235,25 @@ class ModelWorker:
         )
         cid, mid = job.conversation_id, writer.message_id
         self._post(AnswerStarted(cid, mid, dropped))
-        text, stats, error = "", None, None
-        for event in self._filtered(session.answer(history, stop)):
+        text, stats, error, tokens = "", None, None, None
+        try:
+            events = self._filtered(session.answer(history, stop))
+        except Exception as e:  # noqa: BLE001 - a damaged filter: refuse to answer unfiltered
+            events, error = iter(()), describe_error(e)
+        for event in events:
             if isinstance(event, Chunk):
-                writer.append(event.text, event.token)
+                # token ids only with the final text: a filtered chunk's id could decode
+                # to what the filter removed
+                writer.append(event.text)
                 if event.text:
                     text += event.text
                     self._post(AnswerChunk(cid, mid, event.text))
             elif isinstance(event, Done):
-                stats = event.stats
+                stats, tokens = event.stats, event.tokens
             else:  # session.Error
                 error = event.message
         if stats is not None:
-            store_error = writer.finish(stats.finish_reason, stats)
+            store_error = writer.finish(stats.finish_reason, stats, tokens)
             used = stats.prompt_tokens + stats.generated_tokens
         else:
             store_error = writer.finish("error")
@@ -254,6 +261,23 @@ class ModelWorker:
         self._post(AnswerDone(cid, mid, text, stats, error, used,
                               str(store_error) if store_error else None))  # fmt: skip
 
-    def _filtered(self, events: Iterable) -> Iterator:
-        """Where the installed PII output filter wraps the events, before screen and store."""
-        return iter(events)
+    def _filtered(self, events: Iterator) -> Iterator:
+        """The events through the installed output filter (personal data removed) before
+        they reach the screen or the store; unchanged when none is installed. A filter file
+        that cannot be read raises FilterInstallError: no answer goes out unfiltered."""
+        from apertus_mlx.errors import FilterFormatError, FilterInstallError
+        from apertus_mlx.output_filter import OutputFilter, filtered, installed_path
+
+        path = installed_path()
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return events
+        if self._filter is None or self._filter[0] != stamp:  # read again once replaced
+            try:
+                self._filter = (stamp, OutputFilter.from_file(path))
+            except FilterFormatError as e:
+                raise FilterInstallError(
+                    f"{e} (fix it with `apertus-mlx filter install FILE` or `filter rm`)"
+                ) from None
+        return filtered(events, self._filter[1])

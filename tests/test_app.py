@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -425,3 +426,56 @@ def test_cli_imports_textual_only_for_chat():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "model_name" in out.stdout and "top_p" in out.stdout
+
+
+async def test_the_installed_output_filter_guards_screen_and_store(tiny_model_dir, tmp_path):
+    from apertus_mlx.filter_format import read_filter, write_compiled
+    from apertus_mlx.output_filter import MARKER, installed_path, phrase_digest, words
+
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        notes = [n.message for n in app._notifications]
+        assert any("no output filter installed" in n for n in notes)  # reminded once
+        await ask(app, pilot, "Grüezi mitenand!")
+        plain = (await answered(app, pilot, 1)).text
+        said = words(plain)
+        assert said, plain
+
+        doc = {"version": "test", "published": "2026-01-01", "algorithm": "sha256",
+               "normalization": "nfkc-casefold-words", "max_words": 1,
+               "entries": [phrase_digest(said[0])]}  # fmt: skip
+        source = tmp_path / "filter.json"
+        source.write_text(json.dumps(doc), encoding="utf-8")
+        write_compiled(read_filter(source), installed_path())
+
+        await pilot.press("ctrl+r")
+        answer = await answered(app, pilot, 1)
+        assert MARKER in answer.text and said[0] not in words(answer.text)
+        stored = app.store.branch(app.conversation.id)[-1]
+        assert stored.content == answer.text and not stored.tokens
+
+
+def test_quits_cleanly_after_chatting(tiny_model_dir, home):
+    """The process exits with status 0 after the model thread ran MLX work (no abort at exit)."""
+    script = (
+        "import asyncio, sys\n"
+        "from apertus_mlx_app.app import ChatApp\n"
+        "from apertus_mlx_app.settings import ChatSettings\n"
+        "from tests.test_app import answered, ask, wait_for\n"
+        "async def main():\n"
+        "    app = ChatApp(sys.argv[1], ChatSettings(temperature=0.0, max_tokens=8))\n"
+        "    async with app.run_test() as pilot:\n"
+        "        await wait_for(pilot, lambda: app.loaded is not None)\n"
+        "        await ask(app, pilot, 'Hi')\n"
+        "        await answered(app, pilot, 1)\n"
+        "        await pilot.press('ctrl+q')\n"
+        "    print('quit', app.return_code)\n"
+        "asyncio.run(main())\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "APERTUS_MLX_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "quit 0" in out.stdout
