@@ -174,11 +174,11 @@ def download(
 
 def cached_models() -> dict[str, tuple[Path, int]]:
     """repo id -> (snapshot directory, bytes on disk) for every model in the local cache."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        info = scan_cache_dir()
+    try:  # the cache downloads go to (scan_cache_dir's default is frozen at import)
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return {}
     out = {}
@@ -191,12 +191,12 @@ def cached_models() -> dict[str, tuple[Path, int]]:
 
 def remove(name: str) -> int:
     """Delete a model from the cache; return the bytes freed."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     repo = repo_for(name)
     if repo not in cached_models():
         raise ModelNotFoundError(f"{repo} is not in the local cache")
-    info = scan_cache_dir()
+    info = scan_cache_dir(constants.HF_HUB_CACHE)
     revisions = [r.commit_hash for c in info.repos if c.repo_id == repo for r in c.revisions]
     strategy = info.delete_revisions(*revisions)
     strategy.execute()

@@ -32,16 +32,16 @@ class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
         s = self.settings
         with VerticalScroll(classes="dialog wide", id="settings"):
             yield Label("Settings (empty = the checkpoint's default)", classes="title")
+            yield Static("", id="settings-error", classes="error")
             for name, (label, _) in FIELDS.items():
                 with Horizontal(classes="field"):
                     yield Label(label, classes="label")
-                    yield Input(form_text(getattr(s, name)), id=name)
+                    yield Input(form_text(getattr(s, name)), id=name, compact=True)
             with Horizontal(classes="field"):
                 yield Label("Deliberation (thinking)", classes="label")
                 yield Switch(s.thinking, id="thinking")
             yield Label("System prompt (empty = the model's own)")
-            yield TextArea(s.system or "", id="system")
-            yield Static("", id="settings-error", classes="error")
+            yield TextArea(s.system or "", id="system", compact=True)
             with Horizontal(classes="buttons"):
                 if self.has_chat:
                     yield Button("Save for this chat", variant="primary", id="chat")
@@ -69,6 +69,8 @@ class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
         try:
             settings = self.read()
         except UsageError as e:
-            self.query_one("#settings-error", Static).update(f"Not saved: {e}")
+            line = self.query_one("#settings-error", Static)
+            line.update(f"Not saved: {e}")
+            line.scroll_visible(animate=False)
             return
         self.dismiss((settings, scope))
