@@ -155,6 +155,7 @@ class ChatApp(App):
         self.remind_filter()
         self.model_name = self.model_name or self.config.last_model
         self.prompt.border_title = "Message (Enter sends, ctrl+j new line)"
+        self.prompt.focus()  # typing goes to the message from the first keystroke
         await self.show_conversation(None)
         self.refresh_conversations()
         self.update_status()
@@ -190,9 +191,6 @@ class ChatApp(App):
     def focus_prompt(self) -> None:
         if isinstance(self.screen, Screen) and self.screen is self.screen_stack[0]:
             self.prompt.focus()
-
-    def on_screen_resume(self) -> None:
-        self.focus_prompt()
 
     def error(self, text: str, inline: bool = True) -> None:
         """Show an error where the user looks: a notification, and at the end of the chat."""

@@ -4,6 +4,7 @@ conversation list and the status bar."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from textual import events
 from textual.app import ComposeResult
@@ -160,9 +161,18 @@ class StatusBar(Static):
 
     def show(self, model: str | None, tps: float | None, used: int, window: int | None,
              activity: str = "") -> None:  # fmt: skip
-        parts = [f"model: {model or 'none'}"]
+        parts = [f"context {used}/{window or '–'}"]
         parts.append(f"{tps:.1f} tok/s" if tps is not None else "– tok/s")
-        parts.append(f"context {used}/{window}" if window else f"context {used}/–")
+        parts.append(f"model: {short_model(model)}")
         if activity:
             parts.append(activity)
         self.update(" · ".join(parts))
+
+
+def short_model(model: str | None) -> str:
+    """A repo id as it is; a local directory by its name (the full path is in the title)."""
+    if not model:
+        return "none"
+    if model.startswith(("/", ".", "~")):
+        return Path(model).name or model
+    return model

@@ -177,6 +177,8 @@ def test_download_cancel_then_resume(tiny_model_dir, tmp_path, monkeypatch):
 async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*"Hello")  # typed while the model loads: kept, in the prompt
+        assert app.prompt.text == "Hello"
         await wait_for(pilot, lambda: app.loaded is not None)
         assert app.focused is app.prompt
         await ask(app, pilot, "Hello there")
@@ -377,6 +379,12 @@ async def test_help_palette_and_newline_key(tiny_model_dir):
         await wait_for(pilot, lambda: "HelpScreen" in type(app.screen).__name__)
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.focused is app.prompt)
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: "CommandPalette" in type(app.screen).__name__)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is app.screen_stack[0])
+        await pilot.press("x")
+        assert app.prompt.text == "x"  # typing lands in the prompt after the palette
 
 
 def test_context_budget_drops_oldest_turns_and_keeps_the_system_prompt():

@@ -63,6 +63,7 @@ class TextPromptScreen(ModalScreen[str | None]):
     """One line of text (e.g. a new title); Esc cancels."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    AUTO_FOCUS = "#answer"
 
     def __init__(self, question: str, value: str = "") -> None:
         super().__init__()
