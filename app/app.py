@@ -184,6 +184,8 @@ class ChatApp(App):
         if self.conversation is not None and self.conversation.model:
             model = self.conversation.model
         activity = self.activity
+        if self.settings.thinking:
+            activity = f"deliberation on · {activity}" if activity else "deliberation on"
         if self.editing is not None:
             activity = "editing your last message: Enter sends it as a new branch, Esc cancels"
         self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity)
@@ -212,6 +214,9 @@ class ChatApp(App):
         self.loaded = message.name
         self.context = message.context
         self.activity = ""
+        if self.config.last_model != message.name:  # the next start opens it again
+            self.config.last_model = message.name
+            self.save_config()
         self.sub_title = message.name
         self.update_status()
         self.focus_prompt()
@@ -231,8 +236,6 @@ class ChatApp(App):
         if repo is None:
             self.focus_prompt()
             return
-        self.config.last_model = repo
-        self.save_config()
         if self.conversation is not None:
             self.conversation = self.store.update_conversation(self.conversation.id, model=repo)
         self.load_model(repo)
@@ -312,6 +315,11 @@ class ChatApp(App):
         self.messages.scroll_end(animate=False)
         self.messages.anchor()
         self.context_used = 0
+        if self.conversation is not None:
+            stats = [m.stats for m in self.store.branch(self.conversation.id) if m.stats]
+            if stats:
+                last = stats[-1]
+                self.context_used = last.get("prompt_tokens", 0) + last.get("generated_tokens", 0)
         self.update_status()
 
     def answers(self) -> list[AssistantMessage]:
@@ -434,12 +442,19 @@ class ChatApp(App):
                 await answer.finish(format_stats(message.stats))
         elif message.error:
             self.notify(message.error, severity="error")
-        if message.store_error:
+        if message.store_error and self.conversation_exists(message.conversation_id):
             self.error(f"The answer could not be saved: {message.store_error}")
         if self.conversation is not None and self.conversation.id == message.conversation_id:
             self.conversation = self.store.get_conversation(message.conversation_id)
         self.update_status()
         self.refresh_conversations(self.query_one("#search", Input).value)
+
+    def conversation_exists(self, conversation_id: str) -> bool:
+        try:
+            self.store.get_conversation(conversation_id)
+        except ApertusError:
+            return False  # deleted while its answer was streaming
+        return True
 
     # --- actions ------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -531,6 +546,7 @@ class ChatApp(App):
             self.config.defaults = s
             self.save_config()
         self.notify(f"Deliberation {'on' if s.thinking else 'off'}")
+        self.update_status()
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")

@@ -276,7 +276,7 @@ async def test_settings_persist_and_a_bad_value_is_refused(tiny_model_dir, home)
         await pilot.press("enter")
         await pilot.pause()
         assert "'warm' is not a number" in str(screen.query_one("#settings-error").render())
-        assert not AppConfig.path().exists()  # nothing saved
+        assert AppConfig.load().defaults == ChatSettings()  # nothing saved
 
         screen.query_one("#temperature").value = "0"
         screen.query_one("#max_tokens").value = "1"

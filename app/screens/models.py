@@ -22,7 +22,8 @@ from .dialogs import ConfirmScreen
 
 INTRO = (
     "Enter downloads the highlighted model (if needed) and chats with it. "
-    "★ recommended · ✓ downloaded · ? repo id inferred from the naming, not seen on the hub yet"
+    "▶ this chat's model · ★ recommended · ✓ downloaded · "
+    "? repo id inferred from the naming, not seen on the hub yet"
 )
 
 
