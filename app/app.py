@@ -458,6 +458,8 @@ class ChatApp(App):
 
     # --- actions ------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action not in ("quit", "command_palette") and len(self.screen_stack) > 1:
+            return False  # another screen is on top: its own keys, not the chat's
         if action == "stop":
             return self.generating or self.editing is not None
         return True
