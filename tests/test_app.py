@@ -207,8 +207,8 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
 
         await pilot.press("f9")  # details of the last answer
         await wait_for(pilot, lambda: app.screen.query("#details"))
-        details = app.screen.query_one("#details").source
-        assert str(tiny_model_dir) in details and "finish reason | stop" in details
+        details = str(app.screen.query_one("#details").render())
+        assert str(tiny_model_dir) in details and "stop" in details and "tokens/s" in details
         await pilot.press("escape")
 
 

@@ -6,33 +6,36 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Markdown
+from textual.widgets import Button, Input, Label, Static
 
-KEYS = """\
-| Key | Action |
-|---|---|
-| Enter | send the message |
-| ctrl+j (shift+enter where the terminal reports it) | new line in the message |
-| Esc | stop the answer (the part generated stays); cancel an edit |
-| ctrl+n | new conversation |
-| ctrl+r | regenerate the last answer (a new branch) |
-| ctrl+l | edit the last message (sent as a new branch) |
-| ctrl+o | models: download, delete, choose |
-| ctrl+s | settings of this conversation and the defaults |
-| ctrl+t | deliberation (thinking) on/off |
-| F2 | rename the conversation |
-| F3 or / | search the history |
-| F5 | copy the last answer |
-| F6 | copy the last code block |
-| F8 | delete the conversation |
-| F9 | details of the last answer (click an answer's status line for its own) |
-| ctrl+b | show or hide the conversation list |
-| ctrl+p | command palette: every action |
-| F1 or ? | this help |
-| ctrl+q | quit |
+KEYS: list[tuple[str, str]] = [
+    ("Enter", "send the message"),
+    ("ctrl+j", "new line in the message (also shift+enter where the terminal reports it)"),
+    ("Esc", "stop the answer (the part generated stays); cancel an edit"),
+    ("ctrl+n", "new conversation"),
+    ("ctrl+r", "regenerate the last answer (a new branch)"),
+    ("ctrl+l", "edit the last message (sent as a new branch)"),
+    ("ctrl+o", "models: download, delete, choose"),
+    ("ctrl+s", "settings of this conversation, or the defaults"),
+    ("ctrl+t", "deliberation (thinking) on/off"),
+    ("F2", "rename the conversation"),
+    ("F3 or /", "search the history"),
+    ("F5", "copy the last answer"),
+    ("F6", "copy the last code block"),
+    ("F8", "delete the conversation"),
+    ("F9", "details of the last answer (click an answer's status line for its own)"),
+    ("ctrl+b", "show or hide the conversation list"),
+    ("ctrl+p", "command palette: every action"),
+    ("F1 or ?", "this help"),
+    ("ctrl+q", "quit"),
+    ("click", "a message copies it"),
+]
 
-Click a message to copy it.
-"""
+
+def key_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns of plain text."""
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -84,7 +87,8 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog wide"):
-            yield Markdown("# Keys\n\n" + KEYS)
+            yield Label("Keys", classes="title")
+            yield Static(key_table(KEYS), classes="keys", markup=False)
 
 
 class DetailsScreen(ModalScreen[None]):
@@ -98,11 +102,11 @@ class DetailsScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog wide"):
-            yield Markdown(self.text, id="details")
+            yield Static(self.text, id="details", markup=False)
 
 
 def details_text(message) -> str:
-    """Markdown for DetailsScreen from a store Message."""
+    """The text of DetailsScreen, from a store Message."""
     s = dict(message.settings or {})
     stats = message.stats or {}
     rows = [
@@ -123,5 +127,4 @@ def details_text(message) -> str:
         rows.append(("tokens/s", f"{stats['decode_tps']:.1f}"))
     if "ttft_s" in stats:
         rows.append(("first token", f"{stats['ttft_s']:.2f} s"))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Answer {message.id}\n\n| | |\n|---|---|\n{table}\n"
+    return f"Answer {message.id}\n\n" + key_table([(k, str(v)) for k, v in rows])
