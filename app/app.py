@@ -276,7 +276,10 @@ class ChatApp(App):
 
     @on(Input.Submitted, "#search")
     def search_submitted(self) -> None:
-        self.query_one("#conversations", ListView).focus()
+        view = self.query_one("#conversations", ListView)
+        if view.index is None and len(view):
+            view.index = 0  # Enter again opens the best hit
+        view.focus()
 
     @on(ListView.Selected, "#conversations")
     async def conversation_selected(self, event: ListView.Selected) -> None:

@@ -336,10 +336,16 @@ async def test_search_rename_and_delete(tiny_model_dir):
         await ask(app, pilot, "Fondue for two")
         await answered(app, pilot, 1)
         assert len(app.query("ConversationItem")) == 2
+        await pilot.press("ctrl+n")
 
         await pilot.press("f3")
         await pilot.press(*"fondue")
         await wait_for(pilot, lambda: len(app.query("ConversationItem")) == 1)
+        await pilot.press("enter", "enter")  # to the list, then open the hit
+        await wait_for(
+            pilot, lambda: app.conversation and app.conversation.title == "Fondue for two"
+        )
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["Fondue for two"]
 
         app.prompt.focus()
         await pilot.press("f2")
