@@ -130,14 +130,30 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
             await wait_for(pilot, lambda: app.loaded == repo, 60)
             assert app.focused is app.prompt  # typing goes to the prompt at once
             await ask(app, pilot, "Hi")
-            assert (await answered(app, pilot, 1)).text
+            answer = await answered(app, pilot, 1)
+            await pilot.press("f5")  # copy the answer
+            assert app.clipboard == answer.text
+
+            await pilot.press("ctrl+o")  # the models screen: downloaded, with its size
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+            row = app.screen.query_one("#catalog").get_row(repo)
+            assert "✓" in row[0] and "on disk" in row[4]
+            await pilot.press("d")
+            await wait_for(pilot, lambda: app.screen.query("#yes"))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+            await wait_for(
+                pilot, lambda: "✓" not in app.screen.query_one("#catalog").get_row(repo)[0]
+            )
+            await pilot.press("escape")
     assert any("MB" in line or "KB" in line for line in progress), progress
     assert AppConfig.load().last_model == repo
 
     again = ChatApp()
     async with again.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: again.loaded == repo)  # opened on the last model
-        assert not isinstance(again.screen, ModelsScreen)
+        await wait_for(pilot, lambda: bool(again.query(Notice)))  # the last model, deleted
+        assert again.model_name == repo and not isinstance(again.screen, ModelsScreen)
+        assert "not downloaded yet" in str(again.query_one(Notice).render())
         titles = [str(item.query_one("Label").render()) for item in again.query("ConversationItem")]
         assert titles == ["Hi"]  # the conversation is kept
 
@@ -391,6 +407,26 @@ async def test_help_palette_and_newline_key(tiny_model_dir):
         await wait_for(pilot, lambda: app.screen is app.screen_stack[0])
         await pilot.press("x")
         assert app.prompt.text == "x"  # typing lands in the prompt after the palette
+
+
+def test_code_blocks_are_found_for_copying():
+    from apertus_mlx_app.widgets import code_blocks
+
+    text = "Try:\n```python\nprint(1)\n```\nor\n```\nls -l\n```\nand ```open"
+    assert code_blocks(text) == ["print(1)\n", "ls -l\n"]
+
+
+async def test_deliberation_toggle_is_kept_per_chat(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        await pilot.press("ctrl+t")
+        assert app.settings.thinking and "deliberation on" in str(app.query_one("#status").render())
+        await ask(app, pilot, "Think first")
+        await answered(app, pilot, 1)
+        assert app.store.get_conversation(app.conversation.id).thinking
+        stored = app.store.branch(app.conversation.id)[-1]
+        assert stored.settings["thinking"] is True
 
 
 def test_context_budget_drops_oldest_turns_and_keeps_the_system_prompt():
