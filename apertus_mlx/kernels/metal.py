@@ -2,7 +2,7 @@
 
 A kernel here is an `mx.fast.metal_kernel` whose text sticks to built-ins a C++ compiler also
 accepts given a small header of stand-ins (tests/stand_in_metal.h), so machines without Metal
-compile and run it with g++ in the tests. On a Mac, `SelfCheckedKernel`
+compile and run it with g++ in the tests (docs/metal-kernels.md). On a Mac, `SelfCheckedKernel`
 compares it with its reference on first use per dtype; on any failure it logs one line and
 leaves the work to the module's fallback for good, since a wrong kernel must not cost an answer.
 """

@@ -12,7 +12,7 @@ Two paths compute the same formula in float32:
   which also works inside an outer `mx.compile`d function.
 
 The kernel text sticks to built-ins a C++ compiler accepts given a small stand-in header, so
-tests on machines without Metal compile and run it with g++ (see DESIGN.md).
+tests on machines without Metal compile and run it with g++ (docs/metal-kernels.md).
 `APERTUS_MLX_NO_METAL_KERNELS=1` forces the compiled path.
 """
 
