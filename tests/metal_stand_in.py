@@ -283,6 +283,13 @@ def check_environment_switch(kernel, monkeypatch) -> None:
     assert not any(kernel.usable(dtype) for dtype in kernel.dtypes)
 
 
+def check_other_dtypes_skip_the_kernel(kernel, monkeypatch) -> None:
+    """A dtype the kernel does not serve goes to the fallback unchecked, the kernel unbuilt."""
+    monkeypatch.setattr(kernel, "_make", lambda: pytest.fail("kernel built for another dtype"))
+    assert not kernel.usable(mx.int32) and not kernel.usable(mx.complex64)
+    assert kernel.status() == "metal" and kernel.disabled is None
+
+
 def check_falls_back_for_good(kernel, monkeypatch, caplog, builder, use: Callable) -> None:
     """A failing self-check: one log line, the fallback from then on, no second attempt.
 

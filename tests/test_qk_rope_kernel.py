@@ -336,6 +336,12 @@ def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, capl
     assert qk.qk_rope_backend() == "mx.fast"
 
 
+def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
+    stand_in.check_other_dtypes_skip_the_kernel(qk.KERNEL, monkeypatch)
+    case = Case((1, 2, 3, 64), 5, "qkv", mx.float32)
+    assert not qk.qk_rope_kernel_usable(case.x.astype(mx.int32), case.weight.astype(mx.int32))
+
+
 # --- the real kernel, on a Mac -----------------------------------------------------------------
 
 

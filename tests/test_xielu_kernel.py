@@ -225,6 +225,12 @@ def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, capl
     assert xk.xielu_backend() == "compiled"
 
 
+def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
+    stand_in.check_other_dtypes_skip_the_kernel(xk.KERNEL, monkeypatch)
+    x = mx.array([-2, 0, 3], dtype=mx.int32)
+    assert xk.xielu(x, *_consts()).dtype == mx.int32  # the compiled path keeps int32
+
+
 # --- the real kernel, on a Mac ---------------------------------------------------------------
 
 
