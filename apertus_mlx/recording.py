@@ -161,8 +161,11 @@ class Recorder:
     def report(self, as_json: bool) -> dict[str, Any]:
         """Say where the exchange went (stderr) and give `conversation_id` for --json output."""
         cid = self.conversation.id if self.conversation is not None else None
-        if self.error is not None:
-            click.echo(f"apertus-mlx: error: history not saved: {self.error}", err=True)
-        elif not as_json:
+        if self.error is None and not as_json:
             click.echo(f"saved as {cid}", err=True)
         return {"conversation_id": cid}
+
+    def raise_error(self) -> None:
+        """Last, once the answer is out: a failed save is the command's one error line."""
+        if self.error is not None:
+            raise StoreError(f"history not saved: {self.error}")

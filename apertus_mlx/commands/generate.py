@@ -211,5 +211,5 @@ def generate(
         click.echo(format_stats(s, backend_summary(model)), err=True)
     if s.finish_reason == "interrupted":
         sys.exit(130)
-    if rec and rec.error:
-        sys.exit(1)
+    if rec:
+        rec.raise_error()
