@@ -238,7 +238,8 @@ def title_from(text: str) -> str:
 
 def fts_query(text: str) -> str:
     """User text as an FTS5 query: every word quoted, so quotes and operators are plain text."""
-    return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+    words = text.replace("\x00", " ").split()  # SQLite ends a string at NUL
+    return " ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
 def _json(value: Any) -> str | None:
