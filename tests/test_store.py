@@ -17,14 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apertus_mlx.errors import StoreError, UnknownConversationError
-from apertus_mlx.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    Store,
-    decode_tokens,
-    encode_tokens,
-    migrate,
-)
+from apertus_mlx.store import Store, decode_tokens, encode_tokens
+from apertus_mlx.store_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
