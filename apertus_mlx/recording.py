@@ -136,7 +136,8 @@ class Recorder:
             self.writer.append(event.text, event.token)
         elif isinstance(event, Done):
             reason = event.stats.finish_reason
-            self._finished(self.writer.finish(reason, event.stats, tokens=event.tokens))
+            done = self.writer.finish(reason, event.stats, tokens=event.tokens, text=event.text)
+            self._finished(done)
 
     def close(self, finish_reason: str) -> None:
         """End an answer that stopped without `Done` (an error, a closed pipe)."""

@@ -638,17 +638,23 @@ class AnswerWriter:
         return self._save(None, None)
 
     def finish(
-        self, finish_reason: str, stats: Any = None, tokens: Iterable[int] | None = None
+        self,
+        finish_reason: str,
+        stats: Any = None,
+        tokens: Iterable[int] | None = None,
+        text: str | None = None,
     ) -> StoreError | None:
         """Write the whole answer with its finish reason and stats (a `generate.Stats` or a
-        dict). tokens: the final token ids, when the caller has them (they replace the
-        streamed ones). Returns the write error, or None when the answer is saved."""
+        dict). tokens, text: the final answer, when the caller has it (`generate`'s `Done`);
+        it replaces what was streamed. Returns the write error, or None when it is saved."""
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}")
         with self._buffer_lock:
             self._finished = True
             if tokens is not None:
                 self._tokens = [t for t in tokens if t >= 0]
+            if text is not None:
+                self._parts = [text]
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()

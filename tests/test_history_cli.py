@@ -266,3 +266,30 @@ def test_sigkill_mid_answer_keeps_the_database_and_all_but_the_last_second(home,
     )
     assert max(gaps) < 1.6
     assert lost <= 1.6 * per_second
+
+
+def test_ctrl_c_saves_the_answer_as_interrupted(home, endless_model):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "--save"]
+        + ["-m", str(endless_model), "-n", "50000", "--temp", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    try:
+        first = proc.stdout.read(1)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert first and proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "saved as" in stderr
+    with Store.open(home / "history.db") as store:
+        (c,) = store.list_conversations()
+        answer = store.branch(c.id)[-1]
+    assert answer.finish_reason == "interrupted"
+    shown = (first + rest).removesuffix("\n")
+    assert shown and answer.content.startswith(shown)  # and what was generated, shown or not
+    assert answer.answer_tokens == len(answer.tokens) > 0

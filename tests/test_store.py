@@ -414,6 +414,17 @@ def test_an_unusable_path_is_one_line(tmp_path):
         Store.open(tmp_path / "junk.db")
 
 
+def test_finish_with_the_engines_answer_replaces_the_streamed_one(store):
+    c = store.create_conversation()
+    writer = store.start_answer(c.id)
+    writer.append("Hal", [10])
+    writer.finish("interrupted", tokens=[10, 11, 2], text="Hallo")
+    answer = store.message(writer.message_id)
+    assert (answer.content, answer.tokens) == ("Hallo", [10, 11, 2])
+    with pytest.raises(RuntimeError):
+        writer.append("late", [3])
+
+
 def test_the_store_works_from_a_worker_thread(store):
     c = store.create_conversation()
     result = []

@@ -169,13 +169,13 @@ def generate(
     def consume(events) -> None:
         nonlocal done
         for event in events:
-            if rec:
-                rec.feed(event)
             if isinstance(event, Chunk) and not as_json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+            if rec:
+                rec.feed(event)
 
     try:
         try:
