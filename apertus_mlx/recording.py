@@ -8,6 +8,7 @@ remembered and reported in one line once the answer is on the screen.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class Recorder:
         """Record the conversation's settings and commit the user's message."""
         if self.store is None:
             return
-        settings = {**params.as_dict(), "max_tokens": max_tokens, "stop": list(stop)}
+        settings = {**asdict(params), "max_tokens": max_tokens, "stop": list(stop)}
         self._answer_settings = settings
         fields = dict(system=system, settings=settings, thinking=thinking)
         try:

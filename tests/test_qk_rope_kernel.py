@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from apertus_mlx.config import ModelArgs
 from apertus_mlx.model import RMSNorm, RoPE, rope_inv_freq
+from apertus_mlx.plan import Plan
 
 qk = importlib.import_module("apertus_mlx.kernels.qk_rope")
 
@@ -45,6 +46,11 @@ CASES = [
     (1, 9, 1, 128, 65530, "transposed"),
     (2, 3, 7, 64, 123, "transposed"),
 ]
+
+
+def _plan(fast: bool) -> Plan:
+    """The model's plan on a Mac (fast) or on the CPU; `pretend_metal` decides the kernels."""
+    return Plan(on_gpu=fast, dtype=mx.float32, fast_ops=fast, metal_kernels=fast, fuse_qkv=False)
 
 
 def _args(head_dim: int) -> ModelArgs:
@@ -353,11 +359,11 @@ def test_self_check_probe_passes_for_the_reference():
 @pytest.mark.parametrize("offset", [0, 70000, "array"])
 def test_reference_equals_model_plain_path(dtype, offset):
     case = Case((2, 3, 5, 128), 0, "qkv", dtype)
-    rope, norm = RoPE(_args(128)), RMSNorm(128, EPS)
+    rope, norm = RoPE(_args(128), _plan(fast=False)), RMSNorm(128, EPS, fast=False)
     norm.weight = case.weight
     position = mx.array(69999, dtype=mx.int32) if offset == "array" else offset
     with mx.stream(mx.cpu):
-        plain = rope(3, position)(case.x, norm)
+        plain = rope.rotation(3, position)(case.x, norm)
         want = qk.qk_norm_rope_reference(case.x, case.weight, EPS, position, _inv_freq(128))
     assert plain.dtype == dtype and plain.shape == (2, 5, 3, 128)
     np.testing.assert_array_equal(_bits(plain), _bits(want))
@@ -443,9 +449,8 @@ def _fake_kernel(wrong: bool = False, calls: list | None = None):
 def _rotation_inputs(dtype, offset=70000):
     """A case and the model's pieces for it: q_norm-like RMSNorm, RoPE on its Metal path."""
     case = Case((1, 4, 3, 64), offset, "qkv", dtype)
-    norm, rope = RMSNorm(64, EPS), RoPE(_args(64))
+    norm, rope = RMSNorm(64, EPS, fast=True), RoPE(_args(64), _plan(fast=True))
     norm.weight = case.weight
-    norm.fast = rope.fast = True
     return case, norm, rope
 
 
@@ -489,7 +494,7 @@ def test_model_rotation_takes_the_kernel_on_metal(pretend_metal, monkeypatch):
     calls: list = []
     monkeypatch.setattr(qk, "_kernel", lambda: _fake_kernel(calls=calls))
     case, norm, rope = _rotation_inputs(mx.bfloat16)
-    got = rope(4, 70000)(case.x, norm)
+    got = rope.rotation(4, 70000)(case.x, norm)
     np.testing.assert_array_equal(_bits(got), _bits(case.reference()))
     assert calls == [mx.bfloat16, mx.bfloat16]
 
@@ -512,7 +517,7 @@ def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, capl
         for dtype in (mx.bfloat16, mx.bfloat16, mx.float32):
             x, norm.weight = case.x.astype(dtype), case.weight.astype(dtype)
             with mx.stream(mx.cpu):  # the mx.fast fallback, run here on the CPU
-                got = rope(4, 70000)(x, norm)
+                got = rope.rotation(4, 70000)(x, norm)
                 fast = mx.fast.rope(
                     mx.fast.rms_norm(x, norm.weight, EPS).transpose(0, 2, 1, 3),
                     64,

@@ -37,23 +37,16 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
     )
 
 
-def backend_summary(model) -> str:
-    import mlx.core as mx
-
-    from ..kernels import qk_rope_backend, xielu_backend
-
-    device = "metal" if mx.default_device() == mx.gpu else "cpu"
-    dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
-    kernels = f"xielu {xielu_backend()}, qk-norm+rope {qk_rope_backend()}"
-    return f"{device}, {dtype} activations, {kernels}"
-
-
 def format_stats(stats, backend: str) -> str:
     cached = f", {stats.cached_tokens} cached" if stats.cached_tokens else ""
+    read = stats.cached_tokens + stats.prefilled_tokens
+    if read < stats.prompt_tokens:  # stopped while reading it
+        cached += f", stopped after {read}"
+    first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
     return (
         f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prefill_tps:.1f} tok/s | "
         f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
-        f"first token {stats.ttft_s:.2f} s | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
+        f"{first} | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
     )
 
 
@@ -199,7 +192,7 @@ def generate(
     if as_json:
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": backend_summary(model), **saved},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
                 ensure_ascii=False,
             )
         )
@@ -208,7 +201,7 @@ def generate(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
     if stats:
-        click.echo(format_stats(s, backend_summary(model)), err=True)
+        click.echo(format_stats(s, model.plan.describe()), err=True)
     if s.finish_reason == "interrupted":
         sys.exit(130)
     if rec:
