@@ -199,7 +199,7 @@ class Store:
             path = data_dir() / DB_NAME
         path = Path(path).expanduser()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
         except OSError as e:
             raise StoreError(
                 f"cannot create the history directory {path.parent}: {e.strerror or e}"

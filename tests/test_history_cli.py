@@ -162,6 +162,8 @@ def test_an_unusable_store_still_shows_the_answer(tmp_path, tiny_model_dir):
     result = json.loads(out.stdout)
     assert result["text"] == plain.stdout.rstrip("\n") and result["conversation_id"] is None
     one_line_error(cli("history", "list", env=env), 1, "cannot create the history directory")
+    continued = cli("generate", "hi", "--continue", "abcd", env=env)  # nothing to continue from
+    one_line_error(continued, 1, "cannot create the history directory")
 
 
 def test_a_full_disk_still_shows_the_answer(home, tiny_model_dir):

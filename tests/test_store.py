@@ -92,12 +92,13 @@ def test_migrates_from_every_older_version(tmp_path, version):
 
 
 def test_migrations_are_ordered_and_each_applied_once(tmp_path):
-    path = tmp_path / "history.db"
+    path = tmp_path / "private" / "history.db"
     Store.open(path).close()
     Store.open(path).close()  # a second open finds nothing to do
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert path.parent.stat().st_mode & 0o777 == 0o700  # a new directory: the user's alone
 
 
 def test_a_newer_schema_is_refused_in_one_line(tmp_path):
