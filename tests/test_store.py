@@ -211,7 +211,8 @@ def test_token_ids_round_trip_exactly(tokens):
 
 operations = st.lists(
     st.one_of(
-        # (kind, which connection, which conversation, text, parent choice)
+        # (kind, connection, conversation (add, start) or open writer (append, finish), text,
+        #  parent: -2 the current leaf, -1 a new root, k the conversation's k-th message)
         st.tuples(
             st.just("add"),
             st.integers(0, 1),
