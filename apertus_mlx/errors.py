@@ -43,3 +43,13 @@ class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
 
     exit_code = 2
+
+
+class StoreError(ApertusError):
+    """The history database cannot be opened, read or written (disk full, locked, read-only)."""
+
+
+class UnknownConversationError(StoreError):
+    """No conversation, or more than one, has the id or prefix the user typed."""
+
+    exit_code = 2

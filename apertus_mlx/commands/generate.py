@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..errors import UsageError
 from . import model_option
@@ -51,10 +52,10 @@ def format_stats(stats, backend: str) -> str:
 
 @click.command()
 @click.argument("prompt", required=False)
-@model_option()
+@model_option(required=False, extra_help=" Optional with --continue.")
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
-@click.option("--think", is_flag=True, help="Enable the model's deliberation (thinking) mode.")
+@click.option("--think/--no-think", default=None, help="The model's deliberation (thinking) mode.")
 @click.option(
     "-n",
     "--max-tokens",
@@ -82,6 +83,13 @@ def format_stats(stats, backend: str) -> str:
 )
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--save", is_flag=True, help="Save the exchange as a new conversation (see history).")
+@click.option(
+    "--continue",
+    "continue_id",
+    metavar="ID",
+    help="Add a turn to saved conversation ID, with its model and settings unless given.",
+)
 def generate(
     prompt,
     model_name,
@@ -99,20 +107,21 @@ def generate(
     dtype,
     stats,
     as_json,
+    save,
+    continue_id,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
     Sampling defaults come from the checkpoint's generation_config.json, else the model card's
     temperature 0.8 / top-p 0.9. Ctrl+C stops the answer; what was generated is kept.
+    --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
 
     text = read_prompt(prompt)
-    model, tokenizer = load(model_name, dtype=dtype)
-    params = SamplingParams.from_defaults(
-        tokenizer.generation_defaults,
+    sampling = dict(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -120,7 +129,30 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
+    rec = None
+    if save or continue_id is not None:
+        from ..recording import Recorder
+
+        rec = Recorder(continue_id, raw=no_chat_template)
+        source = click.get_current_context().get_parameter_source("model_name")
+        model_name, system, think, max_tokens, stop_strings = rec.merge(
+            sampling,
+            model_name,
+            system,
+            think,
+            max_tokens,
+            stop_strings,
+            model_typed=source is ParameterSource.COMMANDLINE,
+        )
+    if not model_name:
+        raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
+    model, tokenizer = load(model_name, dtype=dtype)
+    params = SamplingParams.from_defaults(tokenizer.generation_defaults, **sampling)
+    if rec:
+        ids = rec.prompt_ids(tokenizer, text, system, bool(think))
+        rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
+    else:
+        ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
     events = generate(
         model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
@@ -135,6 +167,8 @@ def generate(
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+            if rec:
+                rec.feed(event)
 
     try:
         try:
@@ -142,18 +176,26 @@ def generate(
         except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
             consume(wind_down(events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+        if rec:
+            rec.close("interrupted")
         sys.stderr.close()
         sys.exit(0)
+    except BaseException:
+        if rec:
+            rec.close("error")
+        raise
     s = done.stats
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    saved = rec.report(as_json) if rec else {}
     if as_json:
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": model.plan.describe()},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
                 ensure_ascii=False,
             )
         )
-    else:
-        sys.stdout.write("\n")
     if s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
@@ -162,3 +204,5 @@ def generate(
         click.echo(format_stats(s, model.plan.describe()), err=True)
     if s.finish_reason == "interrupted":
         sys.exit(130)
+    if rec:
+        rec.raise_error()
