@@ -82,19 +82,20 @@ class Recorder:
         )
 
     def prompt_ids(self, tokenizer, text: str, system: str | None, thinking: bool) -> list[int]:
-        """The chat template over the current branch (when continuing) and the new message."""
+        """The current branch (when continuing) and the new message, with each past answer as
+        the tokens the model produced (see `prompt.conversation_ids`)."""
+        from .prompt import conversation_ids
+
         messages = [{"role": "system", "content": system}] if system else []
         if self.conversation is not None:
             branch = self.store.branch(self.conversation.id)
             messages += [
-                {"role": m.role, "content": m.content}
+                {"role": m.role, "content": m.content, "tokens": m.tokens}
                 for m in branch
                 if m.role in ("user", "assistant")
             ]
         messages.append({"role": "user", "content": text})
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, enable_thinking=thinking
-        )
+        return conversation_ids(tokenizer, messages, enable_thinking=thinking).ids
 
     def begin(
         self,
