@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from apertus_mlx.prompt import conversation_ids
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
 from tests.checkpoints import build_checkpoint
@@ -77,14 +78,19 @@ def test_save_then_continue_then_read_export_and_delete(home, tiny_model_dir, tm
     second = json.loads(turn.stdout)
     assert second["conversation_id"] == cid and second["generated_tokens"] == 8
     tokenizer = load_tokenizer(tiny_model_dir)
-    expected = tokenizer.apply_chat_template(
+    with Store.open(home / "history.db") as store:
+        produced = store.branch(cid)[1].tokens
+    assert len(produced) == 8
+    expected = conversation_ids(
+        tokenizer,
         [
             {"role": "user", "content": "Grüezi mitenand!"},
-            {"role": "assistant", "content": json.loads(first.stdout)["text"]},
+            {"role": "assistant", "content": json.loads(first.stdout)["text"], "tokens": produced},
             {"role": "user", "content": "Und wie gaht's?"},
-        ]
+        ],
     )
-    assert second["prompt_tokens"] == len(expected)  # the prompt is the saved branch + the turn
+    # the prompt is the saved branch, its answer as the tokens produced, + the new turn
+    assert expected.token_exact and second["prompt_tokens"] == len(expected.ids)
 
     with Store.open(home / "history.db") as store:
         c = store.get_conversation(cid)
@@ -93,7 +99,7 @@ def test_save_then_continue_then_read_export_and_delete(home, tiny_model_dir, tm
         branch = store.branch(cid)
         assert [m.role for m in branch] == ["user", "assistant", "user", "assistant"]
         assert branch[3].content == second["text"] and branch[3].finish_reason == "length"
-        assert len(branch[3].tokens) == 8 and branch[3].prompt_tokens == len(expected)
+        assert len(branch[3].tokens) == 8 and branch[3].prompt_tokens == len(expected.ids)
 
     listing = json.loads(cli("history", "list", "--json").stdout)
     assert [c["id"] for c in listing] == [cid] and listing[0]["title"] == "Grüezi mitenand!"
