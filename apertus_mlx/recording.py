@@ -43,6 +43,7 @@ class Recorder:
         self.writer: AnswerWriter | None = None
         self.error: StoreError | None = None
         self._answer_settings: dict[str, Any] = {}
+        self.identity: tuple[str, str | None] | None = None  # (model, revision) recorded
         try:
             self.store = Store.open()
         except StoreError as e:
@@ -115,6 +116,7 @@ class Recorder:
         fields = dict(system=system, settings=settings, thinking=thinking)
         try:
             model, revision = model_identity(model_name)
+            self.identity = (model, revision)
             if self.conversation is None:
                 self.conversation = self.store.create_conversation(
                     model=model, revision=revision, **fields
@@ -127,6 +129,30 @@ class Recorder:
         except StoreError as e:
             self.error = e
             self.store = None  # the answer is still shown; nothing more is written
+
+    def saved_cache(self, model, prompt: list[int]):
+        """The conversation's saved KV cache, kept as far as `prompt` starts with its tokens
+        (None: nothing saved for this model, or nothing in common)."""
+        from .saved_caches import SavedCaches, identity, reuse
+
+        if self.conversation is None or self.identity is None:
+            return None
+        saved = SavedCaches().load(self.conversation.id, model, identity(model, *self.identity))
+        if saved is None:
+            return None
+        cache, tokens = saved
+        return cache if reuse(cache, tokens, prompt) else None
+
+    def save_cache(self, model, cache, tokens: list[int]) -> None:
+        """Keep the cache for the next `--continue` (a failure only costs that speed-up)."""
+        from .saved_caches import SavedCaches, identity
+
+        if self.conversation is None or self.identity is None:
+            return
+        try:
+            SavedCaches().save(self.conversation.id, cache, tokens, identity(model, *self.identity))
+        except OSError as e:
+            click.echo(f"apertus-mlx: warning: KV cache not saved: {e.strerror or e}", err=True)
 
     def feed(self, event) -> None:
         """Pass on each event of `generate`: chunks stream into the store, Done finishes."""

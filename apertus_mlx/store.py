@@ -360,11 +360,15 @@ class Store:
         return self.update_conversation(conversation_id, title=title)
 
     def delete(self, conversation_id: str) -> Conversation:
-        """Delete a conversation and all its messages; return what was deleted."""
+        """Delete a conversation, all its messages and its saved KV cache; return what was
+        deleted."""
+        from .saved_caches import SavedCaches
+
         conversation = self.get_conversation(conversation_id)
         self._write(
             lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
         )
+        SavedCaches(self.path.parent / "caches").remove(conversation.id)
         return conversation
 
     # -- messages

@@ -154,8 +154,16 @@ def generate(
     else:
         ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
+    cache = rec.saved_cache(model, ids) if rec else None
+    cache = cache if cache is not None else model.make_cache()
     events = generate(
-        model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+        model,
+        tokenizer,
+        ids,
+        params=params,
+        max_tokens=limit,
+        stop_strings=stop_strings,
+        cache=cache,
     )
     done = None
 
@@ -202,6 +210,8 @@ def generate(
         )
     if stats:
         click.echo(format_stats(s, model.plan.describe()), err=True)
+    if rec:
+        rec.save_cache(model, cache, (ids + done.tokens)[: cache.offset])
     if s.finish_reason == "interrupted":
         sys.exit(130)
     if rec:
