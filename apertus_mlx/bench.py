@@ -98,9 +98,7 @@ def unload() -> None:
 
 
 class _NullTokenizer:
-    """What `generate` needs of a tokenizer when the text does not matter: no EOS, no text."""
-
-    eos_token_ids: set[int] = set()
+    """What `generate` needs of a tokenizer when the text does not matter: no text."""
 
     def detokenizer(self) -> _NullTokenizer:
         return self

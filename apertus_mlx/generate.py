@@ -118,7 +118,7 @@ def generate(
     sampler = Sampler(params)
     detok = tokenizer.detokenizer()
     stops = StopStrings(stop_strings)
-    eos = set(tokenizer.eos_token_ids)
+    eos = set(model.generation.eos_token_ids)
     use_history = params.repetition_penalty != 1.0
     history = mx.array(prompt[-REPETITION_WINDOW:]) if use_history else None
     mx.reset_peak_memory()

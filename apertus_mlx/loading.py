@@ -17,12 +17,23 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
-from .errors import CorruptCheckpointError, WeightsError
+from .errors import CorruptCheckpointError, UsageError, WeightsError
 from .model import Model
 
 OPTIONAL_SUFFIXES = (".act_fn.beta", ".act_fn.eps")  # buffers some exports leave out
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived, never a learned weight
 _DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+
+
+COMPUTE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def check_dtype(requested: Any) -> None:
+    """Refuse a dtype we cannot compute in, before any weight is read."""
+    if requested is None or requested in COMPUTE_DTYPES.values():
+        return
+    if not isinstance(requested, str) or requested not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown dtype {requested!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
 
 
 def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype) -> mx.Dtype:
@@ -31,10 +42,9 @@ def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype) -> mx.Dtyp
     MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
     bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
     """
+    check_dtype(requested)
     if isinstance(requested, str):
-        requested = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
-            requested
-        ]
+        requested = COMPUTE_DTYPES[requested]
     if requested is not None:
         return requested
     return stored if mx.default_device() == mx.gpu else mx.float32

@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVCache
-from .config import ModelArgs
+from .config import GenerationConfig, ModelArgs
 from .kernels import norm_rope, qk_norm_rope, qk_rope_kernel_usable, rope_tables, xielu
 
 XIELU_BETA = 0.5
@@ -257,6 +257,8 @@ class ApertusModel(nn.Module):
 
 class Model(nn.Module):
     """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
+
+    generation = GenerationConfig()  # the checkpoint's, set by apertus_mlx.load; none: no stops
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -8,8 +8,12 @@ tokens whatever else uses MLX's global generator.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig
 
 # Model card recommendation for Apertus instruct models.
 DEFAULT_TEMPERATURE = 0.8
@@ -48,15 +52,13 @@ class SamplingParams:
         return asdict(self)
 
     @classmethod
-    def from_defaults(cls, defaults: dict, **overrides) -> SamplingParams:
-        """Settings from generation_config.json, then the caller's (None means 'not given')."""
+    def from_defaults(cls, generation: GenerationConfig, **overrides) -> SamplingParams:
+        """The checkpoint's recommendations, then the caller's (None means 'not given')."""
         known = {
-            k: defaults[k]
+            k: getattr(generation, k)
             for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if defaults.get(k) is not None
+            if getattr(generation, k) is not None
         }
-        if defaults.get("do_sample") is False:
-            known["temperature"] = 0.0
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known)
 

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from apertus_mlx.loading import load_model
-from apertus_mlx.tokenizer import load_tokenizer
+from apertus_mlx import load
 from tests.checkpoints import build_checkpoint
 
 
@@ -55,7 +54,7 @@ def test_greedy_json_matches_the_engine(tiny_model_dir):
         "finish_reason",
     ):
         assert key in result
-    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    model, tokenizer = load(tiny_model_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Grüezi mitenand!"}])
     *_, done = generate(model, tokenizer, ids, params=SamplingParams(temperature=0), max_tokens=12)
     assert result["text"] == done.text

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from apertus_mlx.config import GenerationConfig
 from apertus_mlx.errors import UsageError
 from apertus_mlx.generate import Chunk, DecodeStep, Done, generate
 from apertus_mlx.loading import load_model
@@ -27,21 +28,10 @@ def run(model, tokenizer, ids, **kwargs) -> Done:
     return events[-1]
 
 
-class NoEos:
-    """The fixture tokenizer with no end tokens, so greedy runs to max_tokens."""
-
-    def __init__(self, tokenizer):
-        self._t = tokenizer
-        self.eos_token_ids = set()
-
-    def __getattr__(self, name):
-        return getattr(self._t, name)
-
-
 @pytest.mark.parametrize("name", ["gqa-llama3-f32", "tied-mha-f32", "head-dim-f32"])
 def test_greedy_tokens_equal_transformers_generate(checkpoint, name):
     path = checkpoint(name)
-    model, tokenizer = load_model(path), NoEos(load_tokenizer(path))
+    model, tokenizer = load_model(path), load_tokenizer(path)
     ids = [1, 65, 300, 301, 302, 66, 67]
     ref = (
         reference_model(path)
@@ -79,7 +69,7 @@ def test_compiled_step_matches_plain_step(tiny_model_dir, vocab_size):
 def test_chunked_prefill_equals_one_pass(tiny_model_dir, monkeypatch):
     import apertus_mlx.generate as gen
 
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     ids = list(range(100, 180))
     whole = run(model, tokenizer, ids, params=GREEDY, max_tokens=8).tokens
     monkeypatch.setattr(gen, "PREFILL_STEP", 16)
@@ -87,7 +77,7 @@ def test_chunked_prefill_equals_one_pass(tiny_model_dir, monkeypatch):
 
 
 def test_seed_makes_sampling_repeatable(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, min_p=0.01, seed=7)
     a = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
     b = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
@@ -104,16 +94,15 @@ def test_seed_makes_sampling_repeatable(tiny_model_dir):
 
 def test_stops_on_any_end_token(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    free = run(model, NoEos(tokenizer), [1, 5, 6], params=GREEDY, max_tokens=12).tokens
-    stopper = NoEos(tokenizer)
-    stopper.eos_token_ids = {free[5]}
-    done = run(model, stopper, [1, 5, 6], params=GREEDY, max_tokens=12)
+    free = run(model, tokenizer, [1, 5, 6], params=GREEDY, max_tokens=12).tokens
+    model.generation = GenerationConfig(eos_token_ids=(free[5],))
+    done = run(model, tokenizer, [1, 5, 6], params=GREEDY, max_tokens=12)
     assert done.tokens == free[: free.index(free[5]) + 1]
     assert done.stats.finish_reason == "stop"
 
 
 def test_stop_string_is_not_emitted(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     free = run(model, tokenizer, [1, 9, 10], params=GREEDY, max_tokens=30).text
     assert len(free) > 6
     stop = free[3:6]
@@ -123,7 +112,7 @@ def test_stop_string_is_not_emitted(tiny_model_dir):
 
 
 def test_stop_event_interrupts(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     stop = threading.Event()
     events = generate(model, tokenizer, [1, 2, 3], params=GREEDY, max_tokens=100, stop_event=stop)
     for i, event in enumerate(events):
@@ -136,7 +125,7 @@ def test_stop_event_interrupts(tiny_model_dir):
 
 
 def test_stats_and_cache_reuse(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     cache = model.make_cache()
     prompt = list(range(50, 90))
     first = run(model, tokenizer, prompt, params=GREEDY, max_tokens=5, cache=cache)
@@ -175,7 +164,7 @@ def test_sampling_parameters_are_validated():
 def test_ctrl_c_in_the_consumer_winds_the_generator_down(tiny_model_dir):
     from apertus_mlx.generate import wind_down
 
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     events = generate(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=50)
     first, second = next(events), next(events)
     assert isinstance(first, Chunk) and isinstance(second, Chunk)

@@ -119,7 +119,7 @@ def generate(
     text = read_prompt(prompt)
     model, tokenizer = load(model_name, dtype=dtype)
     params = SamplingParams.from_defaults(
-        tokenizer.generation_defaults,
+        model.generation,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
