@@ -39,6 +39,10 @@ class TokenizerError(CheckpointError):
     """tokenizer.json or the chat template cannot be used."""
 
 
+class DestinationError(ApertusError):
+    """An output cannot be written: read-only, full, or being written by another process."""
+
+
 class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
 
