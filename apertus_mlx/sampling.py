@@ -7,6 +7,7 @@ tokens whatever else uses MLX's global generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         from .errors import UsageError
 
+        numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
         checks = [
+            (all(math.isfinite(x) for x in numbers), "sampling settings must be finite numbers"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
             (self.top_k >= 0, "top-k must be >= 0"),
             (0 <= self.min_p < 1, "min-p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition penalty must be > 0"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,12 +11,26 @@ from ..errors import UsageError
 from . import model_option
 
 
+def utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8: bytes that are not arrive from argv as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return text
+
+
 def read_prompt(prompt: str | None) -> str:
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        try:
-            prompt = sys.stdin.read()
+    stdin = sys.stdin
+    if prompt == "-" or (prompt is None and stdin is not None and not stdin.isatty()):
+        if stdin is None:
+            raise UsageError("stdin is closed: give the prompt as an argument")
+        try:  # bytes, decoded strictly: the locale's decoder may let bad bytes through
+            prompt = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    else:
+        prompt = prompt if prompt is None else utf8(prompt, "the prompt")
     if prompt is None:
         raise UsageError(
             "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
@@ -80,7 +94,7 @@ def format_stats(stats, backend: str) -> str:
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
-@click.option("--seed", type=int, help="Make sampling repeatable.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Make sampling repeatable.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (repeatable).")
 @click.option(
     "--dtype",
@@ -117,6 +131,8 @@ def generate(
     from ..sampling import SamplingParams
 
     text = read_prompt(prompt)
+    for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
+        utf8(value or "", what)
     model, tokenizer = load(model_name, dtype=dtype)
     params = SamplingParams.from_defaults(
         model.generation,
@@ -161,7 +177,11 @@ def generate(
         )
     else:
         sys.stdout.write("\n")
-    if s.finish_reason == "length":
+    context = model.args.max_position_embeddings
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= context:
+        click.echo(f"[stopped: the conversation filled the model's context ({context} tokens)]",
+                   err=True)  # fmt: skip
+    elif s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
