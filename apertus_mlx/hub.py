@@ -95,6 +95,7 @@ def download(name: str) -> Path:
     repo = repo_for(name)
     if not looks_like_repo_id(repo):
         raise ModelNotFoundError(f"{name!r} is neither a catalog alias nor a repo id (owner/name)")
+    _check_cache_dir()
     try:
         return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
     except GatedRepoError:
@@ -118,17 +119,36 @@ def download(name: str) -> Path:
         raise ModelNotFoundError(f"{repo!r} is not a valid repo id ({e})") from None
 
 
-def cached_models() -> dict[str, tuple[Path, int]]:
-    """repo id -> (snapshot directory, bytes on disk) for every model in the local cache."""
-    from huggingface_hub import scan_cache_dir
+def _cached_repos() -> frozenset:
+    """huggingface_hub's view of the cache; an unusable cache is one CacheError."""
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        return scan_cache_dir().repos
     except CacheNotFound:
-        return {}
+        return frozenset()
+    except (ValueError, OSError) as e:
+        cache = Path(constants.HF_HUB_CACHE)
+        if cache.exists() and not cache.is_dir():
+            raise CacheError(f"the Hugging Face cache {cache} is a file, not a directory") from None
+        raise CacheError(f"cannot read the Hugging Face cache at {cache}: {e}") from None
+
+
+def _check_cache_dir() -> None:
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    if cache.exists() and not cache.is_dir():
+        raise CacheError(
+            f"the Hugging Face cache {cache} is a file, not a directory (HF_HUB_CACHE)"
+        )
+
+
+def cached_models() -> dict[str, tuple[Path, int]]:
+    """repo id -> (snapshot directory, bytes on disk) for every model in the local cache."""
     out = {}
-    for repo in info.repos:
+    for repo in _cached_repos():
         if repo.repo_type == "model" and repo.revisions:
             newest = max(repo.revisions, key=lambda r: r.last_modified)
             out[repo.repo_id] = (Path(newest.snapshot_path), repo.size_on_disk)
@@ -138,15 +158,8 @@ def cached_models() -> dict[str, tuple[Path, int]]:
 def cached_repo(name: str) -> tuple[str, Path, int]:
     """(repo id, its folder in the cache, bytes on disk) of a downloaded model, or
     ModelNotFoundError."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
     repo = repo_for(name)
-    try:
-        repos = scan_cache_dir().repos
-    except CacheNotFound:
-        repos = frozenset()
-    for cached in repos:
+    for cached in _cached_repos():
         if cached.repo_type == "model" and cached.repo_id == repo:
             return repo, Path(cached.repo_path), cached.size_on_disk
     raise ModelNotFoundError(
