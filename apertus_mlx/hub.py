@@ -125,7 +125,7 @@ def _cached_repos() -> frozenset:
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        return scan_cache_dir().repos
+        return scan_cache_dir(constants.HF_HUB_CACHE).repos
     except CacheNotFound:
         return frozenset()
     except (ValueError, OSError) as e:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import read_config
+from .config import ModelArgs, read_config
 from .errors import DestinationError, UsageError
 from .loading import check_safetensors, load_model, read_weights, safetensors_files
 from .model import Model
@@ -108,8 +109,10 @@ def quantize_checkpoint(
     head_bits: int | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
-    """Quantize the checkpoint at `src` into the new directory `out`.
+    """Quantize the checkpoint at `src` into the new directory `out`; `progress` hears one
+    line once the source and the destination have passed their checks.
 
     `group_size` None means the mode's own (64 for affine). `embedding_bits` / `head_bits` give
     the embedding and the output head their own (affine) width: the mixed recipe. In a tied
@@ -125,6 +128,7 @@ def quantize_checkpoint(
     _check_not_nested(src, out)
     _check_destination(src, out, force)
     config = read_config(src)
+    ModelArgs.from_dict(config)  # a broken config.json is named as such, before anything else
     if config.get("quantization") or config.get("quantization_config"):
         raise UsageError(f"{src} is already quantized: convert from the BF16/F16/F32 checkpoint")
 
@@ -134,6 +138,8 @@ def quantize_checkpoint(
         try:
             _, stored = read_weights(src)
             model = load_model(src, dtype=stored, fuse=False)
+            if progress is not None:
+                progress(f"quantizing {src} -> {out}")
             block, unquantized = _quantize(model, bits, group_size, mode, embedding_bits, head_bits)
             weights = _weights_to_save(model, stored)
             total_params = count_parameters(model)
