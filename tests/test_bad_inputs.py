@@ -304,6 +304,9 @@ CASES: dict[str, Case] = {
     "bench-prompt-too-long": Case(
         ("bench", "-m", "{good}", "--prompt-tokens", "600", "--gen-tokens", "2"), 2, "context"
     ),
+    "bench-prompt-huge": Case(
+        ("bench", "-m", "{good}", "--prompt-tokens", "1000000000"), 2, "exceed the model's context"
+    ),
     "bench-gen-tokens-1": Case(("bench", "-m", "{good}", "--gen-tokens", "1"), 2, "--gen-tokens"),
     # -- download, models, rm --------------------------------------------------------------------
     "download-offline": Case(("download", "org/model"), 1, "HF_HUB_OFFLINE is set"),
