@@ -175,8 +175,13 @@ class Tokenizer:
 
     @property
     def max_token_id(self) -> int:
-        """The largest id this tokenizer can produce (the model's embedding must cover it)."""
-        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        """The largest id this tokenizer can produce (the model's embedding must cover it).
+
+        From the counts, not a scan of the vocabulary (65 ms at 131k tokens, on every load):
+        a BPE vocabulary's ids run from 0 without gaps; added tokens may sit anywhere.
+        """
+        added = self._tok.get_added_tokens_decoder()
+        return max(self._tok.get_vocab_size(with_added_tokens=False) - 1, *added, -1)
 
     # -- chat ---------------------------------------------------------------------------------
 
