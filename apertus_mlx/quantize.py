@@ -82,9 +82,8 @@ def resolve_settings(bits: int, group_size: int | None, mode: str) -> int:
     if mode in FP_MODES:
         g, b = FP_MODES[mode]
         if bits != b or group_size not in (None, g):
-            raise UsageError(
-                f"{mode} means {b} bits in groups of {g}; got {bits} bits, {group_size}"
-            )
+            groups = f" in groups of {group_size}" if group_size is not None else ""
+            raise UsageError(f"{mode} means {b} bits in groups of {g}; got {bits} bits{groups}")
         return g
     if bits not in AFFINE_BITS:
         raise UsageError(

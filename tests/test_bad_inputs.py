@@ -174,7 +174,7 @@ def _checkpoint_cases() -> dict[str, Case]:
     reads_weights = {"heads-zero", "vocab-negative", "hidden-string", "heads-not-dividing",
                      "kv-not-dividing", "quantization-yes", "rope-factor-zero", "config-list",
                      "config-not-json", "index-outside", "int32-weight", "truncated"}  # fmt: skip
-    cases = {}
+    cases: dict[str, Case] = {}
     for name, message in expected.items():
         crash = name in ("vocab-mismatch", "index-outside", "int32-weight", "truncated")
         cases[f"generate-{name}"] = Case(
@@ -216,12 +216,11 @@ def _cache_with(repo: str, commit: str = "a" * 40) -> Callable[[Path, Path], Non
 
 BIG_SEED = str(2**70)
 CASES: dict[str, Case] = {
-    **_checkpoint_cases(),
     # -- generate: arguments, stdin, stdout --------------------------------------------------
     "generate-seed-negative": Case(("generate", "hi", "-m", "{good}", "--seed", "-1"), 2, "--seed"),
     "generate-seed-huge": Case(("generate", "hi", "-m", "{good}", "--seed", BIG_SEED), 2, "--seed"),
     "generate-temp-nan": Case(("generate", "hi", "-m", "{good}", "--temp", "nan"), 2, "finite"),
-    "generate-top-p-5": Case(("generate", "hi", "-m", "{good}", "--top-p", "5"), 2, "top-p"),
+    "generate-flag-top-p-5": Case(("generate", "hi", "-m", "{good}", "--top-p", "5"), 2, "top-p"),
     "generate-top-k-negative": Case(
         ("generate", "hi", "-m", "{good}", "--top-k", "-3"), 2, "top-k"
     ),
@@ -351,6 +350,10 @@ CASES: dict[str, Case] = {
     ),  # fmt: skip
     "no-such-command": Case(("frobnicate",), 2, "No such command"),
 }
+
+
+assert not CASES.keys() & _checkpoint_cases().keys()
+CASES.update(_checkpoint_cases())
 
 
 def fake_repo(cache: Path, repo: str, commit: str) -> Path:
