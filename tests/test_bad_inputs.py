@@ -220,7 +220,8 @@ CASES: dict[str, Case] = {
     "generate-seed-negative": Case(("generate", "hi", "-m", "{good}", "--seed", "-1"), 2, "--seed"),
     "generate-seed-huge": Case(("generate", "hi", "-m", "{good}", "--seed", BIG_SEED), 2, "--seed"),
     "generate-temp-nan": Case(("generate", "hi", "-m", "{good}", "--temp", "nan"), 2, "finite"),
-    "generate-flag-top-p-5": Case(("generate", "hi", "-m", "{good}", "--top-p", "5"), 2, "top-p"),
+    # (no model there: flags are checked before a model loads)
+    "generate-flag-top-p-5": Case(("generate", "hi", "-m", "{tmp}/x", "--top-p", "5"), 2, "top-p"),
     "generate-top-k-negative": Case(
         ("generate", "hi", "-m", "{good}", "--top-k", "-3"), 2, "top-k"
     ),

@@ -26,11 +26,11 @@ def read_prompt(prompt: str | None) -> str:
         if stdin is None:
             raise UsageError("stdin is closed: give the prompt as an argument")
         try:  # bytes, decoded strictly: the locale's decoder may let bad bytes through
-            prompt = sys.stdin.buffer.read().decode("utf-8")
+            prompt = stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
-    else:
-        prompt = prompt if prompt is None else utf8(prompt, "the prompt")
+    elif prompt is not None:
+        utf8(prompt, "the prompt")
     if prompt is None:
         raise UsageError(
             "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
@@ -127,22 +127,18 @@ def generate(
     temperature 0.8 / top-p 0.9. Ctrl+C stops the answer; what was generated is kept.
     """
     from .. import load
+    from ..config import GenerationConfig
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
 
     text = read_prompt(prompt)
     for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
         utf8(value or "", what)
+    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    SamplingParams.from_defaults(GenerationConfig(), **flags)  # bad flags fail before the load
     model, tokenizer = load(model_name, dtype=dtype)
-    params = SamplingParams.from_defaults(
-        model.generation,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    params = SamplingParams.from_defaults(model.generation, **flags)
     ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
     limit = max_tokens or DEFAULT_MAX_TOKENS
     events = generate(
