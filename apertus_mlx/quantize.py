@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -135,6 +136,7 @@ def quantize_checkpoint(
         _check_destination(src, out, force)  # again: under the lock, it stays true
         tmp = _sibling(out, "partial")  # a read-only folder fails here, before any work
         try:
+            _check_space(src, tmp, bits, group_size, mode)
             _, stored = read_weights(src)
             model = load_model(src, dtype=stored, fuse=False)
             if progress is not None:
@@ -205,6 +207,27 @@ def _sibling(out: Path, kind: str) -> Path:
     except OSError as e:
         raise DestinationError(f"cannot write beside {out}: {_os_reason(e)}") from None
     return path
+
+
+def _check_space(src: Path, tmp: Path, bits: int, group_size: int, mode: str) -> None:
+    """Refuse at once when the disk cannot hold the result, rather than after quantizing.
+
+    A lower bound: every source parameter at `bits` plus, per group, a 16-bit scale and bias
+    (affine) or an 8-bit scale (floating-point modes); norms, unquantized layers and wider
+    embedding or head only add to it."""
+    params = sum(
+        math.prod(t["shape"])
+        for f in safetensors_files(src)
+        for k, t in check_safetensors(f).items()
+        if k != "__metadata__"
+    )
+    needed = params * (bits + (8 if mode in FP_MODES else 32) / group_size) / 8
+    free = shutil.disk_usage(tmp).free
+    if free < needed:
+        raise DestinationError(
+            f"not enough space beside {tmp.parent}: the result needs at least "
+            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+        )
 
 
 def _os_reason(e: OSError) -> str:

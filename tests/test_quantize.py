@@ -464,3 +464,12 @@ def test_read_only_destination_fails_before_any_work(checkpoint, tmp_path, monke
             quantize_checkpoint(checkpoint(BF16), folder / "out", 4, group_size=32)
     finally:
         folder.chmod(0o755)
+
+
+def test_too_little_space_fails_before_any_work(checkpoint, tmp_path, monkeypatch):
+    free = type("Usage", (), {"free": 1000})()
+    monkeypatch.setattr(q.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(q, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(DestinationError, match="needs at least"):
+        quantize_checkpoint(checkpoint(BF16), tmp_path / "out", 4, group_size=32)
+    assert list(tmp_path.iterdir()) == []
