@@ -39,6 +39,18 @@ class TokenizerError(CheckpointError):
     """tokenizer.json or the chat template cannot be used."""
 
 
+class NetworkError(ApertusError):
+    """The hub cannot be reached, or a download failed on the way."""
+
+
+class CacheError(ApertusError):
+    """The local model cache cannot be changed (read-only, busy)."""
+
+
+class DestinationError(ApertusError):
+    """An output cannot be written: read-only, full, or being written by another process."""
+
+
 class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
 

@@ -265,15 +265,16 @@ def generate(
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
     `cache` may already hold the first `cache.offset` prompt tokens (a chat's earlier turns);
-    only the rest is read. `end_tokens` default to the tokenizer's. The last event is always
-    `Done`, with finish_reason stop, length or interrupted (the stop event, Ctrl+C).
+    only the rest is read. `end_tokens` default to the checkpoint's (`model.generation`). The
+    last event is always `Done`, with finish_reason stop, length or interrupted (the stop
+    event, Ctrl+C).
     """
     params = params or SamplingParams()
     cache = cache if cache is not None else model.make_cache()
     cached = cache.offset
     prompt = check_prompt(prompt_ids, model, cached, max_tokens)
     max_tokens = min(max_tokens, model.args.max_position_embeddings - len(prompt))
-    end = set(tokenizer.eos_token_ids if end_tokens is None else end_tokens)
+    end = set(model.generation.eos_token_ids if end_tokens is None else end_tokens)
     stop = stop_event.is_set if stop_event is not None else lambda: False
     progress = PromptProgress()
     steps = generate_step(

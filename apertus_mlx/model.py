@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVBuffers, KVCache
-from .config import ModelArgs
+from .config import GenerationConfig, ModelArgs
 from .kernels import (
     norm_rope,
     qk_norm_rope,
@@ -260,6 +260,8 @@ class ApertusModel(nn.Module):
 
 class Model(nn.Module):
     """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
+
+    generation = GenerationConfig()  # the checkpoint's, set by apertus_mlx.load; none: no stops
 
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from apertus_mlx import load
 from apertus_mlx.prompt import conversation_ids
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
@@ -212,7 +213,7 @@ def endless_model(tmp_path_factory, tokenizer_dir, vocab_size):
     out = tmp_path_factory.mktemp("endless")
     path = build_checkpoint(out, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000})
     weights = load_file(path / "model.safetensors")
-    for token in load_tokenizer(path).eos_token_ids:
+    for token in load(path)[0].generation.eos_token_ids:
         weights["lm_head.weight"][token] = 0
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path

@@ -12,12 +12,26 @@ from ..errors import UsageError
 from . import model_option
 
 
+def utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8: bytes that are not arrive from argv as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return text
+
+
 def read_prompt(prompt: str | None) -> str:
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        try:
-            prompt = sys.stdin.read()
+    stdin = sys.stdin
+    if prompt == "-" or (prompt is None and stdin is not None and not stdin.isatty()):
+        if stdin is None:
+            raise UsageError("stdin is closed: give the prompt as an argument")
+        try:  # bytes, decoded strictly: the locale's decoder may let bad bytes through
+            prompt = stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    elif prompt is not None:
+        utf8(prompt, "the prompt")
     if prompt is None:
         raise UsageError(
             "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
@@ -74,7 +88,7 @@ def format_stats(stats, backend: str) -> str:
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
-@click.option("--seed", type=int, help="Make sampling repeatable.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Make sampling repeatable.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (repeatable).")
 @click.option(
     "--dtype",
@@ -117,18 +131,16 @@ def generate(
     --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
+    from ..config import GenerationConfig
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
 
     text = read_prompt(prompt)
-    sampling = dict(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
+        utf8(value or "", what)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    SamplingParams.from_defaults(GenerationConfig(), **sampling)  # bad flags fail before the load
     rec = None
     if save or continue_id is not None:
         from ..recording import Recorder
@@ -147,7 +159,7 @@ def generate(
     if not model_name:
         raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
     model, tokenizer = load(model_name, dtype=dtype)
-    params = SamplingParams.from_defaults(tokenizer.generation_defaults, **sampling)
+    params = SamplingParams.from_defaults(model.generation, **sampling)
     if rec:
         ids = rec.prompt_ids(tokenizer, text, system, bool(think))
         rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
@@ -204,7 +216,11 @@ def generate(
                 ensure_ascii=False,
             )
         )
-    if s.finish_reason == "length":
+    context = model.args.max_position_embeddings
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= context:
+        click.echo(f"[stopped: the conversation filled the model's context ({context} tokens)]",
+                   err=True)  # fmt: skip
+    elif s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
