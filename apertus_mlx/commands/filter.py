@@ -64,7 +64,7 @@ def install(file: str) -> None:
 
         raise ApertusError(f"cannot write {path}: {e.strerror}") from None
     click.echo(
-        f"installed: {data.entries} entries, published {data.published.isoformat()}"
+        f"installed: {_entries(data.entries)}, published {data.published.isoformat()}"
         f"{_patterns(len(data.patterns))} -> {path}"
     )
 
@@ -90,7 +90,8 @@ def status(as_json: bool) -> None:
         info = {**head, "published": published.isoformat(), "patterns": patterns}
         click.echo(json.dumps({"installed": True, "path": str(path), **info, "age_days": age}))
         return
-    click.echo(f"output filter {head['version']}: {head['entries']} entries{_patterns(patterns)}")
+    entries = _entries(head["entries"])
+    click.echo(f"output filter {head['version']}: {entries}{_patterns(patterns)}")
     click.echo(f"published {published.isoformat()}, {age} days ago")
     click.echo(f"matches phrases of up to {head['max_words']} words; file: {path}")
     if age > REFRESH_DAYS:
@@ -140,3 +141,7 @@ def remove() -> None:
 
 def _patterns(n: int) -> str:
     return f", {n} local pattern{'s' if n != 1 else ''}" if n else ""
+
+
+def _entries(n: int) -> str:
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
