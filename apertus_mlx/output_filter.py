@@ -68,11 +68,14 @@ def _norm(cluster: str) -> str:
 
 
 def _is_word(c: str) -> bool:
-    return c.isalnum() or c == "_"  # what `\w` matches in a str pattern
+    r"""`\w` (letters, digits, _) and combining marks: a Devanagari vowel sign or virama is
+    part of its word, or a Hindi name would be cut into more words than max_words."""
+    return c.isalnum() or c == "_" or (not c.isascii() and unicodedata.category(c)[0] == "M")
 
 
 def words(text: str) -> list[str]:
-    """The normalized words of `text`: NFKC, casefold, maximal runs of word characters."""
+    """The normalized words of `text`: NFKC and casefold per cluster, maximal runs of word
+    characters."""
     norm = "".join(_norm(c) for c in _clusters(text))
     return "".join(ch if _is_word(ch) else " " for ch in norm).split()
 
@@ -305,9 +308,10 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
     filtered whole.
 
     When anything was removed, the Done's `tokens` are emptied: the token ids would otherwise
-    let the removed text be decoded again from what a caller stores. (Chunk.token ids are
-    passed through for progress counts; never store them.) A KeyboardInterrupt thrown into
-    this generator (`wind_down`) is handed on to the one it wraps.
+    let the removed text be decoded again from what a caller stores. For the same reason every
+    filtered Chunk carries token -1: a chunk's token may belong to text that is held back and
+    removed later, and the history writes streamed ids to disk as they come. A
+    KeyboardInterrupt thrown into this generator (`wind_down`) is handed on to the one it wraps.
     """
     from .generate import Chunk, Done
 
@@ -331,7 +335,7 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
         if isinstance(event, Chunk):
             text = s.feed(event.text)
             parts.append(text)
-            event = Chunk(text, event.token)
+            event = Chunk(text, -1)
         try:
             yield event
         except KeyboardInterrupt as e:

@@ -125,6 +125,7 @@ def test_longest_match_wins_and_case_folding_expands():
     assert f.apply("Anna Muster") == f"{MARKER} Muster"
     assert f.apply("STRASSE") == MARKER  # casefold: ß -> ss
     assert words("Ａｎｎａ, MÜSTER_x!") == ["anna", "müster_x"]
+    assert words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs and virama stay in the word
 
 
 def test_patterns_replace_local_rules():
@@ -254,6 +255,7 @@ def test_filtered_events_hide_the_match_and_drop_the_token_ids():
     assert "".join(c.text for c in chunks) == done.text == f"Call {MARKER} now."
     assert all("Anna"[:2] not in c.text for c in chunks)
     assert done.tokens == []  # the ids would decode back to "Anna Muster"
+    assert {c.token for c in chunks} == {-1}  # a chunk's id may be of text removed later
     clean = list(filtered(events(["nothing ", "here"]), make(["Anna Muster"])))
     assert clean[-1].text == "nothing here" and clean[-1].tokens == [0, 1]
 
