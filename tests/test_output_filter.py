@@ -192,6 +192,27 @@ def test_streaming_equals_the_whole_text_for_any_cuts(text, points, max_words):
 
 
 @settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=60),
+    st.lists(st.integers(min_value=0), max_size=20),
+    st.lists(st.integers(min_value=0), min_size=1, max_size=4),
+)
+def test_any_unicode_streams_like_the_whole_text(text, points, picks):
+    # entries made of the text's own words and word pairs, so that something matches
+    said = words(text) or ["x"]
+    phrases = [said[i % len(said)] for i in picks]
+    phrases.append(" ".join(said[:2]))
+    f = make(phrases, max_words=2)
+    whole = f.apply(text)
+    s, shown = f.stream(), ""
+    for chunk in cut(text, points):
+        shown += s.feed(chunk)
+        assert whole.startswith(shown)
+    assert shown + s.flush() == whole
+    assert not set(phrases) & set(words(whole.replace(MARKER, " ")))
+
+
+@settings(max_examples=300, deadline=None)
 @given(texts)
 def test_whole_text_agrees_with_a_plain_reference(text):
     # ½ and the lone combining mark make clusters that are half word, half not: skip them here
