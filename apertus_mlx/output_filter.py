@@ -93,9 +93,7 @@ class OutputFilter:
         self.data = data
         self._digests = data.digests
         self._count = data.entries
-        self._pattern = (
-            re.compile("|".join(f"(?:{p})" for p in data.patterns)) if (data.patterns) else None
-        )
+        self._patterns = [re.compile(p) for p in data.patterns]
         self._default: FilterStream | None = None
 
     @classmethod
@@ -143,7 +141,7 @@ class FilterStream:
 
     def __init__(self, f: OutputFilter):
         self._words = _WordStage(f)
-        self._patterns = _PatternStage(f._pattern) if f._pattern is not None else None
+        self._patterns = _PatternStage(f._patterns) if f._patterns else None
 
     @property
     def removed(self) -> int:
@@ -268,13 +266,14 @@ class _WordStage:
 class _PatternStage:
     """Local regular expressions over text, streamed with a bounded look-ahead.
 
-    At each position the pattern is tried on the next PATTERN_WINDOW characters only (with up
-    to as many before it as context), so a decision never depends on how the text was cut;
-    the price is that the last PATTERN_WINDOW characters wait until more text or the end.
+    At each position the patterns are tried in order on the next PATTERN_WINDOW characters
+    only (with up to as many before it as context), so a decision never depends on how the
+    text was cut; the price is that the last PATTERN_WINDOW characters wait for more text or
+    the end. The first pattern with a non-empty match there wins.
     """
 
-    def __init__(self, pattern: re.Pattern):
-        self._rx = pattern
+    def __init__(self, patterns: list[re.Pattern]):
+        self._patterns = patterns
         # _buf[0] is a sentinel, so `^` never matches wherever the buffer was trimmed
         self._buf = _SENTINEL
         self._pos = 1  # first undecided character of _buf; before it: context only
@@ -284,18 +283,26 @@ class _PatternStage:
         buf, pos, w = self._buf + text, self._pos, PATTERN_WINDOW
         n, start, out = len(buf), pos, []
         while pos < n and (final or n - pos >= w):
-            m = self._rx.match(buf, pos, min(n, pos + w))
-            if m and m.end() > pos:
+            end = self._match(buf, pos, min(n, pos + w))
+            if end:
                 out.append(buf[start:pos])
                 out.append(MARKER)
                 self.removed += 1
-                pos = start = m.end()
+                pos = start = end
             else:
                 pos += 1
         out.append(buf[start:pos])
         keep = max(1, pos - w)  # keep some context for look-behind and \b
         self._buf, self._pos = _SENTINEL + buf[keep:], pos - keep + 1
         return "".join(out)
+
+    def _match(self, buf: str, pos: int, endpos: int) -> int:
+        """Where the first pattern matching at `pos` ends; 0 when none does (or only empty)."""
+        for rx in self._patterns:
+            m = rx.match(buf, pos, endpos)
+            if m and m.end() > pos:
+                return m.end()
+        return 0
 
     def flush(self) -> str:
         out = self.feed("", final=True)

@@ -129,9 +129,10 @@ def test_longest_match_wins_and_case_folding_expands():
 
 
 def test_patterns_replace_local_rules():
-    f = make([], patterns=[r"[\w.+-]+@[\w-]+\.[a-z]{2,}", r"\+41(?: ?\d){9}\b"])
-    text = "Write to anna.muster@example.ch or call +41 44 123 45 67 today."
-    assert f.apply(text) == f"Write to {MARKER} or call {MARKER} today."
+    f = make([], patterns=[r"[\w.+-]+@[\w-]+\.[a-z]{2,}", r"\+41(?: ?\d){9}\b", "(?i)ch\\d{2}"])
+    text = "Write to anna.muster@example.ch or call +41 44 123 45 67 today, Ch93 or x."
+    assert f.apply(text) == f"Write to {MARKER} or call {MARKER} today, {MARKER} or x."
+    assert make([], patterns=["x*"]).apply("abc") == "abc"  # empty matches are no matches
 
 
 def test_default_stream_is_reset_by_flush():
