@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "apertus_mlx.commands.filter:filter_group",
         "Install or check the output filter that removes personal data.",
     ),
+    "history": (
+        "apertus_mlx.commands.history:history",
+        "List, show, search, export or delete saved conversations.",
+    ),
 }
 
 

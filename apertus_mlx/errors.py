@@ -53,3 +53,13 @@ class FilterFormatError(ApertusError):
 
 class FilterInstallError(ApertusError):
     """The installed output filter cannot be used; generation refuses to run unfiltered."""
+
+
+class StoreError(ApertusError):
+    """The history database cannot be opened, read or written (disk full, locked, read-only)."""
+
+
+class UnknownConversationError(StoreError):
+    """No conversation, or more than one, has the id or prefix the user typed."""
+
+    exit_code = 2

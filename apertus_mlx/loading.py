@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +19,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .errors import CorruptCheckpointError, WeightsError
+from .fusion import can_fuse, fuse_qkv
 from .model import Model
+from .plan import make_plan
 
 OPTIONAL_SUFFIXES = (".act_fn.beta", ".act_fn.eps")  # buffers some exports leave out
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived, never a learned weight
 _DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
-
-
-def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype) -> mx.Dtype:
-    """What the model computes in: as asked, else what the backend is fast at.
-
-    MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
-    bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
-    """
-    if isinstance(requested, str):
-        requested = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
-            requested
-        ]
-    if requested is not None:
-        return requested
-    return stored if mx.default_device() == mx.gpu else mx.float32
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -199,27 +187,32 @@ def cast_weights(
     return {k: v.astype(dtype) if cast(k, v) else v for k, v in weights.items()}
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True) -> Model:
-    """Build the model for the checkpoint at `path` (a local directory)."""
+def load_model(
+    path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True, **plan: bool
+) -> Model:
+    """Build the model for the checkpoint at `path` (a local directory).
+
+    The execution plan (compute dtype, kernels, fusion) is made here, once, from the machine
+    and the checkpoint; `fuse=False` keeps q, k and v apart (what `convert` saves), and
+    `plan` forces other fields of it (tests run the Metal path's `fast_ops=True` on a CPU).
+    """
     path = Path(path)
     args = ModelArgs.from_dir(path)
     weights, stored = read_weights(path)
     weights = sanitize(weights, args)
-    model = Model(args)
-    if args.quantization:
-        quantize_like_checkpoint(model, weights, args.quantization)
+    quant = args.quantization
+    fuse = fuse and can_fuse(weights, quant)
+    if fuse:
+        weights, quant = fuse_qkv(weights, quant)
+    plan = replace(make_plan(stored, dtype, fuse), **plan)
+    model = Model(args, plan)
+    if quant:
+        quantize_like_checkpoint(model, weights, quant)
         check_quantized_layers(model, weights)
     check_names_and_shapes(model, weights)
     head = "model.embed_tokens." if args.tie_word_embeddings else "lm_head."
-    weights = cast_weights(weights, compute_dtype(dtype, stored), head)
-    model.update(tree_unflatten(list(weights.items())))
+    model.update(tree_unflatten(list(cast_weights(weights, plan.dtype, head).items())))
     del weights
     mx.eval(model.parameters())
-    model.fold_constants()
-    model.set_fast_ops(mx.default_device() == mx.gpu)
-    if fuse:
-        from .fusion import fuse_qkv
-
-        fuse_qkv(model)
     model.eval()
     return model

@@ -1,13 +1,14 @@
 """`apertus-mlx filter install|status|apply|rm`: the output filter the model cards ask for.
 
-Also `with_filter`, the one call `generate` makes: the matcher module is imported only when
-a filter is installed, so an unfiltered `generate` starts as fast as before.
+Also `output_filter`, what `generate` wraps its events with: the matcher module is imported
+only when a filter is installed, so an unfiltered `generate` starts as fast as before.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from datetime import date
 
 import click
@@ -21,13 +22,14 @@ def _installed():
     return data_dir() / INSTALLED_NAME
 
 
-def with_filter(events, disabled: bool):
-    """`events` filtered by the installed filter; unchanged (and said so) when `disabled`."""
+def output_filter(disabled: bool) -> Callable[[Iterator], Iterator]:
+    """The wrapper `generate` puts over its events: the installed filter, loaded now so a
+    damaged one stops the run before the model loads; no change (said so) when `disabled`."""
     if disabled:
         click.echo("apertus-mlx: output filter off for this run (--no-output-filter)", err=True)
-        return events
+        return _unchanged
     if not _installed().exists():
-        return events
+        return _unchanged
     from ..errors import FilterFormatError, FilterInstallError
     from ..output_filter import OutputFilter, filtered
 
@@ -37,7 +39,13 @@ def with_filter(events, disabled: bool):
         raise FilterInstallError(
             f"{e} (or run with --no-output-filter to generate without it)"
         ) from None
-    return filtered(events, f) if f is not None else events
+    if f is None:  # removed in the meantime
+        return _unchanged
+    return lambda events: filtered(events, f)
+
+
+def _unchanged(events: Iterator) -> Iterator:
+    return events
 
 
 @click.group("filter")

@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..errors import UsageError
 from . import model_option
@@ -36,32 +37,25 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
     )
 
 
-def backend_summary(model) -> str:
-    import mlx.core as mx
-
-    from ..kernels import qk_rope_backend, xielu_backend
-
-    device = "metal" if mx.default_device() == mx.gpu else "cpu"
-    dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
-    kernels = f"xielu {xielu_backend()}, qk-norm+rope {qk_rope_backend()}"
-    return f"{device}, {dtype} activations, {kernels}"
-
-
 def format_stats(stats, backend: str) -> str:
     cached = f", {stats.cached_tokens} cached" if stats.cached_tokens else ""
+    read = stats.cached_tokens + stats.prefilled_tokens
+    if read < stats.prompt_tokens:  # stopped while reading it
+        cached += f", stopped after {read}"
+    first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
     return (
         f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prefill_tps:.1f} tok/s | "
         f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
-        f"first token {stats.ttft_s:.2f} s | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
+        f"{first} | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
     )
 
 
 @click.command()
 @click.argument("prompt", required=False)
-@model_option()
+@model_option(required=False, extra_help=" Optional with --continue.")
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
-@click.option("--think", is_flag=True, help="Enable the model's deliberation (thinking) mode.")
+@click.option("--think/--no-think", default=None, help="The model's deliberation (thinking) mode.")
 @click.option(
     "-n",
     "--max-tokens",
@@ -90,6 +84,13 @@ def format_stats(stats, backend: str) -> str:
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
+@click.option("--save", is_flag=True, help="Save the exchange as a new conversation (see history).")
+@click.option(
+    "--continue",
+    "continue_id",
+    metavar="ID",
+    help="Add a turn to saved conversation ID, with its model and settings unless given.",
+)
 def generate(
     prompt,
     model_name,
@@ -108,21 +109,23 @@ def generate(
     stats,
     as_json,
     no_output_filter,
+    save,
+    continue_id,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
     Sampling defaults come from the checkpoint's generation_config.json, else the model card's
     temperature 0.8 / top-p 0.9. Ctrl+C stops the answer; what was generated is kept.
+    --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
-    from .filter import with_filter
+    from .filter import output_filter
 
     text = read_prompt(prompt)
-    model, tokenizer = load(model_name, dtype=dtype)
-    params = SamplingParams.from_defaults(
-        tokenizer.generation_defaults,
+    wrap = output_filter(disabled=no_output_filter)
+    sampling = dict(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -130,12 +133,43 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
+    rec = None
+    if save or continue_id is not None:
+        from ..recording import Recorder
+
+        rec = Recorder(continue_id, raw=no_chat_template)
+        source = click.get_current_context().get_parameter_source("model_name")
+        model_name, system, think, max_tokens, stop_strings = rec.merge(
+            sampling,
+            model_name,
+            system,
+            think,
+            max_tokens,
+            stop_strings,
+            model_typed=source is ParameterSource.COMMANDLINE,
+        )
+    if not model_name:
+        raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
+    model, tokenizer = load(model_name, dtype=dtype)
+    params = SamplingParams.from_defaults(tokenizer.generation_defaults, **sampling)
+    if rec:
+        ids = rec.prompt_ids(tokenizer, text, system, bool(think))
+        rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
+    else:
+        ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
+    cache = rec.saved_cache(model, ids) if rec else None
+    cache = cache if cache is not None else model.make_cache()
     events = generate(
-        model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+        model,
+        tokenizer,
+        ids,
+        params=params,
+        max_tokens=limit,
+        stop_strings=stop_strings,
+        cache=cache,
     )
-    events = with_filter(events, disabled=no_output_filter)
+    events = wrap(events)
     done = None
 
     def consume(events) -> None:
@@ -146,6 +180,8 @@ def generate(
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+            if rec:
+                rec.feed(event)
 
     try:
         try:
@@ -153,23 +189,35 @@ def generate(
         except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
             consume(wind_down(events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+        if rec:
+            rec.close("interrupted")
         sys.stderr.close()
         sys.exit(0)
+    except BaseException:
+        if rec:
+            rec.close("error")
+        raise
     s = done.stats
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    saved = rec.report(as_json) if rec else {}
     if as_json:
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": backend_summary(model)},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
                 ensure_ascii=False,
             )
         )
-    else:
-        sys.stdout.write("\n")
     if s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
     if stats:
-        click.echo(format_stats(s, backend_summary(model)), err=True)
+        click.echo(format_stats(s, model.plan.describe()), err=True)
+    if rec:
+        rec.save_cache(model, cache, (ids + done.tokens)[: cache.offset])
     if s.finish_reason == "interrupted":
         sys.exit(130)
+    if rec:
+        rec.raise_error()
