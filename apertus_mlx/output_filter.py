@@ -177,6 +177,7 @@ class _WordStage:
         self._open = ""  # the last cluster, still open
         self._held: list[str] = []  # closed clusters not yet released; _held[0] is _base
         self._base = 0
+        self._cut = 0  # clusters before this one are released or removed
         self._next = 0  # index of the next closed cluster
         self._word: list[str] = []  # normalized characters of the word in progress
         self._word_first = self._word_last = 0  # its first and last cluster
@@ -197,9 +198,7 @@ class _WordStage:
             self._close(self._open)
             self._open = ""
         self._end_word()
-        out = self._decide(final=True)
-        self._held, self._base = [], self._next
-        return out
+        return self._decide(final=True)
 
     def _close(self, cluster: str) -> None:
         i = self._next
@@ -220,47 +219,48 @@ class _WordStage:
             self._word = []
 
     def _decide(self, final: bool) -> str:
+        """Decide every word that can be decided now; return the text released by it.
+
+        Index-based, with one cut of the lists at the end, so that a long text fed at once
+        (`apply`) costs linear time."""
         out: list[str] = []
-        pending = self._pending
-        while pending and (final or len(pending) >= self._max):
-            k = self._longest(pending)
+        pending, i, n = self._pending, 0, len(self._pending)
+        while i < n and (final or n - i >= self._max):
+            k = self._longest(pending, i)
             if k:
-                out.append(self._release(pending[0][1]))
-                self._drop(pending[k - 1][2] + 1)
+                out.append(self._take(pending[i][1]))
+                self._cut = max(self._cut, pending[i + k - 1][2] + 1)
                 out.append(MARKER)
                 self.removed += 1
-                del pending[:k]
+                i += k
             else:
-                del pending[0]
+                i += 1
+        del pending[:i]
         if pending:
             upto = pending[0][1]
         elif self._word:
             upto = self._word_first
         else:
             upto = self._next
-        out.append(self._release(upto))
+        out.append(self._take(upto))
+        del self._held[: self._cut - self._base]
+        self._base = self._cut
         return "".join(out)
 
-    def _longest(self, pending: list[tuple[str, int, int]]) -> int:
-        for k in range(min(self._max, len(pending)), 0, -1):
-            if self._f.matches([w for w, _, _ in pending[:k]]):
+    def _longest(self, pending: list[tuple[str, int, int]], i: int) -> int:
+        """The most words from pending[i] on that form an entry (0: none)."""
+        for k in range(min(self._max, len(pending) - i), 0, -1):
+            if self._f.matches([w for w, _, _ in pending[i : i + k]]):
                 return k
         return 0
 
-    def _release(self, upto: int) -> str:
-        """The text of clusters before `upto`, no longer held."""
-        n = upto - self._base
-        if n <= 0:
+    def _take(self, upto: int) -> str:
+        """The held text from the cut up to cluster `upto`; the cut moves there."""
+        if upto <= self._cut:
             return ""
-        text = "".join(self._held[:n])
-        self._drop(upto)
+        text = "".join(self._held[self._cut - self._base : upto - self._base])
+        self._cut = upto
         return text
-
-    def _drop(self, upto: int) -> None:
-        n = upto - self._base
-        if n > 0:
-            del self._held[:n]
-            self._base = upto
 
 
 class _PatternStage:
