@@ -52,8 +52,9 @@ def _unchanged(events: Iterator) -> Iterator:
 def filter_group() -> None:
     """The Apertus output filter: removes personal data from answers (see the README).
 
-    Once installed it applies to every answer of `generate` and `chat`, and to what the
-    history stores.
+    The model cards ask you to apply swiss-ai's filter and refresh it every six months; get it
+    from https://huggingface.co/swiss-ai/Apertus-8B-Instruct-2509. Once installed it applies to
+    every answer `generate` shows, prints as JSON or saves to the history.
     """
 
 
