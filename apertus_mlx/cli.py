@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("apertus_mlx.commands.models:remove", "Delete a downloaded model."),
     "convert": ("apertus_mlx.commands.convert:convert", "Quantize a checkpoint to INT2-INT8."),
     "bench": ("apertus_mlx.commands.bench:bench", "Measure speed, side by side with mlx-lm."),
+    "filter": (
+        "apertus_mlx.commands.filter:filter_group",
+        "Install or check the output filter that removes personal data.",
+    ),
     "history": (
         "apertus_mlx.commands.history:history",
         "List, show, search, export or delete saved conversations.",

@@ -57,6 +57,16 @@ class UsageError(ApertusError):
     exit_code = 2
 
 
+class FilterFormatError(ApertusError):
+    """An output filter file is unreadable or does not follow the documented format."""
+
+    exit_code = 2
+
+
+class FilterInstallError(ApertusError):
+    """The installed output filter cannot be used; generation refuses to run unfiltered."""
+
+
 class StoreError(ApertusError):
     """The history database cannot be opened, read or written (disk full, locked, read-only)."""
 

@@ -97,6 +97,7 @@ def format_stats(stats, backend: str) -> str:
 )
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 @click.option("--save", is_flag=True, help="Save the exchange as a new conversation (see history).")
 @click.option(
     "--continue",
@@ -121,6 +122,7 @@ def generate(
     dtype,
     stats,
     as_json,
+    no_output_filter,
     save,
     continue_id,
 ) -> None:
@@ -134,6 +136,7 @@ def generate(
     from ..config import GenerationConfig
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
+    from .filter import output_filter
 
     text = read_prompt(prompt)
     for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
@@ -141,6 +144,7 @@ def generate(
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
     SamplingParams.from_defaults(GenerationConfig(), **sampling)  # bad flags fail before the load
+    wrap = output_filter(disabled=no_output_filter)
     rec = None
     if save or continue_id is not None:
         from ..recording import Recorder
@@ -177,6 +181,7 @@ def generate(
         stop_strings=stop_strings,
         cache=cache,
     )
+    events = wrap(events)
     done = None
 
     def consume(events) -> None:

@@ -55,12 +55,23 @@ def list_models(as_json: bool) -> None:
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
+        _filter_reminder()
         return
     for r in rows:
         mark = "✓" if r["downloaded"] else " "
         size = f"{r['size_gb']:>7.2f} GB"
         click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {r['description']}")
     click.echo("\n✓ downloaded. Get one with `apertus-mlx download ALIAS`.")
+    _filter_reminder()
+
+
+def _filter_reminder() -> None:
+    """Once per `models` run, on stderr: no output filter, or one past six months old."""
+    from ..output_filter import reminder
+
+    note = reminder()
+    if note:
+        click.echo(f"note: {note}", err=True)
 
 
 @click.command("rm")
