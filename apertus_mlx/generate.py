@@ -208,6 +208,9 @@ class Stats:
     decode_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str = "stop"
+    # The prompt is the full rendering of the conversation, not its past answers' own tokens:
+    # the template renders history differently (see `prompt.conversation_ids`).
+    history_rerendered: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -44,6 +44,7 @@ class Recorder:
         self.error: StoreError | None = None
         self._answer_settings: dict[str, Any] = {}
         self.identity: tuple[str, str | None] | None = None  # (model, revision) recorded
+        self.history_rerendered = False
         try:
             self.store = Store.open()
         except StoreError as e:
@@ -96,7 +97,9 @@ class Recorder:
                 if m.role in ("user", "assistant")
             ]
         messages.append({"role": "user", "content": text})
-        return conversation_ids(tokenizer, messages, enable_thinking=thinking).ids
+        prompt = conversation_ids(tokenizer, messages, enable_thinking=thinking)
+        self.history_rerendered = not prompt.token_exact
+        return prompt.ids
 
     def begin(
         self,

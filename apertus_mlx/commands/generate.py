@@ -210,6 +210,7 @@ def generate(
             rec.close("error")
         raise
     s = done.stats
+    s.history_rerendered = bool(rec and rec.history_rerendered)
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
