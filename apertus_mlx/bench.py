@@ -22,7 +22,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,63 +97,66 @@ def unload() -> None:
     mx.clear_cache()
 
 
-class _NullTokenizer:
-    """What `generate` needs of a tokenizer when the text does not matter: no EOS, no text."""
-
-    eos_token_ids: set[int] = set()
-
-    def detokenizer(self) -> _NullTokenizer:
-        return self
-
-    def add(self, token: int) -> str:
-        return ""
-
-    def finalize(self) -> str:
-        return ""
-
-
 def ours_step_ops(model, prompt: list[int]) -> Counter[str]:
-    """Warm up our compiled decode step and return the primitives of one step's graph."""
-    from .generate import default_step
+    """Warm up our compiled forward and return the primitives of one decode step's graph."""
+    from .generate import forward_for
 
-    step = default_step(model)
+    forward = forward_for(model)
     cache = model.make_cache()
-    logits = step.prefill(mx.array([prompt[:WARMUP_TOKENS]]), cache)
+    logits = forward.prefill(prompt[:WARMUP_TOKENS], cache)
     # The measured run's first decode step has this capacity: compile for the same shapes.
     cache.reserve(len(prompt) + 1)
     y = mx.argmax(logits, axis=-1)
     mx.eval(y, *cache.state())
-    logits = step(y, cache)
-    prims = graph_primitives([logits, *cache.keys, *cache.values])
-    mx.eval(logits, *cache.keys, *cache.values)
+    logits = forward(y[:, None], cache)
+    prims = graph_primitives([logits, *cache.state()])
+    mx.eval(logits, *cache.state())
     return prims
 
 
 def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
-    """Load with apertus-mlx, warm up, then time `generate` (greedy, EOS ignored)."""
-    from .generate import Done, generate
+    """Load with apertus-mlx, warm up, then time `generate_step` (greedy), as for mlx-lm."""
+    from .generate import forward_for, generate_step
     from .loading import load_model
-    from .sampling import SamplingParams
+    from .sampling import SamplingParams, make_sampler
 
     model = load_model(path)
     prims = ours_step_ops(model, prompt)
     unload()
-    done = None
-    for event in generate(
-        model,
-        _NullTokenizer(),
+    steps = generate_step(
         prompt,
-        params=SamplingParams(temperature=0),
+        forward_for(model),
+        model.make_cache(),
+        sampler=make_sampler(SamplingParams(temperature=0)),
         max_tokens=gen_tokens,
-    ):
-        if isinstance(event, Done):
-            done = event
-    s = done.stats
-    if s.generated_tokens != gen_tokens:
-        raise RuntimeError(f"generated {s.generated_tokens} tokens instead of {gen_tokens}")
+    )
+    return time_steps(steps, len(prompt), gen_tokens, prims, "apertus-mlx")
+
+
+def time_steps(
+    steps: Iterator, prompt_tokens: int, gen_tokens: int, prims: Counter[str], engine: str
+) -> Result:
+    """Run a token generator (ours or mlx-lm's `generate_step`) to the end and time it."""
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = start
+    n = 0
+    for n, _ in enumerate(steps, 1):
+        if n == 1:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    mx.synchronize()  # a step queued past the last token must not count as the next run's
+    if n != gen_tokens:
+        raise RuntimeError(f"{engine} generated {n} tokens instead of {gen_tokens}")
+    ttft = first - start
     ops = compute_ops(prims)
     return Result(
-        s.prefill_tps, s.decode_tps, s.ttft_s, s.peak_memory_gb, sum(ops.values()), dict(ops)
+        prefill_tps=prompt_tokens / max(ttft, 1e-9),
+        decode_tps=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
+        ttft_s=ttft,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        graph_ops_per_token=sum(ops.values()),
+        ops=dict(ops),
     )
 
 
@@ -185,27 +188,8 @@ def bench_mlx_lm(path: str | Path, prompt: list[int], gen_tokens: int) -> Result
     model, _ = lm_load(Path(path))
     prims = mlx_lm_step_ops(model, prompt)
     unload()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first = start
-    n = 0
-    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=gen_tokens), 1):
-        if n == 1:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    mx.synchronize()  # generate_step queues one step past the last token it yields
-    if n != gen_tokens:
-        raise RuntimeError(f"mlx-lm generated {n} tokens instead of {gen_tokens}")
-    ttft = first - start
-    ops = compute_ops(prims)
-    return Result(
-        prefill_tps=len(prompt) / max(ttft, 1e-9),
-        decode_tps=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
-        ttft_s=ttft,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-        graph_ops_per_token=sum(ops.values()),
-        ops=dict(ops),
-    )
+    steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens)
+    return time_steps(steps, len(prompt), gen_tokens, prims, "mlx-lm")
 
 
 def best(results: Sequence[Result]) -> Result:

@@ -1,23 +1,61 @@
 """The KV cache: keys and values of every layer, kept across calls and across chat turns.
 
-Buffers grow in steps of `step` positions, so decoding writes each new token in place instead
-of concatenating a new array per token; `trim` keeps a prefix, which is how a chat reuses the
-cache of the turns it has already seen.
+Buffers are preallocated, (batch, kv_heads, capacity, head_dim) per layer, and grow in steps of
+`step` positions. A forward pass writes its new keys and values in place with
+`mx.slice_update` at the cache's position, given to it as an array (`KVBuffers`), and
+attention masks the unused tail: so one compiled graph serves every position until the
+buffers grow, whether it reads a prompt chunk, one token or a block of drafted tokens.
+`trim` keeps a prefix, which is how a chat reuses the turns it has already seen and how
+speculative decoding drops rejected drafts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 
+DEFAULT_STEP = 256
+
+
+@dataclass
+class KVBuffers:
+    """What one forward pass reads and writes: every layer's buffers and where to write."""
+
+    keys: list[mx.array]
+    values: list[mx.array]
+    position: mx.array  # (1,) int32: the first position this pass writes
+
+    def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store (B, kv_heads, L, head_dim) at `position`; return the layer's whole buffers."""
+        self.keys[layer] = mx.slice_update(self.keys[layer], keys, self.position, axes=(2,))
+        self.values[layer] = mx.slice_update(self.values[layer], values, self.position, axes=(2,))
+        return self.keys[layer], self.values[layer]
+
+    def mask(self, length: int) -> mx.array:
+        """(length, capacity): query i sees positions up to position + i, nothing after."""
+        capacity = self.keys[0].shape[2]
+        last = self.position + mx.arange(length, dtype=mx.int32)
+        return mx.arange(capacity, dtype=mx.int32)[None, :] <= last[:, None]
+
 
 class KVCache:
-    def __init__(self, num_layers: int, step: int = 256):
-        self.keys: list[mx.array | None] = [None] * num_layers
-        self.values: list[mx.array | None] = [None] * num_layers
-        self.offset = 0
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: mx.Dtype,
+        batch: int = 1,
+        step: int = DEFAULT_STEP,
+    ):
+        self.shape = (batch, kv_heads, 0, head_dim)
+        self.dtype = dtype
         self.step = step
+        self.keys = [mx.zeros(self.shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [mx.zeros(self.shape, dtype=dtype) for _ in range(num_layers)]
+        self.offset = 0  # positions filled
 
     @property
     def num_layers(self) -> int:
@@ -25,38 +63,28 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        k = self.keys[0]
-        return 0 if k is None else k.shape[2]
+        return self.keys[0].shape[2]
 
-    def update_and_fetch(
-        self, layer: int, keys: mx.array, values: mx.array
-    ) -> tuple[mx.array, mx.array]:
-        """Write (B, kv_heads, L, head_dim) at the current offset; return everything so far."""
-        start, end = self.offset, self.offset + keys.shape[2]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or end > buf_k.shape[2]:
-            buf_k, buf_v = self._grown(buf_k, keys, end), self._grown(buf_v, values, end)
-        buf_k[..., start:end, :] = keys
-        buf_v[..., start:end, :] = values
-        self.keys[layer], self.values[layer] = buf_k, buf_v
-        return buf_k[..., :end, :], buf_v[..., :end, :]
+    def run(self, forward: Callable[[mx.array, KVBuffers], mx.array], inputs: mx.array):
+        """Run `forward(inputs, buffers)` after the filled positions; keep what it wrote."""
+        length = inputs.shape[1]
+        self.reserve(self.offset + length)
+        position = mx.array([self.offset], dtype=mx.int32)
+        kv = KVBuffers(list(self.keys), list(self.values), position)
+        out = forward(inputs, kv)
+        self.keys, self.values = kv.keys, kv.values
+        self.offset += length
+        return out
 
     def reserve(self, needed: int) -> None:
-        """Grow every (non-empty) layer's buffers to hold `needed` positions."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None and needed > k.shape[2]:
-                self.keys[i], self.values[i] = self._grown(k, k, needed), self._grown(v, v, needed)
-
-    def _grown(self, buf: mx.array | None, new: mx.array, needed: int) -> mx.array:
+        """Grow every layer's buffers to hold `needed` positions (a multiple of `step`)."""
+        if needed <= self.capacity:
+            return
         size = -(-needed // self.step) * self.step
-        B, H, _, D = new.shape
-        grown = mx.zeros((B, H, size, D), dtype=new.dtype)
-        if buf is not None and self.offset:
-            grown[..., : self.offset, :] = buf[..., : self.offset, :]
-        return grown
-
-    def advance(self, n: int) -> None:
-        self.offset += n
+        B, H, _, D = self.shape
+        tail = mx.zeros((B, H, size - self.capacity, D), dtype=self.dtype)
+        self.keys = [mx.concatenate([k, tail], axis=2) for k in self.keys]
+        self.values = [mx.concatenate([v, tail], axis=2) for v in self.values]
 
     def trim(self, n: int) -> int:
         """Forget the last n positions (at most all of them); return how many were dropped."""
@@ -69,35 +97,5 @@ class KVCache:
         self.trim(self.offset - min(length, self.offset))
 
     def state(self) -> list[mx.array]:
-        """The filled part of every buffer, for eval or saving."""
-        out = []
-        for k, v in zip(self.keys, self.values):
-            if k is not None:
-                out += [k[..., : self.offset, :], v[..., : self.offset, :]]
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys + self.values if a is not None)
-
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """Save as safetensors, so a saved conversation does not pay its prefill again."""
-        arrays = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                arrays[f"{i}.keys"] = k[..., : self.offset, :]
-                arrays[f"{i}.values"] = v[..., : self.offset, :]
-        meta = {"offset": str(self.offset), **(metadata or {})}
-        mx.save_safetensors(str(path), arrays, metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | Path, num_layers: int) -> tuple[KVCache, dict[str, str]]:
-        arrays, meta = mx.load(str(path), return_metadata=True)
-        cache = cls(num_layers)
-        offset = int(meta.get("offset", 0))
-        for i in range(num_layers):
-            if f"{i}.keys" in arrays and offset:
-                cache.offset = 0
-                cache.update_and_fetch(i, arrays[f"{i}.keys"], arrays[f"{i}.values"])
-        cache.offset = offset
-        return cache, meta
+        """Every buffer, to evaluate after a pass."""
+        return self.keys + self.values

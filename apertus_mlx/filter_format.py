@@ -104,10 +104,13 @@ def write_compiled(data: FilterData, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     header = json.dumps(data.header(), ensure_ascii=False).encode() + b"\n"
-    with tmp.open("wb") as f:
-        f.write(_MAGIC + header)
-        f.write(data.digests)
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(_MAGIC + header)
+            f.write(data.digests)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the old filter and no debris
 
 
 def _read_compiled(path: Path, raw: bytes) -> FilterData:

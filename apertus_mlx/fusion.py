@@ -1,46 +1,56 @@
-"""Load-time fusions that change how the model computes, never what.
+"""q, k and v as one projection, fused while the checkpoint's tensors are mapped.
 
-q, k and v read the same input, so one matmul over their concatenated weights replaces
-three (quantized ones too, when they share bits, group size and mode).
+The three projections read the same input, so one matmul over their concatenated weights
+replaces three (quantized ones too, when they share bits, group size and mode). This happens
+on the tensor dictionary before the model is built, like the rest of `loading.sanitize`: a
+built model is never rewired.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
-import mlx.nn as nn
+
+PARTS = ("q_proj", "k_proj", "v_proj")
+TENSORS = ("weight", "scales", "biases", "bias")
 
 
-def _fused(q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
-    parts = (q, k, v)
-    bias = "bias" in q
-    if any(("bias" in p) != bias for p in parts):
-        return None
-    if all(type(p) is nn.Linear for p in parts):
-        fused = nn.Linear(1, 1, bias=bias)
-    elif all(type(p) is nn.QuantizedLinear for p in parts):
-        if len({(p.group_size, p.bits, p.mode) for p in parts}) != 1:
-            return None
-        g = q.group_size
-        fused = nn.QuantizedLinear(g, g, bias=bias, group_size=g, bits=q.bits, mode=q.mode)
-    else:
-        return None
-    for name in ("weight", "scales", "biases", "bias"):
-        if name in q:
-            setattr(fused, name, mx.concatenate([p[name] for p in parts], axis=0))
-    return fused
+def _layers(weights: dict[str, mx.array]) -> list[str]:
+    """Attention module paths that have q/k/v projections."""
+    suffix = ".q_proj.weight"
+    return sorted(k[: -len(suffix)] for k in weights if k.endswith(suffix))
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Replace q/k/v projections with one `qkv_proj` where possible; return how many."""
-    count = 0
-    for layer in model.layers:
-        attn = layer.self_attn
-        fused = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
-        if fused is None:
-            continue
-        attn.qkv_proj = fused
-        for name in ("q_proj", "k_proj", "v_proj"):
-            del attn[name]
-        count += 1
-    mx.eval(model.parameters())
-    return count
+def _signature(weights: dict[str, mx.array], quant: dict[str, Any] | None, path: str) -> tuple:
+    """What must agree between q, k and v for one matmul to stand for the three."""
+    tensors = tuple(name for name in TENSORS if f"{path}.{name}" in weights)
+    override = (quant or {}).get(path)
+    return tensors, repr(override), weights[f"{path}.weight"].dtype
+
+
+def can_fuse(weights: dict[str, mx.array], quant: dict[str, Any] | None) -> bool:
+    """Every layer's q, k and v stored alike (same tensors, dtype, quantization)."""
+    layers = _layers(weights)
+    return bool(layers) and all(
+        len({_signature(weights, quant, f"{attn}.{p}") for p in PARTS}) == 1 for attn in layers
+    )
+
+
+def fuse_qkv(
+    weights: dict[str, mx.array], quant: dict[str, Any] | None
+) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
+    """`qkv_proj.*` tensors in place of q/k/v's, and the quantization block to match."""
+    out = dict(weights)
+    quant = dict(quant) if quant is not None else None
+    for attn in _layers(weights):
+        paths = [f"{attn}.{p}" for p in PARTS]
+        for name in TENSORS:
+            keys = [f"{path}.{name}" for path in paths]
+            if keys[0] in out:
+                out[f"{attn}.qkv_proj.{name}"] = mx.concatenate([out.pop(k) for k in keys], axis=0)
+        if quant is not None and paths[0] in quant:
+            quant[f"{attn}.qkv_proj"] = quant[paths[0]]
+            for path in paths:
+                quant.pop(path)
+    return out, quant

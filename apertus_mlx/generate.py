@@ -1,41 +1,216 @@
-"""Prefill and decode: prompt ids in, a stream of events out.
+"""Generation in two layers, as in mlx-lm: tokens, then text.
 
     for event in generate(model, tokenizer, prompt_ids, params=SamplingParams(temperature=0)):
         if isinstance(event, Chunk): print(event.text, end="")
 
-The loop samples step n+1 before it hands step n's token to Python (`mx.async_eval`), so
-detokenizing and printing overlap with the model's work. Prefill runs in chunks, so a long
-prompt needs memory for one chunk of activations at a time.
+`generate_step` deals in token ids only: prompt in, (token, log-probabilities) out, with the
+sampler and logits processors passed in as callables; speculative decoding and benchmarks plug
+in there. `generate` adds text on top: end tokens, the streaming detokenizer, stop strings,
+events and stats. Both run the model through `Forward`: its one forward pass over the KV
+cache, compiled once per shape.
+
+Decoding samples step n+1 before step n's token reaches Python (`mx.async_eval`), so
+detokenizing and printing overlap with the model's work. The prompt is read in chunks sized
+from the measured speed, so a stop request (the stop event, Ctrl+C) lands within about
+`PREFILL_BUDGET_S` even while a long prompt is being read, on a fast Mac and on a slow CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import KVBuffers, KVCache
+from .device import generation_stream, wired_limit
 from .errors import UsageError
-from .sampling import REPETITION_WINDOW, Sampler, SamplingParams
+from .sampling import LogitsProcessor, SamplingParams, make_logits_processors, make_sampler
 from .stopping import StopStrings
 
 DEFAULT_MAX_TOKENS = 4096  # a real answer fits; mlx-lm's 100-256 cuts answers mid-sentence
-PREFILL_STEP = 512
+PREFILL_BUDGET_S = 0.4  # the longest one layer of a prompt chunk should take: a stop's delay
+MAX_CHUNK = 512  # prompt tokens per chunk at most: memory for one chunk of activations
+FIRST_CHUNK = 8  # prompt tokens, until the speed is measured
+
+
+class Forward:
+    """The model's forward pass over a KV cache, compiled once per input shape.
+
+    The weights are inputs of the compiled graphs (`mx.compile(..., inputs=model.state)`), not
+    constants captured in them, so updating the model (new weights, an adapter) is seen by the
+    next call. Shapes change only when the cache grows a bucket (`KVCache.step`), so decoding
+    compiles rarely. `prefill` reads prompt chunks with the same pass, uncompiled: chunk
+    lengths vary, and at those sizes the matmuls, not the dispatch, take the time.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._compiled = mx.compile(self._pure, inputs=model.state)
+        self.tokens_per_s: float | None = None  # prompt reading speed, once measured
+
+    def _pure(self, inputs, position, keys, values):
+        kv = KVBuffers(list(keys), list(values), position)
+        hidden = self.model.model(inputs, kv)
+        return hidden, kv.keys, kv.values
+
+    def _compiled_pass(self, inputs: mx.array, kv: KVBuffers) -> mx.array:
+        hidden, kv.keys, kv.values = self._compiled(inputs, kv.position, kv.keys, kv.values)
+        return hidden
+
+    def __call__(self, inputs: mx.array, cache: KVCache) -> mx.array:
+        """Logits (B, L, vocab) of the next token after each of `inputs` (B, L)."""
+        return self.model.logits(cache.run(self._compiled_pass, inputs))
+
+    def prefill(
+        self,
+        ids: Sequence[int],
+        cache: KVCache,
+        stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> mx.array | None:
+        """Read `ids` into the cache; the logits (1, vocab) after the last one.
+
+        Each chunk is evaluated layer by layer, and sized so that one layer of it takes about
+        `PREFILL_BUDGET_S`: `stop()` is asked after every layer, and a stop returns None
+        with the cache holding the chunks read whole. Sizing by layer rather than by chunk
+        keeps chunks long enough for full-speed matmuls on a slow CPU, where one token
+        through every layer can take longer than the budget. `progress(n)` hears how many
+        tokens are in so far.
+        """
+        layers = len(self.model.layers)
+
+        def after_layer(h: mx.array) -> None:
+            mx.eval(h)
+            if stop():
+                raise _Stopped
+
+        done = 0
+        while done < len(ids):
+            size = min(self._chunk_size(layers), len(ids) - done)
+            start = time.perf_counter()
+            forward = functools.partial(self.model.model, after_layer=after_layer)
+            try:
+                hidden = cache.run(forward, mx.array([ids[done : done + size]]))
+            except _Stopped:
+                return None
+            done += size
+            self._measure(size, time.perf_counter() - start)
+            progress(done)
+        return self.model.logits(hidden[:, -1, :])
+
+    def _chunk_size(self, layers: int) -> int:
+        if self.tokens_per_s is None:
+            return FIRST_CHUNK
+        return max(1, min(MAX_CHUNK, int(self.tokens_per_s * PREFILL_BUDGET_S * layers)))
+
+    def _measure(self, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-6)
+        # Grow at most 4x per chunk: a short first chunk is dominated by fixed costs.
+        if self.tokens_per_s is not None:
+            rate = min(rate, 4 * self.tokens_per_s)
+        self.tokens_per_s = rate
+
+
+class _Stopped(Exception):
+    """Raised between two layers of a prompt chunk when a stop was requested."""
+
+
+_forwards: dict[int, Forward] = {}
+
+
+def forward_for(model) -> Forward:
+    """The model's `Forward`, made once per model so its compiled graphs are reused."""
+    forward = _forwards.get(id(model))
+    if forward is None or forward.model is not model:
+        forward = _forwards[id(model)] = Forward(model)
+    return forward
+
+
+# --- the token layer ----------------------------------------------------------------------
+
+
+@dataclass
+class PromptProgress:
+    """How much of the prompt the model has read, for truthful stats after a stop."""
+
+    read: int = 0
+    seconds: float = 0.0
+
+
+def generate_step(
+    prompt: Sequence[int],
+    forward: Forward,
+    cache: KVCache,
+    *,
+    sampler: Callable[[mx.array], mx.array],
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    stop: Callable[[], bool] = lambda: False,
+    progress: PromptProgress | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token id, log-probabilities (vocab,)) for each generated token.
+
+    The part of `prompt` that `cache` does not hold yet is read into it (all of it feeds the
+    logits processors). The loop ends after
+    `max_tokens`, when `stop()` is true (asked between prompt chunks and after each token),
+    or when the consumer stops iterating. The cache then holds every token fed to the model:
+    the prompt and each yielded token but the last.
+    """
+    progress = progress if progress is not None else PromptProgress()
+    tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal tokens
+        logits = logits.astype(mx.float32)
+        for processor in logits_processors:
+            logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if tokens is not None:
+            tokens = mx.concatenate([tokens, token.astype(mx.int32)])
+        return token, logprobs.squeeze(0)
+
+    def count(n: int) -> None:
+        progress.read, progress.seconds = n, time.perf_counter() - started
+
+    started = time.perf_counter()
+    with mx.stream(generation_stream()):
+        logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
+        if logits is None:
+            return
+        y, lp = sample(logits)
+        mx.async_eval(y, lp)
+        for n in range(1, max_tokens + 1):
+            if n < max_tokens:  # queue the next step before waiting for this token
+                next_y, next_lp = sample(forward(y[:, None], cache)[:, -1, :])
+                mx.async_eval(next_y, next_lp)
+            yield y.item(), lp
+            if n == max_tokens or stop():
+                return
+            y, lp = next_y, next_lp
+
+
+# --- the text layer -----------------------------------------------------------------------
 
 
 @dataclass
 class Stats:
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the cache
+    prefilled_tokens: int = 0  # prompt tokens read this time (fewer if stopped while reading)
     generated_tokens: int = 0
-    ttft_s: float = 0.0
+    ttft_s: float | None = None  # None when no token came
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str = "stop"
+    # The prompt is the full rendering of the conversation, not its past answers' own tokens:
+    # the template renders history differently (see `prompt.conversation_ids`).
+    history_rerendered: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,29 +234,23 @@ class Done:
 Event = Chunk | Done
 
 
-class DecodeStep:
-    """One token in, next-token logits out; the plain path, kept beside the fast one."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def prefill(self, ids: mx.array, cache: KVCache) -> mx.array:
-        """Feed (1, L) ids; the logits after the last one (lazy: unused ones cost nothing)."""
-        hidden = self.model.model(ids, cache)
-        return self.model.logits(hidden[:, -1, :])
-
-    def __call__(self, token: mx.array, cache: KVCache) -> mx.array:
-        return self.prefill(token.reshape(1, 1), cache)
-
-
-def default_step(model) -> DecodeStep:
-    """The compiled step, built once per model (compiling again would trace again)."""
-    step = getattr(model, "_decode_step", None)
-    if step is None:
-        from .fast_decode import CompiledDecodeStep
-
-        step = model._decode_step = CompiledDecodeStep(model)
-    return step
+def check_prompt(prompt: Sequence[int], model, cached: int, max_tokens: int) -> list[int]:
+    """The prompt as a list of valid ids; what no model could answer raises UsageError."""
+    vocab, context = model.args.vocab_size, model.args.max_position_embeddings
+    try:
+        ids = [int(i) for i in prompt]
+    except (TypeError, ValueError):
+        raise UsageError("prompt ids must be integers") from None
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"prompt id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    if not ids or cached >= len(ids):
+        raise UsageError("nothing to generate from: the prompt is empty")
+    if len(ids) >= context:
+        raise UsageError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    if max_tokens < 1:
+        raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
+    return ids
 
 
 def generate(
@@ -92,72 +261,68 @@ def generate(
     params: SamplingParams | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     stop_strings: Sequence[str] = (),
+    end_tokens: Sequence[int] | None = None,
     cache: KVCache | None = None,
     stop_event: threading.Event | None = None,
-    step: DecodeStep | None = None,
 ) -> Iterator[Event]:
-    """Stream the continuation of `prompt_ids`.
+    """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
     `cache` may already hold the first `cache.offset` prompt tokens (a chat's earlier turns);
-    only the rest is prefilled. On return the cache holds every token fed to the model.
-    The last event is always `Done`, with finish_reason stop, length or interrupted.
+    only the rest is read. `end_tokens` default to the checkpoint's (`model.generation`). The
+    last event is always `Done`, with finish_reason stop, length or interrupted (the stop
+    event, Ctrl+C).
     """
     params = params or SamplingParams()
     cache = cache if cache is not None else model.make_cache()
-    step = step or default_step(model)
-    prompt = list(prompt_ids)
     cached = cache.offset
-    context = model.args.max_position_embeddings
-    if not prompt or cached >= len(prompt):
-        raise UsageError("nothing to generate from: the prompt is empty")
-    if len(prompt) >= context:
-        raise UsageError(f"the prompt has {len(prompt)} tokens; the model's context is {context}")
-    max_tokens = min(max_tokens, context - len(prompt))
-
-    stats = Stats(prompt_tokens=len(prompt), cached_tokens=cached)
-    sampler = Sampler(params)
+    prompt = check_prompt(prompt_ids, model, cached, max_tokens)
+    max_tokens = min(max_tokens, model.args.max_position_embeddings - len(prompt))
+    end = set(model.generation.eos_token_ids if end_tokens is None else end_tokens)
+    stop = stop_event.is_set if stop_event is not None else lambda: False
+    progress = PromptProgress()
+    steps = generate_step(
+        prompt,
+        forward_for(model),
+        cache,
+        sampler=make_sampler(params),
+        logits_processors=make_logits_processors(params),
+        max_tokens=max_tokens,
+        stop=stop,
+        progress=progress,
+    )
     detok = tokenizer.detokenizer()
     stops = StopStrings(stop_strings)
-    eos = set(tokenizer.eos_token_ids)
-    use_history = params.repetition_penalty != 1.0
-    history = mx.array(prompt[-REPETITION_WINDOW:]) if use_history else None
     mx.reset_peak_memory()
 
     tokens: list[int] = []
     parts: list[str] = []
     reason = "length"
     stopped_by_string = False
-    start = first_token_at = time.perf_counter()
-    try:
-        y = sampler(_prefill(step, prompt[cached:], cache), history)
-        mx.async_eval(y)
-        while len(tokens) < max_tokens:
-            if use_history:
-                history = mx.concatenate([history[-(REPETITION_WINDOW - 1) :], y])
-            more = len(tokens) + 1 < max_tokens
-            if more:  # queue the next step before waiting for this token
-                next_y = sampler(step(y, cache), history)
-                mx.async_eval(next_y)
-            token = y.item()
-            if not tokens:
-                first_token_at = time.perf_counter()
-            tokens.append(token)
-            if token in eos:
-                reason = "stop"
-                break
-            text, stopped_by_string = stops.feed(detok.add(token))
-            parts.append(text)
-            yield Chunk(text, token)
-            if stopped_by_string:
-                reason = "stop"
-                break
-            if stop_event is not None and stop_event.is_set():
-                reason = "interrupted"
-                break
-            y = next_y if more else y
-    except KeyboardInterrupt:
-        reason = "interrupted"
-    end = time.perf_counter()
+    start = time.perf_counter()
+    first_token_at = None
+    with wired_limit(model):
+        try:
+            for token, _ in steps:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                tokens.append(token)
+                if token in end:
+                    reason = "stop"
+                    break
+                text, stopped_by_string = stops.feed(detok.add(token))
+                parts.append(text)
+                yield Chunk(text, token)
+                if stopped_by_string:
+                    reason = "stop"
+                    break
+            else:
+                if stop():
+                    reason = "interrupted"
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        finally:
+            steps.close()
+    end_at = time.perf_counter()
 
     if not stopped_by_string:  # flush a held-back partial character or stop-string prefix
         tail, _ = stops.feed(detok.finalize())
@@ -165,12 +330,16 @@ def generate(
         if tail:
             parts.append(tail)
             yield Chunk(tail, -1)
-    stats.finish_reason = reason
+    stats = Stats(prompt_tokens=len(prompt), cached_tokens=cached, finish_reason=reason)
+    stats.prefilled_tokens = progress.read
     stats.generated_tokens = len(tokens)
-    stats.ttft_s = first_token_at - start
-    stats.prefill_tps = (len(prompt) - cached) / max(stats.ttft_s, 1e-9)
+    if first_token_at is not None:
+        stats.ttft_s = first_token_at - start
+        stats.prefill_tps = progress.read / max(stats.ttft_s, 1e-9)
+    elif progress.read:  # stopped while reading the prompt: every chunk read was evaluated
+        stats.prefill_tps = progress.read / max(progress.seconds, 1e-9)
     if len(tokens) > 1:
-        stats.decode_tps = (len(tokens) - 1) / max(end - first_token_at, 1e-9)
+        stats.decode_tps = (len(tokens) - 1) / max(end_at - first_token_at, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
     yield Done("".join(parts), stats, tokens)
 
@@ -187,13 +356,3 @@ def wind_down(events: Generator[Event, None, None]) -> Iterator[Event]:
     except StopIteration:
         return
     yield from events
-
-
-def _prefill(step: DecodeStep, ids: list[int], cache: KVCache) -> mx.array:
-    """Feed `ids` in chunks; return the logits after the last one."""
-    while len(ids) > PREFILL_STEP:
-        step.prefill(mx.array([ids[:PREFILL_STEP]]), cache)
-        mx.eval([k for k in cache.keys + cache.values if k is not None])
-        mx.clear_cache()
-        ids = ids[PREFILL_STEP:]
-    return step.prefill(mx.array([ids]), cache)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +19,36 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .errors import CorruptCheckpointError, WeightsError
+from .fusion import can_fuse, fuse_qkv
 from .model import Model
+from .plan import make_plan
 
 OPTIONAL_SUFFIXES = (".act_fn.beta", ".act_fn.eps")  # buffers some exports leave out
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived, never a learned weight
 _DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 
 
-def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype) -> mx.Dtype:
-    """What the model computes in: as asked, else what the backend is fast at.
-
-    MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
-    bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
-    """
-    if isinstance(requested, str):
-        requested = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
-            requested
-        ]
-    if requested is not None:
-        return requested
-    return stored if mx.default_device() == mx.gpu else mx.float32
-
-
 def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, else every *.safetensors.
+
+    An index may only name files beside it: `../other/model.safetensors` would read another
+    model's (or anyone's) file. Names are checked as written, not resolved, because the
+    Hugging Face cache links every file to a blob outside the snapshot directory.
+    """
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            names = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"cannot read {index}: {e}") from None
-        files = sorted({path / name for name in weight_map.values()})
+        for name in sorted(names, key=str):
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CorruptCheckpointError(
+                    f"{index.name} names the weight file {name!r}, which is not a file in "
+                    f"{path}: refusing to read outside the checkpoint"
+                )
+        files = sorted(path / name for name in names)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CorruptCheckpointError(
@@ -170,13 +171,31 @@ def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
         for k, v in expected.items()
         if k in weights and weights[k].shape != v.shape
     )
+    # Floats where floats belong, packed integers exactly where quantized layers keep them:
+    # an int32 embedding would otherwise load and run, as garbage.
+    typed = sorted(
+        f"{k} {_dtype_name(weights[k].dtype)} (expected {_dtype_name(v.dtype)})"
+        for k, v in expected.items()
+        if k in weights and not _same_kind(weights[k].dtype, v.dtype)
+    )
     problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
+    kinds = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+    for label, names in (*kinds, ("of the wrong type", typed)):
         if names:
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             problems.append(f"{len(names)} {label}: {shown}")
     if problems:
         raise WeightsError("the weights do not match config.json: " + "; ".join(problems))
+
+
+def _same_kind(stored: mx.Dtype, expected: mx.Dtype) -> bool:
+    if mx.issubdtype(expected, mx.floating):
+        return mx.issubdtype(stored, mx.floating)
+    return stored == expected
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def cast_weights(
@@ -199,27 +218,32 @@ def cast_weights(
     return {k: v.astype(dtype) if cast(k, v) else v for k, v in weights.items()}
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True) -> Model:
-    """Build the model for the checkpoint at `path` (a local directory)."""
+def load_model(
+    path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True, **plan: bool
+) -> Model:
+    """Build the model for the checkpoint at `path` (a local directory).
+
+    The execution plan (compute dtype, kernels, fusion) is made here, once, from the machine
+    and the checkpoint; `fuse=False` keeps q, k and v apart (what `convert` saves), and
+    `plan` forces other fields of it (tests run the Metal path's `fast_ops=True` on a CPU).
+    """
     path = Path(path)
     args = ModelArgs.from_dir(path)
     weights, stored = read_weights(path)
     weights = sanitize(weights, args)
-    model = Model(args)
-    if args.quantization:
-        quantize_like_checkpoint(model, weights, args.quantization)
+    quant = args.quantization
+    fuse = fuse and can_fuse(weights, quant)
+    if fuse:
+        weights, quant = fuse_qkv(weights, quant)
+    plan = replace(make_plan(stored, dtype, fuse), **plan)
+    model = Model(args, plan)
+    if quant:
+        quantize_like_checkpoint(model, weights, quant)
         check_quantized_layers(model, weights)
     check_names_and_shapes(model, weights)
     head = "model.embed_tokens." if args.tie_word_embeddings else "lm_head."
-    weights = cast_weights(weights, compute_dtype(dtype, stored), head)
-    model.update(tree_unflatten(list(weights.items())))
+    model.update(tree_unflatten(list(cast_weights(weights, plan.dtype, head).items())))
     del weights
     mx.eval(model.parameters())
-    model.fold_constants()
-    model.set_fast_ops(mx.default_device() == mx.gpu)
-    if fuse:
-        from .fusion import fuse_qkv
-
-        fuse_qkv(model)
     model.eval()
     return model

@@ -1,27 +1,39 @@
-"""The Apertus architecture in MLX.
+"""The Apertus architecture in MLX: the one forward pass.
 
-Parameter names are the checkpoint's names, so loading is a dictionary update. The forward
-pass reads like transformers' `modeling_apertus.py`:
+Parameter names are the checkpoint's (after `loading.sanitize`), so loading is a dictionary
+update. The forward pass reads like transformers' `modeling_apertus.py`:
 
     h   = x + attn(attention_layernorm(x))          attn: q/k/v -> QK-RMSNorm -> RoPE -> GQA
     out = h + down_proj(xielu(up_proj(feedforward_layernorm(h))))
 
-`fast_ops` picks, per backend, how RMSNorm and RoPE run: `mx.fast` kernels (one Metal kernel
-each) or plain operations, which `mx.compile` fuses into neighbouring work on the CPU.
+The same code serves a whole sequence (no cache), a prompt chunk, one decoded token and a
+block of drafted tokens to verify: with a cache it reads and writes `KVBuffers`, whose
+position is an array, so `generate.Forward` can compile it once per shape. How norms, RoPE and
+xIELU run (Metal kernels, `mx.fast`, or plain operations that `mx.compile` fuses on the CPU)
+was decided once, in the `Plan` the modules are built with.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache
-from .config import ModelArgs
-from .kernels import norm_rope, qk_norm_rope, qk_rope_kernel_usable, rope_tables, xielu
+from .cache import KVBuffers, KVCache
+from .config import GenerationConfig, ModelArgs
+from .kernels import (
+    norm_rope,
+    qk_norm_rope,
+    qk_rope_kernel_usable,
+    rope_tables,
+    xielu,
+    xielu_compiled,
+)
+from .plan import Plan
 
 XIELU_BETA = 0.5
 XIELU_EPS = -1e-6
@@ -48,186 +60,178 @@ def rope_inv_freq(args: ModelArgs) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rms_norm(x: mx.array, weight: mx.array, eps: float, fast: bool) -> mx.array:
-    if fast:
-        return mx.fast.rms_norm(x, weight, eps)
-    # As the reference: normalise in float32, cast back, then scale.
-    xf = x.astype(mx.float32)
-    xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, dims: int, eps: float, fast: bool):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
-        self.fast = False
+        self.fast = fast
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps, self.fast)
+        if self.fast:
+            return mx.fast.rms_norm(x, self.weight, self.eps)
+        # As the reference: normalise in float32, cast back, then scale.
+        xf = x.astype(mx.float32)
+        xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight * xf.astype(x.dtype)
 
 
-class Rotation(NamedTuple):
-    """RoPE for the positions of one forward pass: computed once, applied to every layer's q, k.
+class RoPE(nn.Module):
+    """Rotate-half (non-interleaved) rotary embedding from llama3-scaled inverse frequencies.
 
-    Plain path: cos and sin tables of shape (L, 1, 2, head_dim/2) for `norm_rope`, whose
-    arithmetic is the reference. Fast path (Metal): the fused qk-norm+RoPE kernel, given the
-    offset and inverse frequencies; where that is unusable, `mx.fast.rms_norm` and `mx.fast.rope`.
+    `rotation(length, position)` is computed once per forward pass and applied to every
+    layer's q and k together with their RMSNorm: on the CPU as cos/sin tables for the plain
+    `norm_rope` (which `mx.compile` fuses), on Metal by our fused kernel or `mx.fast`.
     """
 
-    offset: int | mx.array
-    cos: mx.array | None = None
-    sin: mx.array | None = None
-    wavelengths: mx.array | None = None
-    inv_freq: mx.array | None = None
+    def __init__(self, args: ModelArgs, plan: Plan):
+        super().__init__()
+        self._inv_freq = mx.array(rope_inv_freq(args))
+        self._wavelengths = 1.0 / self._inv_freq  # what mx.fast.rope calls `freqs`
+        self.fast = plan.fast_ops
+        self.metal_kernel = plan.metal_kernels
 
-    def __call__(self, x: mx.array, norm: RMSNorm) -> mx.array:
-        """RMSNorm each head of x (B, L, heads, head_dim), then rotate; (B, heads, L, head_dim)."""
-        if self.cos is not None:
-            return norm_rope(x, norm.weight, norm.eps, self.cos, self.sin)
-        if self.inv_freq is not None and qk_rope_kernel_usable(x, norm.weight):
-            return qk_norm_rope(x, norm.weight, norm.eps, self.offset, self.inv_freq)
+    def rotation(self, length: int, position: int | mx.array) -> Any:
+        """A function (x (B, L, heads, D), norm) -> normed, rotated (B, heads, L, D)."""
+        if not self.fast:
+            cos, sin = rope_tables(length, position, self._inv_freq)
+            return lambda x, norm: norm_rope(x, norm.weight, norm.eps, cos, sin)
+        return lambda x, norm: self._fast(x, norm, position)
+
+    def _fast(self, x: mx.array, norm: RMSNorm, position: int | mx.array) -> mx.array:
+        if self.metal_kernel and qk_rope_kernel_usable(x, norm.weight):
+            return qk_norm_rope(x, norm.weight, norm.eps, position, self._inv_freq)
         return mx.fast.rope(
             norm(x).transpose(0, 2, 1, 3),
             x.shape[-1],
             traditional=False,
             base=None,
             scale=1.0,
-            offset=self.offset,
-            freqs=self.wavelengths,
+            offset=position,
+            freqs=self._wavelengths,
         )
 
 
-class RoPE(nn.Module):
-    """Rotate-half (non-interleaved) rotary embedding from precomputed inverse frequencies."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self._inv_freq = mx.array(rope_inv_freq(args))
-        self._wavelengths = 1.0 / self._inv_freq  # what mx.fast.rope calls `freqs`
-        self.fast = False
-
-    def __call__(self, length: int, offset: int | mx.array) -> Rotation:
-        """The rotation of positions offset .. offset + length - 1."""
-        if self.fast:
-            return Rotation(offset, wavelengths=self._wavelengths, inv_freq=self._inv_freq)
-        return Rotation(offset, *rope_tables(length, offset, self._inv_freq))
-
-
 class XIELU(nn.Module):
-    """xIELU with per-layer learned scalars; `fold()` turns them into inference constants."""
+    """xIELU with the checkpoint's learned scalars.
 
-    def __init__(self):
+    a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n) are computed in the graph from
+    the stored scalars rather than folded at load: the weights are inputs of the compiled
+    forward, so an updated alpha is honoured like any other weight, and the two scalar
+    softplus fuse into the element-wise kernel where `mx.compile` runs it.
+    """
+
+    def __init__(self, metal_kernel: bool):
         super().__init__()
+        self._kernel = xielu if metal_kernel else xielu_compiled  # the kernel self-checks
         self.alpha_p = mx.array(math.log(math.expm1(0.8)))
         self.alpha_n = mx.array(math.log(math.expm1(0.8 - XIELU_BETA)))
         self.beta = mx.array(XIELU_BETA)
         self.eps = mx.array(XIELU_EPS)
-        self.fold()
-
-    def fold(self) -> None:
-        f32 = mx.float32
-        self._beta = self.beta.astype(f32).reshape(())
-        self._eps = self.eps.astype(f32).reshape(())
-        self._a_p = nn.softplus(self.alpha_p.astype(f32)).reshape(())
-        self._a_n = (self._beta + nn.softplus(self.alpha_n.astype(f32))).reshape(())
-        mx.eval(self._beta, self._eps, self._a_p, self._a_n)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return xielu(x, self._a_p, self._a_n, self._beta, self._eps)
+        f32 = mx.float32
+        beta, eps = self.beta.astype(f32), self.eps.astype(f32)
+        a_p = nn.softplus(self.alpha_p.astype(f32))
+        a_n = beta + nn.softplus(self.alpha_n.astype(f32))
+        return self._kernel(x, a_p, a_n, beta, eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-
-    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        if "qkv_proj" in self:  # fused at load: one matmul instead of three
-            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            qkv = self.qkv_proj(x)
-            return (
-                qkv[..., :q_size],
-                qkv[..., q_size : q_size + kv_size],
-                qkv[..., q_size + kv_size :],
-            )
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-    def heads(self, x: mx.array, rotation: Rotation) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v as (B, heads, L, head_dim): projected, RMS-normed per head (q, k), rotated."""
-        B, L, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = rotation(q.reshape(B, L, self.n_heads, -1), self.q_norm)
-        k = rotation(k.reshape(B, L, self.n_kv_heads, -1), self.k_norm)
-        return q, k, v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-
-    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: Any) -> mx.array:
-        """Grouped-query attention of q over the keys and values, projected back."""
-        B, _, L, _ = q.shape
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        self.fused = plan.fuse_qkv
+        dims, bias = args.hidden_size, args.attention_bias
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.fused:  # one matmul instead of three; see loading.fuse_qkv
+            self.qkv_proj = nn.Linear(dims, q_size + 2 * kv_size, bias=bias)
+        else:
+            self.q_proj = nn.Linear(dims, q_size, bias=bias)
+            self.k_proj = nn.Linear(dims, kv_size, bias=bias)
+            self.v_proj = nn.Linear(dims, kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, dims, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
 
     def __call__(
-        self, x: mx.array, mask: Any, cache: KVCache | None, layer: int, rotation: Rotation
+        self, x: mx.array, mask: Any, kv: KVBuffers | None, layer: int, rotate: Any
     ) -> mx.array:
-        q, k, v = self.heads(x, rotation)
-        if cache is not None:
-            k, v = cache.update_and_fetch(layer, k, v)
-        return self.attend(q, k, v, mask)
+        B, L, _ = x.shape
+        if self.fused:
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # (B, heads, L, head_dim): RMS-normed per head (q, k) and rotated
+        q = rotate(q.reshape(B, L, self.n_heads, -1), self.q_norm)
+        k = rotate(k.reshape(B, L, self.n_kv_heads, -1), self.k_norm)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if kv is not None:
+            k, v = kv.write(layer, k, v)  # every position so far, and the unused tail (masked)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act_fn = XIELU()
+        self.act_fn = XIELU(plan.metal_kernels)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
-        self.attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, plan)
+        self.mlp = MLP(args, plan)
+        self.attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
+        self.feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
 
-    def __call__(self, x, mask, cache, layer, rotation) -> mx.array:
-        h = x + self.self_attn(self.attention_layernorm(x), mask, cache, layer, rotation)
+    def __call__(self, x, mask, kv, layer, rotate) -> mx.array:
+        h = x + self.self_attn(self.attention_layernorm(x), mask, kv, layer, rotate)
         return h + self.mlp(self.feedforward_layernorm(h))
 
 
 class ApertusModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.rope = RoPE(args)
+        self.layers = [DecoderLayer(args, plan) for _ in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
+        self.rope = RoPE(args, plan)
+        self._dtype = plan.dtype
 
-    def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self,
+        inputs: mx.array,
+        kv: KVBuffers | None = None,
+        after_layer: Callable[[mx.array], None] | None = None,
+    ) -> mx.array:
+        """Final hidden states (B, L, hidden) of `inputs` (B, L), after those `kv` holds.
+
+        `after_layer(h)`, if given, sees each layer's output: reading a long prompt evaluates
+        layer by layer there, so that a stop request can land between two layers.
+        """
+        length = inputs.shape[1]
+        if kv is None:
+            position, mask = 0, "causal" if length > 1 else None
+        else:
+            position, mask = kv.position[0], kv.mask(length)
+        rotate = self.rope.rotation(length, position)
         h = self.embed(inputs)
-        offset = cache.offset if cache is not None else 0
-        mask = "causal" if inputs.shape[1] > 1 else None
-        rotation = self.rope(inputs.shape[1], offset)
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cache, i, rotation)
-        if cache is not None:
-            cache.advance(inputs.shape[1])
+            h = layer(h, mask, kv, i, rotate)
+            if after_layer is not None:
+                after_layer(h)
         return self.norm(h)
 
     def embed(self, inputs: mx.array) -> mx.array:
@@ -236,8 +240,7 @@ class ApertusModel(nn.Module):
         A quantized embedding dequantizes in its scales' dtype, which may be the stored one
         (bfloat16, see `loading.cast_weights`); so the looked-up rows' scales are widened first.
         """
-        dtype = self.norm.weight.dtype
-        table = self.embed_tokens
+        dtype, table = self._dtype, self.embed_tokens
         if not isinstance(table, nn.QuantizedEmbedding):
             return table(inputs).astype(dtype)
         scales, biases = table["scales"][inputs], table.get("biases")
@@ -258,15 +261,20 @@ class ApertusModel(nn.Module):
 class Model(nn.Module):
     """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
 
-    def __init__(self, args: ModelArgs):
+    generation = GenerationConfig()  # the checkpoint's, set by apertus_mlx.load; none: no stops
+
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.args = args
-        self.model = ApertusModel(args)
+        self.plan = plan
+        self.model = ApertusModel(args, plan)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
-        return self.logits(self.model(inputs, cache))
+        """Logits of every position; with a cache, continue it (it then holds `inputs` too)."""
+        hidden = self.model(inputs) if cache is None else cache.run(self.model, inputs)
+        return self.logits(hidden)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
@@ -277,15 +285,8 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self) -> KVCache:
-        return KVCache(len(self.layers))
-
-    def set_fast_ops(self, enabled: bool) -> None:
-        """Use `mx.fast` RMSNorm/RoPE kernels (Metal) or plain fusable ops (CPU)."""
-        for _, module in self.named_modules():
-            if isinstance(module, (RMSNorm, RoPE)):
-                module.fast = enabled
-
-    def fold_constants(self) -> None:
-        for layer in self.layers:
-            layer.mlp.act_fn.fold()
+    def make_cache(self, batch: int = 1) -> KVCache:
+        a = self.args
+        return KVCache(
+            a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.plan.dtype, batch
+        )

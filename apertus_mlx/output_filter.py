@@ -68,11 +68,14 @@ def _norm(cluster: str) -> str:
 
 
 def _is_word(c: str) -> bool:
-    return c.isalnum() or c == "_"  # what `\w` matches in a str pattern
+    r"""`\w` (letters, digits, _) and combining marks: a Devanagari vowel sign or virama is
+    part of its word, or a Hindi name would be cut into more words than max_words."""
+    return c.isalnum() or c == "_" or (not c.isascii() and unicodedata.category(c)[0] == "M")
 
 
 def words(text: str) -> list[str]:
-    """The normalized words of `text`: NFKC, casefold, maximal runs of word characters."""
+    """The normalized words of `text`: NFKC and casefold per cluster, maximal runs of word
+    characters."""
     norm = "".join(_norm(c) for c in _clusters(text))
     return "".join(ch if _is_word(ch) else " " for ch in norm).split()
 
@@ -90,9 +93,7 @@ class OutputFilter:
         self.data = data
         self._digests = data.digests
         self._count = data.entries
-        self._pattern = (
-            re.compile("|".join(f"(?:{p})" for p in data.patterns)) if (data.patterns) else None
-        )
+        self._patterns = [re.compile(p) for p in data.patterns]
         self._default: FilterStream | None = None
 
     @classmethod
@@ -140,7 +141,7 @@ class FilterStream:
 
     def __init__(self, f: OutputFilter):
         self._words = _WordStage(f)
-        self._patterns = _PatternStage(f._pattern) if f._pattern is not None else None
+        self._patterns = _PatternStage(f._patterns) if f._patterns else None
 
     @property
     def removed(self) -> int:
@@ -176,6 +177,7 @@ class _WordStage:
         self._open = ""  # the last cluster, still open
         self._held: list[str] = []  # closed clusters not yet released; _held[0] is _base
         self._base = 0
+        self._cut = 0  # clusters before this one are released or removed
         self._next = 0  # index of the next closed cluster
         self._word: list[str] = []  # normalized characters of the word in progress
         self._word_first = self._word_last = 0  # its first and last cluster
@@ -196,9 +198,7 @@ class _WordStage:
             self._close(self._open)
             self._open = ""
         self._end_word()
-        out = self._decide(final=True)
-        self._held, self._base = [], self._next
-        return out
+        return self._decide(final=True)
 
     def _close(self, cluster: str) -> None:
         i = self._next
@@ -219,59 +219,61 @@ class _WordStage:
             self._word = []
 
     def _decide(self, final: bool) -> str:
+        """Decide every word that can be decided now; return the text released by it.
+
+        Index-based, with one cut of the lists at the end, so that a long text fed at once
+        (`apply`) costs linear time."""
         out: list[str] = []
-        pending = self._pending
-        while pending and (final or len(pending) >= self._max):
-            k = self._longest(pending)
+        pending, i, n = self._pending, 0, len(self._pending)
+        while i < n and (final or n - i >= self._max):
+            k = self._longest(pending, i)
             if k:
-                out.append(self._release(pending[0][1]))
-                self._drop(pending[k - 1][2] + 1)
+                out.append(self._take(pending[i][1]))
+                self._cut = max(self._cut, pending[i + k - 1][2] + 1)
                 out.append(MARKER)
                 self.removed += 1
-                del pending[:k]
+                i += k
             else:
-                del pending[0]
+                i += 1
+        del pending[:i]
         if pending:
             upto = pending[0][1]
         elif self._word:
             upto = self._word_first
         else:
             upto = self._next
-        out.append(self._release(upto))
+        out.append(self._take(upto))
+        del self._held[: self._cut - self._base]
+        self._base = self._cut
         return "".join(out)
 
-    def _longest(self, pending: list[tuple[str, int, int]]) -> int:
-        for k in range(min(self._max, len(pending)), 0, -1):
-            if self._f.matches([w for w, _, _ in pending[:k]]):
+    def _longest(self, pending: list[tuple[str, int, int]], i: int) -> int:
+        """The most words from pending[i] on that form an entry (0: none)."""
+        for k in range(min(self._max, len(pending) - i), 0, -1):
+            if self._f.matches([w for w, _, _ in pending[i : i + k]]):
                 return k
         return 0
 
-    def _release(self, upto: int) -> str:
-        """The text of clusters before `upto`, no longer held."""
-        n = upto - self._base
-        if n <= 0:
+    def _take(self, upto: int) -> str:
+        """The held text from the cut up to cluster `upto`; the cut moves there."""
+        if upto <= self._cut:
             return ""
-        text = "".join(self._held[:n])
-        self._drop(upto)
+        text = "".join(self._held[self._cut - self._base : upto - self._base])
+        self._cut = upto
         return text
-
-    def _drop(self, upto: int) -> None:
-        n = upto - self._base
-        if n > 0:
-            del self._held[:n]
-            self._base = upto
 
 
 class _PatternStage:
     """Local regular expressions over text, streamed with a bounded look-ahead.
 
-    At each position the pattern is tried on the next PATTERN_WINDOW characters only (with up
-    to as many before it as context), so a decision never depends on how the text was cut;
-    the price is that the last PATTERN_WINDOW characters wait until more text or the end.
+    At each position the patterns are tried in order on the next PATTERN_WINDOW characters
+    only (with up to as many before it as context), so a decision never depends on how the
+    text was cut; the price is that the last PATTERN_WINDOW characters wait for more text or
+    the end. The first pattern with a non-empty match there wins.
     """
 
-    def __init__(self, pattern: re.Pattern):
-        self._rx = pattern
+    def __init__(self, patterns: list[re.Pattern]):
+        self._patterns = patterns
         # _buf[0] is a sentinel, so `^` never matches wherever the buffer was trimmed
         self._buf = _SENTINEL
         self._pos = 1  # first undecided character of _buf; before it: context only
@@ -281,18 +283,26 @@ class _PatternStage:
         buf, pos, w = self._buf + text, self._pos, PATTERN_WINDOW
         n, start, out = len(buf), pos, []
         while pos < n and (final or n - pos >= w):
-            m = self._rx.match(buf, pos, min(n, pos + w))
-            if m and m.end() > pos:
+            end = self._match(buf, pos, min(n, pos + w))
+            if end:
                 out.append(buf[start:pos])
                 out.append(MARKER)
                 self.removed += 1
-                pos = start = m.end()
+                pos = start = end
             else:
                 pos += 1
         out.append(buf[start:pos])
         keep = max(1, pos - w)  # keep some context for look-behind and \b
         self._buf, self._pos = _SENTINEL + buf[keep:], pos - keep + 1
         return "".join(out)
+
+    def _match(self, buf: str, pos: int, endpos: int) -> int:
+        """Where the first pattern matching at `pos` ends; 0 when none does (or only empty)."""
+        for rx in self._patterns:
+            m = rx.match(buf, pos, endpos)
+            if m and m.end() > pos:
+                return m.end()
+        return 0
 
     def flush(self) -> str:
         out = self.feed("", final=True)
@@ -305,9 +315,10 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
     filtered whole.
 
     When anything was removed, the Done's `tokens` are emptied: the token ids would otherwise
-    let the removed text be decoded again from what a caller stores. (Chunk.token ids are
-    passed through for progress counts; never store them.) A KeyboardInterrupt thrown into
-    this generator (`wind_down`) is handed on to the one it wraps.
+    let the removed text be decoded again from what a caller stores. For the same reason every
+    filtered Chunk carries token -1: a chunk's token may belong to text that is held back and
+    removed later, and the history writes streamed ids to disk as they come. A
+    KeyboardInterrupt thrown into this generator (`wind_down`) is handed on to the one it wraps.
     """
     from .generate import Chunk, Done
 
@@ -331,7 +342,7 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
         if isinstance(event, Chunk):
             text = s.feed(event.text)
             parts.append(text)
-            event = Chunk(text, event.token)
+            event = Chunk(text, -1)
         try:
             yield event
         except KeyboardInterrupt as e:

@@ -8,6 +8,7 @@ remembered and reported in one line once the answer is on the screen.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class Recorder:
         self.writer: AnswerWriter | None = None
         self.error: StoreError | None = None
         self._answer_settings: dict[str, Any] = {}
+        self.identity: tuple[str, str | None] | None = None  # (model, revision) recorded
+        self.history_rerendered = False
         try:
             self.store = Store.open()
         except StoreError as e:
@@ -81,19 +84,22 @@ class Recorder:
         )
 
     def prompt_ids(self, tokenizer, text: str, system: str | None, thinking: bool) -> list[int]:
-        """The chat template over the current branch (when continuing) and the new message."""
+        """The current branch (when continuing) and the new message, with each past answer as
+        the tokens the model produced (see `prompt.conversation_ids`)."""
+        from .prompt import conversation_ids
+
         messages = [{"role": "system", "content": system}] if system else []
         if self.conversation is not None:
             branch = self.store.branch(self.conversation.id)
             messages += [
-                {"role": m.role, "content": m.content}
+                {"role": m.role, "content": m.content, "tokens": m.tokens}
                 for m in branch
                 if m.role in ("user", "assistant")
             ]
         messages.append({"role": "user", "content": text})
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, enable_thinking=thinking
-        )
+        prompt = conversation_ids(tokenizer, messages, enable_thinking=thinking)
+        self.history_rerendered = not prompt.token_exact
+        return prompt.ids
 
     def begin(
         self,
@@ -108,11 +114,12 @@ class Recorder:
         """Record the conversation's settings and commit the user's message."""
         if self.store is None:
             return
-        settings = {**params.as_dict(), "max_tokens": max_tokens, "stop": list(stop)}
+        settings = {**asdict(params), "max_tokens": max_tokens, "stop": list(stop)}
         self._answer_settings = settings
         fields = dict(system=system, settings=settings, thinking=thinking)
         try:
             model, revision = model_identity(model_name)
+            self.identity = (model, revision)
             if self.conversation is None:
                 self.conversation = self.store.create_conversation(
                     model=model, revision=revision, **fields
@@ -126,6 +133,30 @@ class Recorder:
             self.error = e
             self.store = None  # the answer is still shown; nothing more is written
 
+    def saved_cache(self, model, prompt: list[int]):
+        """The conversation's saved KV cache, kept as far as `prompt` starts with its tokens
+        (None: nothing saved for this model, or nothing in common)."""
+        from .saved_caches import SavedCaches, identity, reuse
+
+        if self.conversation is None or self.identity is None:
+            return None
+        saved = SavedCaches().load(self.conversation.id, model, identity(model, *self.identity))
+        if saved is None:
+            return None
+        cache, tokens = saved
+        return cache if reuse(cache, tokens, prompt) else None
+
+    def save_cache(self, model, cache, tokens: list[int]) -> None:
+        """Keep the cache for the next `--continue` (a failure only costs that speed-up)."""
+        from .saved_caches import SavedCaches, identity
+
+        if self.conversation is None or self.identity is None:
+            return
+        try:
+            SavedCaches().save(self.conversation.id, cache, tokens, identity(model, *self.identity))
+        except OSError as e:
+            click.echo(f"apertus-mlx: warning: KV cache not saved: {e.strerror or e}", err=True)
+
     def feed(self, event) -> None:
         """Pass on each event of `generate`: chunks stream into the store, Done finishes."""
         from .generate import Chunk, Done
@@ -136,7 +167,8 @@ class Recorder:
             self.writer.append(event.text, event.token)
         elif isinstance(event, Done):
             reason = event.stats.finish_reason
-            self._finished(self.writer.finish(reason, event.stats, tokens=event.tokens))
+            done = self.writer.finish(reason, event.stats, tokens=event.tokens, text=event.text)
+            self._finished(done)
 
     def close(self, finish_reason: str) -> None:
         """End an answer that stopped without `Done` (an error, a closed pipe)."""
@@ -161,8 +193,11 @@ class Recorder:
     def report(self, as_json: bool) -> dict[str, Any]:
         """Say where the exchange went (stderr) and give `conversation_id` for --json output."""
         cid = self.conversation.id if self.conversation is not None else None
-        if self.error is not None:
-            click.echo(f"apertus-mlx: error: history not saved: {self.error}", err=True)
-        elif not as_json:
+        if self.error is None and not as_json:
             click.echo(f"saved as {cid}", err=True)
         return {"conversation_id": cid}
+
+    def raise_error(self) -> None:
+        """Last, once the answer is out: a failed save is the command's one error line."""
+        if self.error is not None:
+            raise StoreError(f"history not saved: {self.error}")

@@ -1,5 +1,8 @@
 """Choosing the next token: repetition penalty, temperature, top-k, top-p, min-p, seed.
 
+The repetition penalty is a logits processor; the rest is the sampler (mlx-lm's split), both
+plain callables the token loop calls, so speculative decoding and benchmarks reuse them.
+
 The order is transformers': penalty first, then temperature, then the truncations. A seed
 gives a private random key, so two runs with the same seed and settings sample the same
 tokens whatever else uses MLX's global generator.
@@ -7,14 +10,22 @@ tokens whatever else uses MLX's global generator.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig
 
 # Model card recommendation for Apertus instruct models.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.9
 REPETITION_WINDOW = 256  # recent tokens the penalty looks at
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass(frozen=True)
@@ -29,12 +40,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         from .errors import UsageError
 
+        numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
         checks = [
+            (all(math.isfinite(x) for x in numbers), "sampling settings must be finite numbers"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
             (self.top_k >= 0, "top-k must be >= 0"),
             (0 <= self.min_p < 1, "min-p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition penalty must be > 0"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -44,52 +58,56 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
-    def from_defaults(cls, defaults: dict, **overrides) -> SamplingParams:
-        """Settings from generation_config.json, then the caller's (None means 'not given')."""
+    def from_defaults(cls, generation: GenerationConfig, **overrides) -> SamplingParams:
+        """The checkpoint's recommendations, then the caller's (None means 'not given')."""
         known = {
-            k: defaults[k]
+            k: getattr(generation, k)
             for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if defaults.get(k) is not None
+            if getattr(generation, k) is not None
         }
-        if defaults.get("do_sample") is False:
-            known["temperature"] = 0.0
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known)
 
 
-class Sampler:
-    """Callable: (logits (1, vocab), recent token ids as an array) -> next token id, shape (1,).
+def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """(log-probabilities (B, vocab)) -> next token ids (B,), as one closure per answer.
 
-    History stays an (unevaluated) array, so the decode loop can sample step n+1 before
-    step n's token has reached Python."""
+    Works on arrays only, so the decode loop can sample step n+1 before step n's token has
+    reached Python. A seed gives the closure a private key, split once per token.
+    """
+    p = params
+    if p.greedy:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    key = [mx.random.key(p.seed)] if p.seed is not None else None
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
-        self._key = mx.random.key(params.seed) if params.seed is not None else None
-
-    def __call__(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
-        p = self.params
-        logits = logits.astype(mx.float32)
-        if p.repetition_penalty != 1.0 and history is not None and history.size:
-            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-        if p.greedy:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits / p.temperature
+    def sample(logprobs: mx.array) -> mx.array:
+        logprobs = logprobs / p.temperature
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if p.top_k > 0 and p.top_k < logprobs.shape[-1]:
+        if 0 < p.top_k < logprobs.shape[-1]:
             logprobs = top_k_filter(logprobs, p.top_k)
         if p.top_p < 1.0:
             logprobs = top_p_filter(logprobs, p.top_p)
         if p.min_p > 0.0:
             logprobs = min_p_filter(logprobs, p.min_p)
-        key = None
-        if self._key is not None:
-            self._key, key = mx.random.split(self._key)
-        return mx.random.categorical(logprobs, key=key)
+        subkey = None
+        if key is not None:
+            key[0], subkey = mx.random.split(key[0])
+        return mx.random.categorical(logprobs, key=subkey)
+
+    return sample
+
+
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Callables (tokens so far, logits) -> logits, applied before sampling, in order."""
+    if params.repetition_penalty == 1.0:
+        return []
+    penalty = params.repetition_penalty
+    return [
+        lambda tokens, logits: apply_repetition_penalty(
+            logits, tokens[-REPETITION_WINDOW:], penalty
+        )
+    ]
 
 
 def apply_repetition_penalty(logits: mx.array, ids: mx.array, penalty: float) -> mx.array:

@@ -9,7 +9,7 @@ Why it is built this way:
   can write at once without losing each other's rows.
 - An answer is written while it streams (`AnswerWriter`, at least once a second), so a kill
   loses at most the last second of it.
-- The schema is versioned with `PRAGMA user_version`; `MIGRATIONS` is an ordered list of
+- The schema (store_schema.py) is versioned with `PRAGMA user_version`: an ordered list of
   small steps, each applied once, inside the same transaction as the version bump.
 
 Threads: a `Store` holds one connection opened with `check_same_thread=False`; every call
@@ -19,7 +19,6 @@ Every failure of SQLite or the file system is raised as `StoreError` with one re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import sqlite3
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import StoreError, UnknownConversationError
+from .store_schema import migrate, rollback
 
 DB_NAME = "history.db"
 FLUSH_INTERVAL_S = 1.0  # an answer reaches the disk at least this often while it streams
@@ -45,122 +45,6 @@ TITLE_CHARS = 60
 _RETRIES = 3  # a write still busy after `timeout` is tried this many times in all
 _SQLITE_READONLY, _SQLITE_IOERR_WRITE = 8, 778  # result codes (constants only from Python 3.11)
 _TOKEN_TYPE = next(t for t in "IL" if array(t).itemsize == 4)  # uint32
-
-
-# -- schema -----------------------------------------------------------------------------------
-
-
-def _m1_tables(db: sqlite3.Connection) -> None:
-    """Conversations and their messages; a message's parent makes edits and retries branches."""
-    db.execute(
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,
-            title TEXT,
-            model TEXT,
-            revision TEXT,
-            system TEXT,
-            settings TEXT NOT NULL DEFAULT '{}',
-            thinking INTEGER NOT NULL DEFAULT 0,
-            current_leaf INTEGER,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            parent_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL DEFAULT '',
-            tokens BLOB,
-            settings TEXT,
-            seed INTEGER,
-            prompt_tokens INTEGER,
-            answer_tokens INTEGER,
-            tokens_per_s REAL,
-            finish_reason TEXT,
-            stats TEXT,
-            created_at REAL NOT NULL
-        )"""
-    )
-    db.execute("CREATE INDEX messages_by_conversation ON messages(conversation_id)")
-    db.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
-    db.execute("CREATE INDEX conversations_by_update ON conversations(updated_at)")
-
-
-_TOKENIZE = "tokenize = 'unicode61 remove_diacritics 2'"  # "rosti" finds "Rösti"
-
-
-def _m2_message_search(db: sqlite3.Connection) -> None:
-    """Full-text search over message content, kept in sync by triggers."""
-    db.execute(
-        "CREATE VIRTUAL TABLE messages_fts USING fts5("
-        f"content, content = 'messages', content_rowid = 'id', {_TOKENIZE})"
-    )
-    db.execute(
-        "CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN "
-        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END"
-    )
-    db.execute(
-        "CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN "
-        "INSERT INTO messages_fts(messages_fts, rowid, content) "
-        "VALUES ('delete', old.id, old.content); END"
-    )
-    db.execute(
-        "CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN "
-        "INSERT INTO messages_fts(messages_fts, rowid, content) "
-        "VALUES ('delete', old.id, old.content); "
-        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END"
-    )
-    db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
-
-
-def _m3_title_search(db: sqlite3.Connection) -> None:
-    """Titles become searchable too (their own small index: conversation ids are text)."""
-    db.execute(f"CREATE VIRTUAL TABLE titles_fts USING fts5(id UNINDEXED, title, {_TOKENIZE})")
-    db.execute(
-        "CREATE TRIGGER titles_fts_insert AFTER INSERT ON conversations BEGIN "
-        "INSERT INTO titles_fts(id, title) VALUES (new.id, new.title); END"
-    )
-    db.execute(
-        "CREATE TRIGGER titles_fts_delete AFTER DELETE ON conversations BEGIN "
-        "DELETE FROM titles_fts WHERE id = old.id; END"
-    )
-    db.execute(
-        "CREATE TRIGGER titles_fts_update AFTER UPDATE OF title ON conversations BEGIN "
-        "UPDATE titles_fts SET title = new.title WHERE id = new.id; END"
-    )
-    db.execute("INSERT INTO titles_fts(id, title) SELECT id, title FROM conversations")
-
-
-# Ordered; entry i takes the schema from version i to i + 1. Only ever append.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _m1_tables,
-    _m2_message_search,
-    _m3_title_search,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> None:
-    """Bring the schema up to `target`, in one transaction (concurrent openers wait, then skip)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the history database has schema version {version}, newer than this "
-                f"apertus-mlx knows ({SCHEMA_VERSION}): upgrade apertus-mlx"
-            )
-        for step in MIGRATIONS[version:target]:
-            step(db)
-        if target > version:
-            db.execute(f"PRAGMA user_version = {int(target)}")
-        db.execute("COMMIT")
-    except BaseException:
-        _rollback(db)
-        raise
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -238,7 +122,8 @@ def title_from(text: str) -> str:
 
 def fts_query(text: str) -> str:
     """User text as an FTS5 query: every word quoted, so quotes and operators are plain text."""
-    return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+    words = text.replace("\x00", " ").split()  # SQLite ends a string at NUL
+    return " ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
 def _json(value: Any) -> str | None:
@@ -283,13 +168,6 @@ def _message(row: sqlite3.Row) -> Message:
     )
 
 
-def _rollback(db: sqlite3.Connection) -> None:
-    if db.in_transaction:
-        # SQLite may have rolled back already (e.g. disk full)
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-
-
 def _is_busy(e: sqlite3.Error) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None:
@@ -321,7 +199,7 @@ class Store:
             path = data_dir() / DB_NAME
         path = Path(path).expanduser()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
         except OSError as e:
             raise StoreError(
                 f"cannot create the history directory {path.parent}: {e.strerror or e}"
@@ -368,12 +246,12 @@ class Store:
                     self._db.execute("COMMIT")
                     return result
                 except sqlite3.Error as e:
-                    _rollback(self._db)
+                    rollback(self._db)
                     if _is_busy(e) and attempt + 1 < _RETRIES:
                         continue
                     raise _store_error(self.path, e) from None
                 except BaseException:
-                    _rollback(self._db)
+                    rollback(self._db)
                     raise
         raise AssertionError("unreachable")
 
@@ -482,11 +360,15 @@ class Store:
         return self.update_conversation(conversation_id, title=title)
 
     def delete(self, conversation_id: str) -> Conversation:
-        """Delete a conversation and all its messages; return what was deleted."""
+        """Delete a conversation, all its messages and its saved KV cache; return what was
+        deleted."""
+        from .saved_caches import SavedCaches
+
         conversation = self.get_conversation(conversation_id)
         self._write(
             lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
         )
+        SavedCaches(self.path.parent / "caches").remove(conversation.id)
         return conversation
 
     # -- messages
@@ -760,17 +642,23 @@ class AnswerWriter:
         return self._save(None, None)
 
     def finish(
-        self, finish_reason: str, stats: Any = None, tokens: Iterable[int] | None = None
+        self,
+        finish_reason: str,
+        stats: Any = None,
+        tokens: Iterable[int] | None = None,
+        text: str | None = None,
     ) -> StoreError | None:
         """Write the whole answer with its finish reason and stats (a `generate.Stats` or a
-        dict). tokens: the final token ids, when the caller has them (they replace the
-        streamed ones). Returns the write error, or None when the answer is saved."""
+        dict). tokens, text: the final answer, when the caller has it (`generate`'s `Done`);
+        it replaces what was streamed. Returns the write error, or None when it is saved."""
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}")
         with self._buffer_lock:
             self._finished = True
             if tokens is not None:
                 self._tokens = [t for t in tokens if t >= 0]
+            if text is not None:
+                self._parts = [text]
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()

@@ -68,9 +68,7 @@ def validate(s: ChatSettings) -> None:
 
     if s.max_tokens is not None and s.max_tokens < 1:
         raise UsageError("max tokens must be at least 1")
-    if s.seed is not None and s.seed < 0:
-        raise UsageError("seed must be >= 0")
-    given = {k: v for k, v in s.sampling().items() if v is not None and k != "seed"}
+    given = {k: v for k, v in s.sampling().items() if v is not None}
     SamplingParams(**given)
 
 

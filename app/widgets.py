@@ -32,9 +32,10 @@ def format_stats(stats) -> str:
     """One line under an answer: what it cost and why it ended."""
     reason = FINISH_LABELS.get(stats.finish_reason, f"stopped: {stats.finish_reason}")
     cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
+    first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
     return (
         f"{stats.generated_tokens} tokens · {stats.decode_tps:.1f} tok/s · "
-        f"first token {stats.ttft_s:.2f} s · prompt {stats.prompt_tokens} tokens{cached} · "
+        f"{first} · prompt {stats.prompt_tokens} tokens{cached} · "
         f"{reason}"
     )
 

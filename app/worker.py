@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from textual.message import Message
 
@@ -218,9 +218,7 @@ class ModelWorker:
         from apertus_mlx.sampling import SamplingParams
 
         s, session = job.settings, self._session
-        session.params = SamplingParams.from_defaults(
-            self._tokenizer.generation_defaults, **s.sampling()
-        )
+        session.params = SamplingParams.from_defaults(self._model.generation, **s.sampling())
         session.enable_thinking = s.thinking
         session.max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
         window = self._model.args.max_position_embeddings
@@ -228,7 +226,7 @@ class ModelWorker:
         history, dropped = fit_to_window(
             job.history, lambda m: len(session.prompt_ids(m)), window, reserve
         )
-        recorded = {**s.as_dict(), **session.params.as_dict(), "max_tokens": session.max_tokens}
+        recorded = {**s.as_dict(), **asdict(session.params), "max_tokens": session.max_tokens}
         recorded |= {"model": self._name, "revision": self._revision}
         writer = self._store.start_answer(
             job.conversation_id, job.parent_id, settings=recorded, seed=s.seed

@@ -153,7 +153,7 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
     async with again.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: bool(again.query(Notice)))  # the last model, deleted
         assert again.model_name == repo and not isinstance(again.screen, ModelsScreen)
-        assert "not downloaded yet" in str(again.query_one(Notice).render())
+        assert "apertus-mlx download" in str(again.query_one(Notice).render())
         titles = [str(item.query_one("Label").render()) for item in again.query("ConversationItem")]
         assert titles == ["Hi"]  # the conversation is kept
 

@@ -130,10 +130,30 @@ def test_models_says_once_when_the_filter_is_missing_or_old(home, tmp_path, monk
 def test_generate_without_a_filter_does_not_import_the_matcher(home):
     code = (
         "import sys\n"
-        "from apertus_mlx.commands.filter import with_filter\n"
+        "from apertus_mlx.commands.filter import output_filter\n"
         "events = iter([])\n"
-        "assert with_filter(events, disabled=False) is events\n"
+        "assert output_filter(disabled=False)(events) is events\n"
         "assert 'apertus_mlx.output_filter' not in sys.modules\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_history_keeps_only_the_filtered_answer(tiny_model_dir, home, tmp_path):
+    from apertus_mlx.store import Store
+
+    args = ("-m", str(tiny_model_dir), "--temp", "0", "-n", "24")
+    said = words(cli("generate", "Grüezi mitenand!", *args).stdout)
+    cli("filter", "install", write_filter(tmp_path / "f.json", [said[-1]], max_words=1))
+    out = cli("generate", "Grüezi mitenand!", *args, "--save", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    cid = result["conversation_id"]
+    with Store.open(home / "history.db") as store:
+        answer = store.branch(cid)[1]
+    assert answer.content == result["text"] and MARKER in answer.content
+    assert said[-1] not in words(answer.content)
+    assert answer.tokens == []  # the ids would decode back to what was removed
+    # the next turn reads the filtered text back (there are no tokens to stand in for it)
+    turn = cli("generate", "Und?", "--continue", cid, "--json")
+    assert turn.returncode == 0, turn.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apertus_mlx.errors import UsageError
-from apertus_mlx.generate import Chunk, DecodeStep, Done, generate
+from apertus_mlx.generate import Chunk, Done, Forward, forward_for, generate
 from apertus_mlx.loading import load_model
 from apertus_mlx.sampling import SamplingParams
 from apertus_mlx.stopping import StopStrings
@@ -21,27 +21,18 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def run(model, tokenizer, ids, **kwargs) -> Done:
+    """Generate to the end; without `end_tokens`, none (greedy runs to max_tokens)."""
+    kwargs.setdefault("end_tokens", ())
     events = list(generate(model, tokenizer, ids, **kwargs))
     assert isinstance(events[-1], Done)
     assert "".join(e.text for e in events if isinstance(e, Chunk)) == events[-1].text
     return events[-1]
 
 
-class NoEos:
-    """The fixture tokenizer with no end tokens, so greedy runs to max_tokens."""
-
-    def __init__(self, tokenizer):
-        self._t = tokenizer
-        self.eos_token_ids = set()
-
-    def __getattr__(self, name):
-        return getattr(self._t, name)
-
-
 @pytest.mark.parametrize("name", ["gqa-llama3-f32", "tied-mha-f32", "head-dim-f32"])
 def test_greedy_tokens_equal_transformers_generate(checkpoint, name):
     path = checkpoint(name)
-    model, tokenizer = load_model(path), NoEos(load_tokenizer(path))
+    model, tokenizer = load_model(path), load_tokenizer(path)
     ids = [1, 65, 300, 301, 302, 66, 67]
     ref = (
         reference_model(path)
@@ -60,34 +51,82 @@ def test_greedy_tokens_equal_transformers_generate(checkpoint, name):
     assert done.stats.finish_reason == "length"
 
 
-def test_compiled_step_matches_plain_step(tiny_model_dir, vocab_size):
+def test_compiled_forward_matches_the_plain_pass(tiny_model_dir, vocab_size):
+    """Prompt chunks, then one token at a time across a buffer growth, through the compiled
+    forward: the same logits as one uncached pass over the whole sequence."""
     model = load_model(tiny_model_dir)
-    from apertus_mlx.fast_decode import CompiledDecodeStep
-
-    ids = np.random.default_rng(3).integers(0, vocab_size, 20).tolist()
-    outputs = []
-    for step in (DecodeStep(model), CompiledDecodeStep(model)):
-        cache = model.make_cache()
-        cache.step = 16  # cross a buffer growth while decoding
-        logits = [step.prefill(mx.array([ids[:5]]), cache)]
-        for t in ids[5:]:
-            logits.append(step(mx.array([t]), cache))
-        outputs.append(np.array(mx.stack(logits)))
-    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    ids = np.random.default_rng(3).integers(0, vocab_size, 40).tolist()
+    whole = np.array(model(mx.array([ids])))[0]
+    forward = Forward(model)
+    cache = model.make_cache()
+    cache.step = 16  # cross buffer growths while decoding
+    rows = [np.array(forward.prefill(ids[:5], cache))[0]]
+    for t in ids[5:]:
+        rows.append(np.array(forward(mx.array([[t]]), cache))[0, -1])
+    np.testing.assert_allclose(np.stack(rows), whole[4:], rtol=1e-5, atol=1e-5)
+    # a block of k tokens at once (what speculative decoding verifies) equals them one by one
+    cache.truncate(30)
+    block = np.array(forward(mx.array([ids[30:36]]), cache))[0]
+    np.testing.assert_allclose(block, whole[30:36], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_equals_one_pass(tiny_model_dir, monkeypatch):
     import apertus_mlx.generate as gen
 
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     ids = list(range(100, 180))
     whole = run(model, tokenizer, ids, params=GREEDY, max_tokens=8).tokens
-    monkeypatch.setattr(gen, "PREFILL_STEP", 16)
+    monkeypatch.setattr(gen, "MAX_CHUNK", 16)
+    monkeypatch.setattr(gen, "FIRST_CHUNK", 3)
+    forward = forward_for(model)
+    forward.tokens_per_s = None
     assert run(model, tokenizer, ids, params=GREEDY, max_tokens=8).tokens == whole
 
 
+def test_updated_weights_are_used_by_the_next_generation(tiny_model_dir):
+    """The compiled graphs take the weights as inputs: nothing stale after `model.update`."""
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    before = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12)
+    head = model.lm_head.weight
+    model.update({"lm_head": {"weight": head[::-1]}})  # rows reversed: other tokens win
+    after = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12)
+    fresh = mx.argmax(model(mx.array([[1, 200, 201]]))[0, -1]).item()
+    assert after.tokens[0] == fresh
+    assert after.tokens != before.tokens
+
+
+class StopAfter:
+    """A stop event that is set from its n-th check on, counting the checks."""
+
+    def __init__(self, n: int):
+        self.n, self.checks = n, 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.n
+
+
+def test_stop_during_a_long_prompt_lands_within_a_layer(tiny_model_dir, monkeypatch):
+    """A stop requested while the prompt is read is seen after the layer in flight; the
+    stats say what was read, with no made-up rates."""
+    import apertus_mlx.generate as gen
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    monkeypatch.setattr(forward_for(model), "tokens_per_s", None)
+    monkeypatch.setattr(gen, "FIRST_CHUNK", 16)
+    monkeypatch.setattr(gen, "MAX_CHUNK", 16)
+    assert len(model.layers) == 2
+    stop = StopAfter(3)  # checked after each layer: the second chunk's first layer stops
+    done = run(model, tokenizer, list(range(100, 400)), params=GREEDY, stop_event=stop)
+    s = done.stats
+    assert s.finish_reason == "interrupted"
+    assert (s.prefilled_tokens, s.generated_tokens, s.ttft_s) == (16, 0, None)
+    assert s.decode_tps == 0 and 0 < s.prefill_tps < 1e6
+    assert done.text == "" and done.tokens == []
+
+
 def test_seed_makes_sampling_repeatable(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, min_p=0.01, seed=7)
     a = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
     b = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=30).tokens
@@ -104,16 +143,14 @@ def test_seed_makes_sampling_repeatable(tiny_model_dir):
 
 def test_stops_on_any_end_token(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    free = run(model, NoEos(tokenizer), [1, 5, 6], params=GREEDY, max_tokens=12).tokens
-    stopper = NoEos(tokenizer)
-    stopper.eos_token_ids = {free[5]}
-    done = run(model, stopper, [1, 5, 6], params=GREEDY, max_tokens=12)
+    free = run(model, tokenizer, [1, 5, 6], params=GREEDY, max_tokens=12).tokens
+    done = run(model, tokenizer, [1, 5, 6], params=GREEDY, max_tokens=12, end_tokens=[free[5]])
     assert done.tokens == free[: free.index(free[5]) + 1]
     assert done.stats.finish_reason == "stop"
 
 
 def test_stop_string_is_not_emitted(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     free = run(model, tokenizer, [1, 9, 10], params=GREEDY, max_tokens=30).text
     assert len(free) > 6
     stop = free[3:6]
@@ -123,9 +160,11 @@ def test_stop_string_is_not_emitted(tiny_model_dir):
 
 
 def test_stop_event_interrupts(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     stop = threading.Event()
-    events = generate(model, tokenizer, [1, 2, 3], params=GREEDY, max_tokens=100, stop_event=stop)
+    events = generate(
+        model, tokenizer, [1, 2, 3], params=GREEDY, max_tokens=100, stop_event=stop, end_tokens=()
+    )
     for i, event in enumerate(events):
         if i == 3:
             stop.set()
@@ -136,7 +175,7 @@ def test_stop_event_interrupts(tiny_model_dir):
 
 
 def test_stats_and_cache_reuse(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     cache = model.make_cache()
     prompt = list(range(50, 90))
     first = run(model, tokenizer, prompt, params=GREEDY, max_tokens=5, cache=cache)
@@ -175,8 +214,8 @@ def test_sampling_parameters_are_validated():
 def test_ctrl_c_in_the_consumer_winds_the_generator_down(tiny_model_dir):
     from apertus_mlx.generate import wind_down
 
-    model, tokenizer = load_model(tiny_model_dir), NoEos(load_tokenizer(tiny_model_dir))
-    events = generate(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=50)
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    events = generate(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=50, end_tokens=())
     first, second = next(events), next(events)
     assert isinstance(first, Chunk) and isinstance(second, Chunk)
     *rest, done = wind_down(events)  # as if KeyboardInterrupt hit between the two chunks

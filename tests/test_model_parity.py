@@ -71,8 +71,7 @@ def test_cached_decoding_reproduces_full_sequence(checkpoint, vocab_size, name):
 def test_metal_path_ops_match_transformers(checkpoint, vocab_size, name):
     """`mx.fast` RMSNorm and RoPE, what runs on a Mac, also run (slowly) on the CPU."""
     path = checkpoint(name)
-    model = load_model(path, dtype="float32")
-    model.set_fast_ops(True)
+    model = load_model(path, dtype="float32", fast_ops=True)
     ids = prompt(vocab_size)
     ref = reference_logits(path, ids)
     assert relative_error(np.array(model(mx.array(ids))), ref) <= 1e-4
@@ -114,7 +113,7 @@ def test_rope_inverse_frequencies_equal_transformers(checkpoint, name):
 
 def test_llama3_frequencies_match_published_vector():
     # Llama3InvFreqs(dim 8, theta 12e6, factor 8, low 1, high 4, original 8192):
-    # the sanity vector quoted in reference/apertus.md
+    # the sanity vector transformers' implementation gives
     args = ModelArgs.from_dict(
         dict(
             model_type="apertus",
@@ -138,21 +137,25 @@ def test_llama3_frequencies_match_published_vector():
     )
 
 
-def test_xielu_folds_learned_scalars_per_layer(tiny_model_dir):
+def test_xielu_uses_each_layers_learned_scalars(tiny_model_dir):
     from safetensors.numpy import load_file
 
     model = load_model(tiny_model_dir, dtype="float32")
     stored = load_file(str(tiny_model_dir / "model.safetensors"))
+    x = np.array([2.0, 0.5, -1e-7, -0.5, -2.0, -30.0], dtype=np.float32)
     for i, layer in enumerate(model.layers):
-        act = layer.mlp.act_fn
-        alpha_p = float(stored[f"model.layers.{i}.mlp.act_fn.alpha_p"].reshape(()))
-        alpha_n = float(stored[f"model.layers.{i}.mlp.act_fn.alpha_n"].reshape(()))
-        assert float(act._a_p) == pytest.approx(np.log1p(np.exp(alpha_p)), rel=1e-6)
-        assert float(act._a_n) == pytest.approx(0.5 + np.log1p(np.exp(alpha_n)), rel=1e-6)
-    # Scalar check from reference/apertus.md: alpha_p = alpha_n = 0, beta 0.5, eps -1e-6
+        a_p = np.log1p(np.exp(float(stored[f"model.layers.{i}.mlp.act_fn.alpha_p"].reshape(()))))
+        a_n = 0.5 + np.log1p(
+            np.exp(float(stored[f"model.layers.{i}.mlp.act_fn.alpha_n"].reshape(())))
+        )
+        want = np.where(
+            x > 0, a_p * x * x + 0.5 * x, a_n * (np.expm1(np.minimum(x, -1e-6)) - x) + 0.5 * x
+        )
+        got = np.array(layer.mlp.act_fn(mx.array(x)))
+        assert (np.abs(got - want) <= 1e-6 * (np.abs(want) + np.abs(x))).all(), (got, want)
+    # transformers' sanity values: alpha_p = alpha_n = 0, beta 0.5, eps -1e-6
     act = model.layers[0].mlp.act_fn
     act.alpha_p, act.alpha_n = mx.array(0.0), mx.array(0.0)
-    act.fold()
     out = act(mx.array([2.0, -2.0]))
     np.testing.assert_allclose(np.array(out), [3.772588722239781, 0.35462209218399154], rtol=1e-6)
 

@@ -125,12 +125,14 @@ def test_longest_match_wins_and_case_folding_expands():
     assert f.apply("Anna Muster") == f"{MARKER} Muster"
     assert f.apply("STRASSE") == MARKER  # casefold: ß -> ss
     assert words("Ａｎｎａ, MÜSTER_x!") == ["anna", "müster_x"]
+    assert words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs and virama stay in the word
 
 
 def test_patterns_replace_local_rules():
-    f = make([], patterns=[r"[\w.+-]+@[\w-]+\.[a-z]{2,}", r"\+41(?: ?\d){9}\b"])
-    text = "Write to anna.muster@example.ch or call +41 44 123 45 67 today."
-    assert f.apply(text) == f"Write to {MARKER} or call {MARKER} today."
+    f = make([], patterns=[r"[\w.+-]+@[\w-]+\.[a-z]{2,}", r"\+41(?: ?\d){9}\b", "(?i)ch\\d{2}"])
+    text = "Write to anna.muster@example.ch or call +41 44 123 45 67 today, Ch93 or x."
+    assert f.apply(text) == f"Write to {MARKER} or call {MARKER} today, {MARKER} or x."
+    assert make([], patterns=["x*"]).apply("abc") == "abc"  # empty matches are no matches
 
 
 def test_default_stream_is_reset_by_flush():
@@ -188,6 +190,27 @@ def test_streaming_equals_the_whole_text_for_any_cuts(text, points, max_words):
         shown += s.feed(chunk)
         assert whole.startswith(shown)  # nothing shown is ever taken back (no match prefix)
     assert shown + s.flush() == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=60),
+    st.lists(st.integers(min_value=0), max_size=20),
+    st.lists(st.integers(min_value=0), min_size=1, max_size=4),
+)
+def test_any_unicode_streams_like_the_whole_text(text, points, picks):
+    # entries made of the text's own words and word pairs, so that something matches
+    said = words(text) or ["x"]
+    phrases = [said[i % len(said)] for i in picks]
+    phrases.append(" ".join(said[:2]))
+    f = make(phrases, max_words=2)
+    whole = f.apply(text)
+    s, shown = f.stream(), ""
+    for chunk in cut(text, points):
+        shown += s.feed(chunk)
+        assert whole.startswith(shown)
+    assert shown + s.flush() == whole
+    assert not set(phrases) & set(words(whole.replace(MARKER, " ")))
 
 
 @settings(max_examples=300, deadline=None)
@@ -254,6 +277,7 @@ def test_filtered_events_hide_the_match_and_drop_the_token_ids():
     assert "".join(c.text for c in chunks) == done.text == f"Call {MARKER} now."
     assert all("Anna"[:2] not in c.text for c in chunks)
     assert done.tokens == []  # the ids would decode back to "Anna Muster"
+    assert {c.token for c in chunks} == {-1}  # a chunk's id may be of text removed later
     clean = list(filtered(events(["nothing ", "here"]), make(["Anna Muster"])))
     assert clean[-1].text == "nothing here" and clean[-1].tokens == [0, 1]
 

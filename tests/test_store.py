@@ -17,14 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apertus_mlx.errors import StoreError, UnknownConversationError
-from apertus_mlx.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    Store,
-    decode_tokens,
-    encode_tokens,
-    migrate,
-)
+from apertus_mlx.store import Store, decode_tokens, encode_tokens
+from apertus_mlx.store_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,12 +92,13 @@ def test_migrates_from_every_older_version(tmp_path, version):
 
 
 def test_migrations_are_ordered_and_each_applied_once(tmp_path):
-    path = tmp_path / "history.db"
+    path = tmp_path / "private" / "history.db"
     Store.open(path).close()
     Store.open(path).close()  # a second open finds nothing to do
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert path.parent.stat().st_mode & 0o777 == 0o700  # a new directory: the user's alone
 
 
 def test_a_newer_schema_is_refused_in_one_line(tmp_path):
@@ -212,6 +207,83 @@ def test_update_conversation_and_delete_cascades(store):
 def test_token_ids_round_trip_exactly(tokens):
     blob = encode_tokens(tokens)
     assert len(blob) == 4 * len(tokens) and decode_tokens(blob) == tokens
+
+
+operations = st.lists(
+    st.one_of(
+        # (kind, connection, conversation (add, start) or open writer (append, finish), text,
+        #  parent: -2 the current leaf, -1 a new root, k the conversation's k-th message)
+        st.tuples(
+            st.just("add"),
+            st.integers(0, 1),
+            st.integers(0, 2),
+            st.text(max_size=12),
+            st.integers(-2, 6),
+        ),
+        st.tuples(st.just("start"), st.integers(0, 1), st.integers(0, 2), st.just(""), st.just(0)),
+        st.tuples(
+            st.just("append"), st.just(0), st.integers(0, 5), st.text(max_size=12), st.just(0)
+        ),
+        st.tuples(st.just("finish"), st.just(0), st.integers(0, 5), st.just(""), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(operations)
+def test_interleaved_writers_keep_every_message_and_branch(ops):
+    """Two connections to one file, messages and streaming answers interleaved at random: the
+    store agrees with a plain Python model of the tree and of each current branch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = [Store.open(Path(tmp) / "h.db"), Store.open(Path(tmp) / "h.db")]
+        cids = [stores[0].create_conversation().id for _ in range(3)]
+        tree: dict[int, tuple[str, int | None, str, list[str]]] = {}  # id -> cid, parent, role
+        leaf: dict[str, int | None] = dict.fromkeys(cids)
+        writers = []
+        for kind, which, conv, text, pick in ops:
+            if kind in ("add", "start"):
+                cid = cids[conv]
+                mine = [m for m, v in tree.items() if v[0] == cid]
+                parent = (
+                    "leaf"
+                    if pick == -2
+                    else None
+                    if pick == -1 or not mine
+                    else mine[pick % len(mine)]
+                )
+                if kind == "add":
+                    mid = stores[which].add_message(cid, "user", text, parent_id=parent).id
+                else:
+                    writers.append(stores[which].start_answer(cid, parent_id=parent, interval=60))
+                    mid = writers[-1].message_id
+                tree[mid] = (cid, leaf[cid] if parent == "leaf" else parent, kind, [text])
+                leaf[cid] = mid
+            elif writers:
+                writer = writers[conv % len(writers)]
+                if kind == "append":
+                    writer.append(text, [len(text)])
+                    tree[writer.message_id][3].append(text)
+                    writer.flush()
+                else:
+                    assert writer.finish("stop") is None
+                    writers.remove(writer)
+        for writer in writers:
+            assert writer.finish("interrupted") is None
+        for cid in cids:
+            got = [(m.id, m.parent_id, m.content) for m in stores[1].messages(cid)]
+            want = [(m, v[1], "".join(v[3])) for m, v in sorted(tree.items()) if v[0] == cid]
+            assert got == want
+            path, node = [], leaf[cid]
+            while node is not None:
+                path.append(node)
+                node = tree[node][1]
+            assert [m.id for m in stores[0].branch(cid)] == path[::-1]
+        for store in stores:
+            store.close()
+        assert integrity(Path(tmp) / "h.db") == "ok"
 
 
 # -- search -----------------------------------------------------------------------------------
@@ -344,6 +416,17 @@ def test_an_unusable_path_is_one_line(tmp_path):
         Store.open(tmp_path / "junk.db")
 
 
+def test_finish_with_the_engines_answer_replaces_the_streamed_one(store):
+    c = store.create_conversation()
+    writer = store.start_answer(c.id)
+    writer.append("Hal", [10])
+    writer.finish("interrupted", tokens=[10, 11, 2], text="Hallo")
+    answer = store.message(writer.message_id)
+    assert (answer.content, answer.tokens) == ("Hallo", [10, 11, 2])
+    with pytest.raises(RuntimeError):
+        writer.append("late", [3])
+
+
 def test_the_store_works_from_a_worker_thread(store):
     c = store.create_conversation()
     result = []
@@ -404,11 +487,11 @@ WRITER = """
     import os, sys, time
     from apertus_mlx.store import Store
     path, name, go, turns = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    store = Store.open(path)
     deadline = time.monotonic() + 60
     while not os.path.exists(go):  # start together with the others
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    store = Store.open(path)  # all three create and migrate the same new file at once
     c = store.create_conversation(model=name)
     for i in range(turns):
         store.add_message(c.id, "user", f"{name} question {i}")
@@ -423,7 +506,6 @@ WRITER = """
 
 def test_three_processes_writing_at_once_lose_nothing(tmp_path):
     path, go, turns = tmp_path / "history.db", tmp_path / "go", 25
-    Store.open(path).close()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(WRITER), str(path), name, str(go), str(turns)],

@@ -1,13 +1,14 @@
 """`apertus-mlx filter install|status|apply|rm`: the output filter the model cards ask for.
 
-Also `with_filter`, the one call `generate` makes: the matcher module is imported only when
-a filter is installed, so an unfiltered `generate` starts as fast as before.
+Also `output_filter`, what `generate` wraps its events with: the matcher module is imported
+only when a filter is installed, so an unfiltered `generate` starts as fast as before.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from datetime import date
 
 import click
@@ -21,13 +22,14 @@ def _installed():
     return data_dir() / INSTALLED_NAME
 
 
-def with_filter(events, disabled: bool):
-    """`events` filtered by the installed filter; unchanged (and said so) when `disabled`."""
+def output_filter(disabled: bool) -> Callable[[Iterator], Iterator]:
+    """The wrapper `generate` puts over its events: the installed filter, loaded now so a
+    damaged one stops the run before the model loads; no change (said so) when `disabled`."""
     if disabled:
         click.echo("apertus-mlx: output filter off for this run (--no-output-filter)", err=True)
-        return events
+        return _unchanged
     if not _installed().exists():
-        return events
+        return _unchanged
     from ..errors import FilterFormatError, FilterInstallError
     from ..output_filter import OutputFilter, filtered
 
@@ -37,15 +39,22 @@ def with_filter(events, disabled: bool):
         raise FilterInstallError(
             f"{e} (or run with --no-output-filter to generate without it)"
         ) from None
-    return filtered(events, f) if f is not None else events
+    if f is None:  # removed in the meantime
+        return _unchanged
+    return lambda events: filtered(events, f)
+
+
+def _unchanged(events: Iterator) -> Iterator:
+    return events
 
 
 @click.group("filter")
 def filter_group() -> None:
     """The Apertus output filter: removes personal data from answers (see the README).
 
-    Once installed it applies to every answer of `generate` and `chat`, and to what the
-    history stores.
+    The model cards ask you to apply swiss-ai's filter and refresh it every six months; get it
+    from https://huggingface.co/swiss-ai/Apertus-8B-Instruct-2509. Once installed it applies to
+    every answer `generate` shows, prints as JSON or saves to the history.
     """
 
 
@@ -64,7 +73,7 @@ def install(file: str) -> None:
 
         raise ApertusError(f"cannot write {path}: {e.strerror}") from None
     click.echo(
-        f"installed: {data.entries} entries, published {data.published.isoformat()}"
+        f"installed: {_entries(data.entries)}, published {data.published.isoformat()}"
         f"{_patterns(len(data.patterns))} -> {path}"
     )
 
@@ -90,7 +99,8 @@ def status(as_json: bool) -> None:
         info = {**head, "published": published.isoformat(), "patterns": patterns}
         click.echo(json.dumps({"installed": True, "path": str(path), **info, "age_days": age}))
         return
-    click.echo(f"output filter {head['version']}: {head['entries']} entries{_patterns(patterns)}")
+    entries = _entries(head["entries"])
+    click.echo(f"output filter {head['version']}: {entries}{_patterns(patterns)}")
     click.echo(f"published {published.isoformat()}, {age} days ago")
     click.echo(f"matches phrases of up to {head['max_words']} words; file: {path}")
     if age > REFRESH_DAYS:
@@ -140,3 +150,7 @@ def remove() -> None:
 
 def _patterns(n: int) -> str:
     return f", {n} local pattern{'s' if n != 1 else ''}" if n else ""
+
+
+def _entries(n: int) -> str:
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"

@@ -12,12 +12,26 @@ from ..errors import UsageError
 from . import model_option
 
 
+def utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8: bytes that are not arrive from argv as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return text
+
+
 def read_prompt(prompt: str | None) -> str:
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        try:
-            prompt = sys.stdin.read()
+    stdin = sys.stdin
+    if prompt == "-" or (prompt is None and stdin is not None and not stdin.isatty()):
+        if stdin is None:
+            raise UsageError("stdin is closed: give the prompt as an argument")
+        try:  # bytes, decoded strictly: the locale's decoder may let bad bytes through
+            prompt = stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    elif prompt is not None:
+        utf8(prompt, "the prompt")
     if prompt is None:
         raise UsageError(
             "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
@@ -37,23 +51,16 @@ def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: boo
     )
 
 
-def backend_summary(model) -> str:
-    import mlx.core as mx
-
-    from ..kernels import qk_rope_backend, xielu_backend
-
-    device = "metal" if mx.default_device() == mx.gpu else "cpu"
-    dtype = str(model.model.norm.weight.dtype).removeprefix("mlx.core.")
-    kernels = f"xielu {xielu_backend()}, qk-norm+rope {qk_rope_backend()}"
-    return f"{device}, {dtype} activations, {kernels}"
-
-
 def format_stats(stats, backend: str) -> str:
     cached = f", {stats.cached_tokens} cached" if stats.cached_tokens else ""
+    read = stats.cached_tokens + stats.prefilled_tokens
+    if read < stats.prompt_tokens:  # stopped while reading it
+        cached += f", stopped after {read}"
+    first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
     return (
         f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prefill_tps:.1f} tok/s | "
         f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
-        f"first token {stats.ttft_s:.2f} s | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
+        f"{first} | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
     )
 
 
@@ -75,20 +82,13 @@ def format_stats(stats, backend: str) -> str:
     "--temp",
     "temperature",
     type=float,
-    help=(
-        "Temperature; 0 is greedy and deterministic"
-        " [default: the checkpoint's generation config, else 0.8]."
-    ),
+    help="Temperature; 0 is greedy and deterministic [default: 0.8].",
 )
-@click.option(
-    "--top-p",
-    type=float,
-    help=("Nucleus sampling mass [default: the checkpoint's generation config, else 0.9]."),
-)
+@click.option("--top-p", type=float, help="Nucleus sampling mass [default: 0.9].")
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
-@click.option("--seed", type=int, help="Make sampling repeatable.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Make sampling repeatable.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (repeatable).")
 @click.option(
     "--dtype",
@@ -97,6 +97,7 @@ def format_stats(stats, backend: str) -> str:
 )
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 @click.option("--save", is_flag=True, help="Save the exchange as a new conversation (see history).")
 @click.option(
     "--continue",
@@ -104,7 +105,6 @@ def format_stats(stats, backend: str) -> str:
     metavar="ID",
     help="Add a turn to saved conversation ID, with its model and settings unless given.",
 )
-@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 def generate(
     prompt,
     model_name,
@@ -122,9 +122,9 @@ def generate(
     dtype,
     stats,
     as_json,
+    no_output_filter,
     save,
     continue_id,
-    no_output_filter,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
@@ -133,19 +133,18 @@ def generate(
     --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
+    from ..config import GenerationConfig
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
-    from .filter import with_filter
+    from .filter import output_filter
 
     text = read_prompt(prompt)
-    sampling = dict(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
+        utf8(value or "", what)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    SamplingParams.from_defaults(GenerationConfig(), **sampling)  # bad flags fail before the load
+    wrap = output_filter(disabled=no_output_filter)
     rec = None
     if save or continue_id is not None:
         from ..recording import Recorder
@@ -164,29 +163,37 @@ def generate(
     if not model_name:
         raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
     model, tokenizer = load(model_name, dtype=dtype)
-    params = SamplingParams.from_defaults(tokenizer.generation_defaults, **sampling)
+    params = SamplingParams.from_defaults(model.generation, **sampling)
     if rec:
         ids = rec.prompt_ids(tokenizer, text, system, bool(think))
         rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
     else:
         ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
+    cache = rec.saved_cache(model, ids) if rec else None
+    cache = cache if cache is not None else model.make_cache()
     events = generate(
-        model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+        model,
+        tokenizer,
+        ids,
+        params=params,
+        max_tokens=limit,
+        stop_strings=stop_strings,
+        cache=cache,
     )
-    events = with_filter(events, disabled=no_output_filter)
+    events = wrap(events)
     done = None
 
     def consume(events) -> None:
         nonlocal done
         for event in events:
-            if rec:
-                rec.feed(event)
             if isinstance(event, Chunk) and not as_json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+            if rec:
+                rec.feed(event)
 
     try:
         try:
@@ -203,6 +210,7 @@ def generate(
             rec.close("error")
         raise
     s = done.stats
+    s.history_rerendered = bool(rec and rec.history_rerendered)
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -210,17 +218,23 @@ def generate(
     if as_json:
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": backend_summary(model), **saved},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
                 ensure_ascii=False,
             )
         )
-    if s.finish_reason == "length":
+    context = model.args.max_position_embeddings
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= context:
+        click.echo(f"[stopped: the conversation filled the model's context ({context} tokens)]",
+                   err=True)  # fmt: skip
+    elif s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
     if stats:
-        click.echo(format_stats(s, backend_summary(model)), err=True)
+        click.echo(format_stats(s, model.plan.describe()), err=True)
+    if rec:
+        rec.save_cache(model, cache, (ids + done.tokens)[: cache.offset])
     if s.finish_reason == "interrupted":
         sys.exit(130)
-    if rec and rec.error:
-        sys.exit(1)
+    if rec:
+        rec.raise_error()

@@ -1,0 +1,83 @@
+"""Metal essentials, with the device calls stubbed: generation raises the wired-memory limit
+for its duration and puts it back, and runs on the generation stream."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import pytest
+
+import apertus_mlx.device as device
+import apertus_mlx.generate as gen
+from apertus_mlx.generate import Done, generate
+from apertus_mlx.loading import load_model
+from apertus_mlx.sampling import SamplingParams
+from apertus_mlx.tokenizer import load_tokenizer
+
+
+@pytest.fixture
+def pretend_mac(monkeypatch):
+    """A Mac with `recommended` bytes of GPU working set; records the wired limits set."""
+    limits: list[int] = []
+    state = {"limit": 0, "recommended": 8 << 30}
+
+    def set_wired_limit(value: int) -> int:
+        old, state["limit"] = state["limit"], value
+        limits.append(value)
+        return old
+
+    monkeypatch.setattr(device, "on_metal", lambda: True)
+    monkeypatch.setattr(
+        device.mx,
+        "device_info",
+        lambda: {"max_recommended_working_set_size": state["recommended"]},
+    )
+    monkeypatch.setattr(device.mx, "set_wired_limit", set_wired_limit)
+    monkeypatch.setattr(device, "generation_stream", lambda: mx.default_device())
+    return limits, state
+
+
+def test_wired_limit_is_raised_then_restored(pretend_mac, tiny_model_dir):
+    limits, state = pretend_mac
+    model = load_model(tiny_model_dir)
+    with device.wired_limit(model):
+        assert state["limit"] == 8 << 30
+    assert limits == [8 << 30, 0] and state["limit"] == 0
+
+
+def test_a_model_near_the_limit_is_warned_about(pretend_mac, tiny_model_dir, caplog):
+    limits, state = pretend_mac
+    model = load_model(tiny_model_dir)
+    state["recommended"] = device.model_bytes(model)  # the model alone fills the GPU
+    with caplog.at_level(logging.WARNING, logger="apertus_mlx"), device.wired_limit(model):
+        pass
+    assert "generation may be slow" in caplog.text
+
+
+def test_generation_keeps_the_limit_raised_and_runs_on_its_stream(
+    pretend_mac, tiny_model_dir, monkeypatch
+):
+    limits, state = pretend_mac
+    streams: list = []
+    monkeypatch.setattr(gen, "generation_stream", lambda: streams.append(1) or mx.default_device())
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    events = generate(
+        model, tokenizer, [1, 2, 3], params=SamplingParams(temperature=0), max_tokens=4,
+        end_tokens=(),
+    )  # fmt: skip
+    seen_while_generating = [(event, state["limit"]) for event in events]
+    assert isinstance(seen_while_generating[-1][0], Done)
+    seen_while_generating = [limit for _, limit in seen_while_generating]
+    assert set(seen_while_generating[:-1]) == {8 << 30}  # raised while tokens stream
+    assert state["limit"] == 0 and streams == [1]
+
+
+def test_nothing_happens_on_the_cpu(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(
+        device.mx, "set_wired_limit", lambda v: pytest.fail("wired limit set on the CPU")
+    )
+    if device.on_metal():
+        pytest.skip("this machine has Metal")
+    with device.wired_limit(load_model(tiny_model_dir)):
+        pass
