@@ -54,7 +54,8 @@ class LazyGroup(click.Group):
 def cli() -> None:
     """Run the Apertus language models locally with MLX.
 
-    MODEL is a local checkpoint directory or a Hugging Face repo id already downloaded.
+    MODEL is a catalog alias (see `apertus-mlx models`), a Hugging Face repo id already
+    downloaded, or a local checkpoint directory.
     """
 
 

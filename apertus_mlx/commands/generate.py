@@ -82,9 +82,16 @@ def format_stats(stats, backend: str) -> str:
     "--temp",
     "temperature",
     type=float,
-    help="Temperature; 0 is greedy and deterministic [default: 0.8].",
+    help=(
+        "Temperature; 0 is greedy and deterministic"
+        " [default: the checkpoint's generation config, else 0.8]."
+    ),
 )
-@click.option("--top-p", type=float, help="Nucleus sampling mass [default: 0.9].")
+@click.option(
+    "--top-p",
+    type=float,
+    help=("Nucleus sampling mass [default: the checkpoint's generation config, else 0.9]."),
+)
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
