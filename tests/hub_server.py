@@ -76,14 +76,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _info(self, repo: str) -> None:
             if repo not in hub.repos:
-                return self._error(404, "RepositoryNotFound", f"Repository {repo} not found")
+                return self._error(404, "RepoNotFound", f"Repository {repo} not found")
             root = hub.repos[repo]
             siblings = [{"rfilename": str(p.relative_to(root))} for p in hub.files(repo)]
             self._json({"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings})
 
         def _tree(self, repo: str) -> None:
             if repo not in hub.repos:
-                return self._error(404, "RepositoryNotFound", f"Repository {repo} not found")
+                return self._error(404, "RepoNotFound", f"Repository {repo} not found")
             root = hub.repos[repo]
             entries = [
                 {
@@ -98,7 +98,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _resolve(self, repo: str, name: str, body: bool) -> None:
             if repo not in hub.repos:
-                return self._error(404, "RepositoryNotFound", f"Repository {repo} not found")
+                return self._error(404, "RepoNotFound", f"Repository {repo} not found")
             file = hub.repos[repo] / name
             if not file.is_file():
                 return self._error(404, "EntryNotFound", f"{name} not in {repo}")
