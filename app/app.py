@@ -464,17 +464,19 @@ class ChatApp(App):
         if action not in ("quit", "command_palette") and len(self.screen_stack) > 1:
             return False  # another screen is on top: its own keys, not the chat's
         if action == "stop":
-            return self.generating or self.editing is not None
+            return self.generating or self.editing is not None or self.focused is not self.prompt
         return True
 
     def action_stop(self) -> None:
-        """Stop the answer; the part already generated stays, on screen and in the history."""
-        if self.editing is not None:
+        """Stop the answer (the part already generated stays, on screen and in the history);
+        else cancel an edit; else go back to the message box."""
+        if self.generating and self.worker is not None:
+            self.worker.stop()
+        elif self.editing is not None:
             self.editing = None
             self.prompt.clear()
             self.update_status()
-        elif self.generating and self.worker is not None:
-            self.worker.stop()
+        self.prompt.focus()
 
     async def action_new_conversation(self) -> None:
         await self.show_conversation(None)

@@ -201,7 +201,9 @@ class ModelWorker:
     def _reply(self, job: Reply, stop: threading.Event) -> None:
         try:
             if stop.is_set():  # stopped while it waited for the model thread
-                self._post(AnswerDone(job.conversation_id, None, "", error="stopped"))
+                self._post(
+                    AnswerDone(job.conversation_id, None, "", error="stopped before it started")
+                )
                 return
             if not self._ensure_model(job.model):
                 self._post(AnswerDone(job.conversation_id, None, "", error="no model is loaded"))

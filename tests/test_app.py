@@ -355,6 +355,10 @@ async def test_search_rename_and_delete(tiny_model_dir):
         await pilot.press("ctrl+n")
 
         await pilot.press("f3")
+        assert app.focused is app.query_one("#search")
+        await pilot.press("escape")  # back to the message box
+        assert app.focused is app.prompt
+        await pilot.press("f3")
         await pilot.press(*"fondue")
         await wait_for(pilot, lambda: len(app.query("ConversationItem")) == 1)
         await pilot.press("enter", "enter")  # to the list, then open the hit
