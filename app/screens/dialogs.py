@@ -11,7 +11,7 @@ from textual.widgets import Button, Input, Label, Static
 KEYS: list[tuple[str, str]] = [
     ("Enter", "send the message"),
     ("ctrl+j", "new line in the message (also shift+enter where the terminal reports it)"),
-    ("Esc", "stop the answer (the part generated stays); cancel an edit; back to the message"),
+    ("Esc", "stop the answer (its text so far stays); cancel an edit; back to typing"),
     ("ctrl+n", "new conversation"),
     ("ctrl+r", "regenerate the last answer (a new branch)"),
     ("ctrl+l", "edit the last message (sent as a new branch)"),
