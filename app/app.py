@@ -9,18 +9,18 @@ answered is lost; the screen is redrawn from the store when the conversation cha
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, ListView, Static
+from textual.widgets import Footer, Header, Input, ListView
 
 from apertus_mlx.errors import ApertusError
 
+from .conversation import ConversationView, Running
 from .screens.dialogs import (
     ConfirmScreen,
     DetailsScreen,
@@ -34,13 +34,10 @@ from .settings import AppConfig, ChatSettings
 from .widgets import (
     AssistantMessage,
     ConversationItem,
-    Notice,
     PromptArea,
     StatusBar,
-    UserMessage,
     code_blocks,
     format_stats,
-    format_stored,
 )
 from .worker import (
     AnswerChunk,
@@ -52,18 +49,6 @@ from .worker import (
     ModelWorker,
     Reply,
 )
-
-EMPTY_HINT = "Type a message below and press Enter. F1 lists the keys; ctrl+p has every action."
-
-
-@dataclass
-class Running:
-    """The answer being generated, wherever it is shown: its text so far lives here too, so
-    switching back to its conversation shows all of it."""
-
-    conversation_id: str
-    message_id: int | None = None
-    text: str = ""
 
 
 class ChatApp(App):
@@ -117,14 +102,14 @@ class ChatApp(App):
                 yield Input(placeholder="Search history (F3)", id="search")
                 yield ListView(id="conversations")
             with Vertical(id="main"):
-                yield VerticalScroll(id="messages")
+                yield ConversationView(id="messages")
                 yield PromptArea(id="prompt", soft_wrap=True, show_line_numbers=False)
         yield StatusBar(id="status")
         yield Footer()
 
     @property
-    def messages(self) -> VerticalScroll:
-        return self.query_one("#messages", VerticalScroll)
+    def messages(self) -> ConversationView:
+        return self.query_one("#messages", ConversationView)
 
     @property
     def prompt(self) -> PromptArea:
@@ -198,8 +183,7 @@ class ChatApp(App):
         """Show an error where the user looks: a notification, and at the end of the chat."""
         self.notify(text, severity="error", timeout=10)
         if inline:
-            self.messages.mount(Notice(text, error=True))
-            self.messages.scroll_end(animate=False)
+            self.run_worker(self.messages.note(text, error=True))
 
     # --- models -------------------------------------------------------------------------
     def load_model(self, name: str) -> None:
@@ -294,29 +278,13 @@ class ChatApp(App):
         self.conversation = (
             self.store.get_conversation(conversation_id) if conversation_id else None
         )
-        await self.messages.remove_children()
-        widgets = []
-        if self.conversation is None:
-            widgets.append(Static(EMPTY_HINT, id="empty-hint"))
-        else:
-            if self.conversation.model and self.conversation.model != self.model_name:
-                self.model_name = self.conversation.model  # its next answer uses its model
-            running = self.running
-            for m in self.store.branch(self.conversation.id):
-                if m.role == "user":
-                    widgets.append(UserMessage(m.content, m.id))
-                elif m.role == "assistant":
-                    if running is not None and running.message_id == m.id:
-                        widgets.append(AssistantMessage(m.id, running.text))
-                    else:
-                        status = format_stored(m.finish_reason, m.stats)
-                        widgets.append(AssistantMessage(m.id, m.content, status))
-            if running is not None and running.conversation_id == self.conversation.id \
-                    and running.message_id is None:  # fmt: skip
-                widgets.append(AssistantMessage())
-        await self.messages.mount_all(widgets)
-        self.messages.scroll_end(animate=False)
-        self.messages.anchor()
+        c = self.conversation
+        if c is not None and c.model and c.model != self.model_name:
+            self.model_name = c.model  # its next answer uses its model
+        running = self.running
+        if running is not None and (c is None or running.conversation_id != c.id):
+            running = None
+        await self.messages.show(self.store.branch(c.id) if c else None, running)
         self.context_used = 0
         if self.conversation is not None:
             stats = [m.stats for m in self.store.branch(self.conversation.id) if m.stats]
@@ -326,17 +294,14 @@ class ChatApp(App):
         self.update_status()
 
     def answers(self) -> list[AssistantMessage]:
-        return list(self.messages.query(AssistantMessage))
+        return self.messages.answers()
 
     def live_answer(self) -> AssistantMessage | None:
         """The widget of the running answer, if its conversation is the one shown."""
         r = self.running
         if r is None or self.conversation is None or r.conversation_id != self.conversation.id:
             return None
-        for answer in reversed(self.answers()):
-            if not answer.finished and answer.message_id in (None, r.message_id):
-                return answer
-        return None
+        return self.messages.live_answer(r.message_id)
 
     # --- sending ------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -373,10 +338,7 @@ class ChatApp(App):
             await self.show_conversation(self.conversation.id)
             self.running = None
         else:
-            hint = self.messages.query("#empty-hint")
-            await hint.remove()
-            await self.messages.mount_all([UserMessage(text, user.id), AssistantMessage()])
-            self.messages.scroll_end(animate=False)
+            await self.messages.add_turn(text, user.id)
         self.start_reply(user.id)
         self.refresh_conversations(self.query_one("#search", Input).value)
 
@@ -415,7 +377,7 @@ class ChatApp(App):
             )
             self.notify(note, severity="warning", timeout=10)
             if self.conversation is not None and self.conversation.id == message.conversation_id:
-                await self.messages.mount(Notice(note), before=answer)
+                await self.messages.note(note, before=answer)
 
     async def on_answer_chunk(self, message: AnswerChunk) -> None:
         r = self.running
