@@ -533,3 +533,41 @@ def test_quits_cleanly_after_chatting(tiny_model_dir, home):
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "quit 0" in out.stdout
+
+
+async def test_a_download_shows_rate_and_time_left_and_can_be_cancelled(monkeypatch):
+    """The models screen's wiring, with a download that waits to be cancelled."""
+    from apertus_mlx import hub
+
+    def slow_download(name, *, progress=None, cancel=None):
+        done = 20_000_000  # already on disk from an earlier, cancelled download
+        while not cancel.wait(0.05):
+            progress(done, 200_000_000)
+            done = min(done + 1_000_000, 150_000_000)
+        raise hub.DownloadCancelled("download cancelled")
+
+    monkeypatch.setattr(hub, "download", slow_download)
+    app = ChatApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        screen = app.screen
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "MB/s" in str(screen.query_one("#download-status").render()))
+        line = str(screen.query_one("#download-status").render())
+        assert " / 200.0 MB · " in line and "s left" in line
+        assert screen.query_one("#download-bar").display
+        await pilot.press("c")
+        await wait_for(pilot, lambda: screen.download is None)
+        assert "cancelled" in str(screen.query_one("#download-status").render())
+        assert isinstance(app.screen, ModelsScreen)  # still there, to resume or choose
+
+
+async def test_a_damaged_config_is_reported_and_the_app_starts(tiny_model_dir, home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.json").write_text("{not json")
+    app = ChatApp(str(tiny_model_dir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None)
+        notes = [n.message for n in app._notifications]
+        assert any("config.json" in n and "starting on defaults" in n for n in notes)
+        assert app.settings == ChatSettings()

@@ -35,13 +35,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def progress_line(done: int, total: int, elapsed: float) -> str:
-    """ "1.2 GB / 2.3 GB · 45.1 MB/s · 24 s left": bytes, rate and ETA of a download."""
-    rate = done / elapsed if elapsed > 0 else 0.0
+def progress_line(done: int, total: int, rate: float) -> str:
+    """ "1.2 GB / 2.3 GB · 45.1 MB/s · 24 s left": bytes, rate (bytes/s, 0 unknown) and ETA."""
     line = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
-    line += f" · {human_bytes(rate)}/s" if rate else ""
-    if rate and total > done:
-        line += f" · {(total - done) / rate:.0f} s left"
+    if rate > 0:
+        line += f" · {human_bytes(rate)}/s"
+        if total > done:
+            line += f" · {(total - done) / rate:.0f} s left"
     return line
 
 
@@ -64,7 +64,7 @@ class Download:
 
     def __init__(self, repo: str, post) -> None:
         self.repo = repo
-        self.started = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, bytes) of the first report
         self._cancel = threading.Event()
         self._post = post
         self._last = 0.0
@@ -202,9 +202,16 @@ class ModelsScreen(Screen[str | None]):
     def on_download_progress(self, message: DownloadProgress) -> None:
         bar = self.query_one("#download-bar", ProgressBar)
         bar.update(total=message.total or None, progress=message.done)
-        elapsed = time.monotonic() - self.download.started if self.download else 0.0
-        self.status(f"{message.repo}: {progress_line(message.done, message.total, elapsed)}"
-                    " · c cancels")  # fmt: skip
+        rate = 0.0
+        if self.download is not None:
+            # measured from the first report: bytes already on disk (a resume) are not speed
+            if self.download.first is None:
+                self.download.first = (time.monotonic(), message.done)
+            since, start = self.download.first
+            elapsed = time.monotonic() - since
+            rate = (message.done - start) / elapsed if elapsed > 0.5 else 0.0
+        line = progress_line(message.done, message.total, rate)
+        self.status(f"{message.repo}: {line} · c cancels")
 
     def on_download_finished(self, message: DownloadFinished) -> None:
         self.download = None
