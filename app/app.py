@@ -135,7 +135,12 @@ class ChatApp(App):
         if self.cli_settings is not None:
             self.config.defaults = self.cli_settings
         if self.store is None:
-            self.store = Store.open()
+            try:
+                self.store = Store.open()
+            except ApertusError as e:  # the chat still works, for this session only
+                self.store = Store.open(":memory:")
+                self.notify(f"{e}. This session is not saved.", title="History unavailable",
+                            severity="error", timeout=30)  # fmt: skip
         self.worker = ModelWorker(self.post_message, self.store)
         self.remind_filter()
         self.model_name = self.model_name or self.config.last_model

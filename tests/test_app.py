@@ -571,3 +571,15 @@ async def test_a_damaged_config_is_reported_and_the_app_starts(tiny_model_dir, h
         notes = [n.message for n in app._notifications]
         assert any("config.json" in n and "starting on defaults" in n for n in notes)
         assert app.settings == ChatSettings()
+
+
+async def test_an_unusable_history_still_chats_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("APERTUS_MLX_HOME", str(blocked / "home"))
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loaded is not None or bool(app.query(Notice)))
+        assert any("not saved" in n.message for n in app._notifications)
+        await ask(app, pilot, "Hi")
+        assert (await answered(app, pilot, 1)).text
