@@ -120,9 +120,12 @@ class ChatApp(App):
         """The settings of the conversation shown, else of the next new one."""
         if self.conversation is not None:
             c = self.conversation
-            return ChatSettings.from_dict(
-                {**c.settings, "system": c.system, "thinking": c.thinking}
-            )
+            try:
+                return ChatSettings.from_dict(
+                    {**c.settings, "system": c.system, "thinking": c.thinking}
+                )
+            except (ApertusError, TypeError):  # saved by another tool or version: not usable
+                return self.config.defaults.with_(system=c.system, thinking=c.thinking)
         return self.config.defaults
 
     async def on_mount(self) -> None:
