@@ -16,7 +16,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, ListView
+from textual.widgets import Footer, Header
 
 from apertus_mlx.errors import ApertusError
 
@@ -31,9 +31,9 @@ from .screens.dialogs import (
 from .screens.models import ModelsScreen
 from .screens.settings import SettingsScreen
 from .settings import AppConfig, ChatSettings
+from .sidebar import Sidebar
 from .widgets import (
     AssistantMessage,
-    ConversationItem,
     PromptArea,
     StatusBar,
     code_blocks,
@@ -98,9 +98,7 @@ class ChatApp(App):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="body"):
-            with Vertical(id="sidebar"):
-                yield Input(placeholder="Search history (F3)", id="search")
-                yield ListView(id="conversations")
+            yield Sidebar(id="sidebar")
             with Vertical(id="main"):
                 yield ConversationView(id="messages")
                 yield PromptArea(id="prompt", soft_wrap=True, show_line_numbers=False)
@@ -241,44 +239,16 @@ class ChatApp(App):
             self.error(f"Could not save the settings: {e.strerror or e}", inline=False)
 
     # --- conversations ------------------------------------------------------------------
-    def refresh_conversations(self, query: str = "") -> None:
-        """Fill the list: every conversation, or those the full-text search finds."""
-        items: list[ConversationItem] = []
-        if query.strip():
-            seen: set[str] = set()
-            for hit in self.store.search(query):
-                if hit.conversation_id not in seen:
-                    seen.add(hit.conversation_id)
-                    items.append(ConversationItem(hit.conversation_id, hit.title or "untitled",
-                                                  hit.snippet))  # fmt: skip
-        else:
-            for c in self.store.list_conversations(limit=200):
-                items.append(ConversationItem(c.id, c.title or "untitled"))
-        view = self.query_one("#conversations", ListView)
-        view.clear()
-        view.extend(items)
-        current = self.conversation.id if self.conversation else None
-        for i, item in enumerate(items):
-            if item.conversation_id == current:
-                view.index = i
+    @property
+    def sidebar(self) -> Sidebar:
+        return self.query_one(Sidebar)
 
-    @on(Input.Changed, "#search")
-    def search_changed(self, event: Input.Changed) -> None:
-        self.refresh_conversations(event.value)
+    def refresh_conversations(self) -> None:
+        self.sidebar.refill(self.conversation.id if self.conversation else None)
 
-    @on(Input.Submitted, "#search")
-    def search_submitted(self) -> None:
-        view = self.query_one("#conversations", ListView)
-        if view.index is None and len(view):
-            view.index = 0  # Enter again opens the best hit
-        view.focus()
-
-    @on(ListView.Selected, "#conversations")
-    async def conversation_selected(self, event: ListView.Selected) -> None:
-        item = event.item
-        if isinstance(item, ConversationItem):
-            await self.show_conversation(item.conversation_id)
-            self.prompt.focus()
+    async def on_sidebar_chosen(self, message: Sidebar.Chosen) -> None:
+        await self.show_conversation(message.conversation_id)
+        self.prompt.focus()
 
     async def show_conversation(self, conversation_id: str | None) -> None:
         """Draw a conversation from the store; a running answer in it shows as it streams."""
@@ -348,7 +318,7 @@ class ChatApp(App):
         else:
             await self.messages.add_turn(text, user.id)
         self.start_reply(user.id)
-        self.refresh_conversations(self.query_one("#search", Input).value)
+        self.refresh_conversations()
 
     def start_reply(self, user_message_id: int) -> None:
         """Queue the answer to `user_message_id` on the current branch."""
@@ -420,7 +390,7 @@ class ChatApp(App):
         if self.conversation is not None and self.conversation.id == message.conversation_id:
             self.conversation = self.store.get_conversation(message.conversation_id)
         self.update_status()
-        self.refresh_conversations(self.query_one("#search", Input).value)
+        self.refresh_conversations()
 
     def conversation_exists(self, conversation_id: str) -> bool:
         try:
@@ -450,7 +420,7 @@ class ChatApp(App):
 
     async def action_new_conversation(self) -> None:
         await self.show_conversation(None)
-        self.query_one("#conversations", ListView).index = None
+        self.refresh_conversations()
         self.prompt.clear()
         self.prompt.focus()
 
@@ -533,8 +503,7 @@ class ChatApp(App):
         self.push_screen(HelpScreen())
 
     def action_search(self) -> None:
-        self.query_one("#sidebar").display = True
-        self.query_one("#search", Input).focus()
+        self.sidebar.focus_search()
 
     def action_rename(self) -> None:
         if self.conversation is None:
@@ -544,7 +513,7 @@ class ChatApp(App):
         def renamed(title: str | None) -> None:
             if title:
                 self.conversation = self.store.rename(self.conversation.id, title)
-                self.refresh_conversations(self.query_one("#search", Input).value)
+                self.refresh_conversations()
             self.focus_prompt()
 
         self.push_screen(TextPromptScreen("New title:", self.conversation.title or ""), renamed)
@@ -560,7 +529,7 @@ class ChatApp(App):
                     self.worker.stop()
                 self.store.delete(c.id)
                 await self.show_conversation(None)
-                self.refresh_conversations(self.query_one("#search", Input).value)
+                self.refresh_conversations()
                 self.notify(f"Deleted “{c.title or 'untitled'}”")
             self.focus_prompt()
 

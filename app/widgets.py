@@ -10,7 +10,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Label, ListItem, Markdown, Static, TextArea
+from textual.widgets import Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
 FINISH_LABELS = {
@@ -146,15 +146,6 @@ class Notice(Static):
 
     def __init__(self, text: str, error: bool = False) -> None:
         super().__init__(text, markup=False, classes="notice error" if error else "notice")
-
-
-class ConversationItem(ListItem):
-    def __init__(self, conversation_id: str, title: str, detail: str = "") -> None:
-        super().__init__(
-            Label(title, markup=False),
-            *([Label(detail, classes="hit", markup=False)] if detail else []),
-        )
-        self.conversation_id = conversation_id
 
 
 class StatusBar(Static):
