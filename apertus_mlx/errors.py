@@ -43,3 +43,7 @@ class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
 
     exit_code = 2
+
+
+class DraftMismatchError(UsageError):
+    """A draft model for speculative decoding does not share the model's vocabulary."""
