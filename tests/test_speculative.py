@@ -3,6 +3,10 @@ distribution, caches hold exactly what was fed, mismatched drafts are refused.""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -243,3 +247,36 @@ def test_mismatched_drafts_are_refused(target, tmp_path, tokenizer_dir, vocab_si
     assert load_draft(other_dir, model, tokenizer, num_tokens=2).num_tokens == 2
     with pytest.raises(UsageError, match="draft tokens"):
         Draft(model, num_tokens=0)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "apertus_mlx", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+
+
+def test_cli_draft_model(tiny_model_dir, other_dir, tmp_path, tokenizer_dir, vocab_size):
+    """--draft-model: the same greedy answer, acceptance in --json and --stats; a draft with
+    another vocabulary is one line and exit status 2."""
+    base = ("generate", "Grüezi", "-m", str(tiny_model_dir), "--temp", "0", "-n", "12")
+    plain = json.loads(cli(*base, "--json").stdout)
+    out = cli(*base, "--json", "--draft-model", str(other_dir), "--num-draft-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    fast = json.loads(out.stdout)
+    assert fast["text"] == plain["text"] and fast["generated_tokens"] == 12
+    assert fast["num_draft_tokens"] == 2 and fast["draft_tokens"] > 0
+    assert fast["acceptance_rate"] == fast["accepted_tokens"] / fast["draft_tokens"]
+    assert plain["num_draft_tokens"] == 0 and plain["acceptance_rate"] is None
+    stats = cli(*base, "--stats", "--draft-model", str(tiny_model_dir))
+    assert "accepted (100%), k=3" in stats.stderr
+
+    wide = build_checkpoint(
+        tmp_path / "w", tokenizer_dir, vocab_size + 64, {"num_hidden_layers": 1}
+    )
+    bad = cli(*base, "--draft-model", str(wide))
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "vocabulary" in bad.stderr

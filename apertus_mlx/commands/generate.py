@@ -42,9 +42,16 @@ def format_stats(stats, backend: str) -> str:
     if read < stats.prompt_tokens:  # stopped while reading it
         cached += f", stopped after {read}"
     first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
+    draft = ""
+    if stats.num_draft_tokens:
+        rate = stats.acceptance_rate or 0.0
+        draft = (
+            f" | draft: {stats.accepted_tokens}/{stats.draft_tokens} accepted ({rate:.0%}), "
+            f"k={stats.num_draft_tokens}"
+        )
     return (
         f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prefill_tps:.1f} tok/s | "
-        f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
+        f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s{draft} | "
         f"{first} | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
     )
 
@@ -80,6 +87,17 @@ def format_stats(stats, backend: str) -> str:
     type=click.Choice(["bfloat16", "float16", "float32"]),
     help="Compute dtype [default: float32 on CPU, the checkpoint's on Metal].",
 )
+@click.option(
+    "--draft-model",
+    help="Speculative decoding: a smaller model with the same tokenizer proposes tokens.",
+)
+@click.option(
+    "--num-draft-tokens",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="Tokens the draft model proposes per verification pass.",
+)
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 def generate(
@@ -97,6 +115,8 @@ def generate(
     seed,
     stop_strings,
     dtype,
+    draft_model,
+    num_draft_tokens,
     stats,
     as_json,
 ) -> None:
@@ -111,6 +131,11 @@ def generate(
 
     text = read_prompt(prompt)
     model, tokenizer = load(model_name, dtype=dtype)
+    draft = None
+    if draft_model:
+        from ..speculative import load_draft
+
+        draft = load_draft(draft_model, model, tokenizer, num_draft_tokens, dtype=dtype)
     params = SamplingParams.from_defaults(
         tokenizer.generation_defaults,
         temperature=temperature,
@@ -123,7 +148,13 @@ def generate(
     ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
     limit = max_tokens or DEFAULT_MAX_TOKENS
     events = generate(
-        model, tokenizer, ids, params=params, max_tokens=limit, stop_strings=stop_strings
+        model,
+        tokenizer,
+        ids,
+        params=params,
+        max_tokens=limit,
+        stop_strings=stop_strings,
+        draft=draft,
     )
     done = None
 
