@@ -280,3 +280,13 @@ def test_cli_draft_model(tiny_model_dir, other_dir, tmp_path, tokenizer_dir, voc
     bad = cli(*base, "--draft-model", str(wide))
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "vocabulary" in bad.stderr
+
+
+def test_bench_speculative(target, other):
+    from apertus_mlx.bench import bench_speculative
+
+    model, _ = target
+    same = bench_speculative(model, model, [1, 2, 3], 9, 3, repeats=1)
+    never = bench_speculative(model, other, [1, 2, 3], 9, 2, repeats=1)
+    assert same.acceptance_rate == 1.0 and never.acceptance_rate < 0.5
+    assert min(same.plain_tps, same.speculative_tps, never.speculative_tps) > 0
