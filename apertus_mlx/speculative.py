@@ -34,8 +34,10 @@ from .generate import DEFAULT_MAX_TOKENS, Forward, PromptProgress, forward_for
 from .sampling import LogitsProcessor, SamplingParams, make_distribution
 
 # Drafted tokens per round. With acceptance a, a round yields (1 - a^(k+1)) / (1 - a) tokens
-# for k draft steps and one k+1-token pass: for a small draft that agrees 60-80% of the time
-# 3 is near the optimum, and a draft that mostly disagrees wastes only 3 steps per token.
+# for k draft steps and one pass over k + 1 tokens. Where that pass costs about one step
+# (decoding bound by reading the weights, as on a GPU) and a draft step a tenth of one, k = 3
+# is the best k at a = 0.6 (1.67x) and within 2% of it at a = 0.7 (1.95x); larger k gain
+# little more and lose more when the draft agrees less than hoped.
 DEFAULT_NUM_DRAFT_TOKENS = 3
 MAX_NUM_DRAFT_TOKENS = 16
 
