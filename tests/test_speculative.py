@@ -290,3 +290,58 @@ def test_bench_speculative(target, other):
     never = bench_speculative(model, other, [1, 2, 3], 9, 2, repeats=1)
     assert same.acceptance_rate == 1.0 and never.acceptance_rate < 0.5
     assert min(same.plain_tps, same.speculative_tps, never.speculative_tps) > 0
+
+
+def sharpened(path, scale: float, noise: float = 0.0):
+    """The checkpoint with its output head scaled (a random head gives nearly flat
+    distributions) and Gaussian noise of `noise` times the head's spread added."""
+    model = load_model(path)
+    head = model.lm_head.weight * scale
+    noise = mx.random.normal(head.shape, key=mx.random.key(1)) * noise * mx.std(head)
+    model.update({"lm_head": {"weight": head + noise}})
+    return model
+
+
+def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
+    """Through the real token layer (a draft step, one verification pass, repetition penalty,
+    temperature, top-k): the first token's frequencies are the model's processed
+    distribution, though the draft's differs (a flatter, noisy output head) and is often
+    rejected."""
+    from apertus_mlx.generate import forward_for
+    from apertus_mlx.sampling import make_logits_processors
+    from apertus_mlx.speculative import DraftCounts, speculative_generate_step
+
+    model = sharpened(tiny_model_dir, 60)
+    draft = Draft(sharpened(tiny_model_dir, 20, noise=0.3), 1)
+    params = SamplingParams(temperature=1.0, top_k=4, repetition_penalty=1.3)
+    processors = make_logits_processors(params)
+    prompt = [1, 200, 201, 202]
+
+    def processed(m) -> np.ndarray:
+        logits = m(mx.array([prompt]))[:, -1, :].astype(mx.float32)
+        for processor in processors:
+            logits = processor(mx.array(prompt), logits)
+        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return np.exp(np.array(make_distribution(params)(logits))[0].astype(np.float64))
+
+    p, q = processed(model), processed(draft.model)
+    assert (p > 0).sum() == 4 and 0.2 < np.minimum(p, q).sum() < 0.8
+
+    mx.random.seed(0)
+    forward, cache, counts, first = forward_for(model), model.make_cache(), DraftCounts(), []
+    for _ in range(1500):
+        cache.truncate(len(prompt) - 1)
+        steps = speculative_generate_step(
+            prompt,
+            forward,
+            cache,
+            draft,
+            params=params,
+            logits_processors=processors,
+            max_tokens=2,  # one drafted token, verified
+            counts=counts,
+        )
+        first.append(next(steps)[0])
+        steps.close()
+    assert chi_square(np.bincount(first, minlength=p.size), p) < 16.3  # 3 dof, p = 0.001
+    assert abs(counts.accepted / counts.drafted - np.minimum(p, q).sum()) < 0.05
