@@ -22,14 +22,32 @@ def load(
     """Load model and tokenizer from a checkpoint directory or a cached hub repo id.
 
     dtype: compute dtype ("bfloat16", "float16", "float32" or an mx.Dtype); by default
-    float32 on the CPU backend, the checkpoint's dtype on Metal.
+    float32 on the CPU backend, the checkpoint's dtype on Metal. The model carries the
+    checkpoint's end tokens and sampling defaults as `model.generation`.
     """
+    from .config import GenerationConfig, ModelArgs
+    from .errors import TokenizerError
     from .hub import resolve_model
     from .loading import load_model
+    from .plan import check_dtype
     from .tokenizer import load_tokenizer
 
+    check_dtype(dtype)
     path = resolve_model(path_or_repo_id)
-    return load_model(path, dtype=dtype, fuse=fuse), load_tokenizer(path)
+    ModelArgs.from_dir(path)  # config.json, then tokenizer: cheap checks before the weights
+    tokenizer = load_tokenizer(path)
+    generation = GenerationConfig.from_dir(path, tokenizer.end_token_ids())
+    model = load_model(path, dtype=dtype, fuse=fuse)
+    vocab = model.args.vocab_size
+    if tokenizer.max_token_id >= vocab:
+        # The embedding may be larger than the tokenizer (padding); never smaller: an id past
+        # its end reads outside the matrix.
+        raise TokenizerError(
+            f"the tokenizer's ids go up to {tokenizer.max_token_id} but the model has "
+            f"{vocab} embeddings (config.json vocab_size): tokenizer.json belongs to another model"
+        )
+    model.generation = generation
+    return model, tokenizer
 
 
 __all__ = ["load", "__version__"]

@@ -123,7 +123,6 @@ def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
     model = load_model(path)
     prims = ours_step_ops(model, prompt)
     unload()
-    mx.reset_peak_memory()
     steps = generate_step(
         prompt,
         forward_for(model),
@@ -131,6 +130,14 @@ def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
         sampler=make_sampler(SamplingParams(temperature=0)),
         max_tokens=gen_tokens,
     )
+    return time_steps(steps, len(prompt), gen_tokens, prims, "apertus-mlx")
+
+
+def time_steps(
+    steps: Iterator, prompt_tokens: int, gen_tokens: int, prims: Counter[str], engine: str
+) -> Result:
+    """Run a token generator (ours or mlx-lm's `generate_step`) to the end and time it."""
+    mx.reset_peak_memory()
     start = time.perf_counter()
     first = start
     n = 0
@@ -138,12 +145,13 @@ def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
         if n == 1:
             first = time.perf_counter()
     end = time.perf_counter()
+    mx.synchronize()  # a step queued past the last token must not count as the next run's
     if n != gen_tokens:
-        raise RuntimeError(f"generated {n} tokens instead of {gen_tokens}")
+        raise RuntimeError(f"{engine} generated {n} tokens instead of {gen_tokens}")
     ttft = first - start
     ops = compute_ops(prims)
     return Result(
-        prefill_tps=len(prompt) / max(ttft, 1e-9),
+        prefill_tps=prompt_tokens / max(ttft, 1e-9),
         decode_tps=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
         ttft_s=ttft,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
@@ -180,27 +188,8 @@ def bench_mlx_lm(path: str | Path, prompt: list[int], gen_tokens: int) -> Result
     model, _ = lm_load(Path(path))
     prims = mlx_lm_step_ops(model, prompt)
     unload()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first = start
-    n = 0
-    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=gen_tokens), 1):
-        if n == 1:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    mx.synchronize()  # generate_step queues one step past the last token it yields
-    if n != gen_tokens:
-        raise RuntimeError(f"mlx-lm generated {n} tokens instead of {gen_tokens}")
-    ttft = first - start
-    ops = compute_ops(prims)
-    return Result(
-        prefill_tps=len(prompt) / max(ttft, 1e-9),
-        decode_tps=(n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
-        ttft_s=ttft,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-        graph_ops_per_token=sum(ops.values()),
-        ops=dict(ops),
-    )
+    steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens)
+    return time_steps(steps, len(prompt), gen_tokens, prims, "mlx-lm")
 
 
 def best(results: Sequence[Result]) -> Result:

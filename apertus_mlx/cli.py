@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -21,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("apertus_mlx.commands.models:remove", "Delete a downloaded model."),
     "convert": ("apertus_mlx.commands.convert:convert", "Quantize a checkpoint to INT2-INT8."),
     "bench": ("apertus_mlx.commands.bench:bench", "Measure speed, side by side with mlx-lm."),
+    "filter": (
+        "apertus_mlx.commands.filter:filter_group",
+        "Install or check the output filter that removes personal data.",
+    ),
+    "history": (
+        "apertus_mlx.commands.history:history",
+        "List, show, search, export or delete saved conversations.",
+    ),
 }
 
 
@@ -49,17 +58,59 @@ def cli() -> None:
     """
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as if SIGTERM had ended the process
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends a command the way Ctrl+C does: a partial answer is kept and flushed, a
+    half-written conversion is removed; the exit status then says SIGTERM."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: typed errors become one line on stderr and an exit status, not a traceback."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    except SystemExit as e:
+        if _terminated and e.code not in (0, None):
+            sys.exit(EXIT_TERMINATED)
+        raise
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"apertus-mlx: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _main() -> None:
     from .errors import ApertusError
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`): an answer would be lost
+        _fail("standard output is closed: nowhere to write", 1)
     try:
         cli.main(standalone_mode=False)
+        sys.stdout.flush()  # a full disk or a closed descriptor shows here, not at exit
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stderr.close()
+        sys.exit(0)
+    except OSError as e:  # disk full, permissions, a closed descriptor: runtime, one line
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            sys.stdout = None  # broken: exit-time flushing must not retry and print a trace
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}", 1)
+    except click.ClickException as e:  # bad flags: one line too, with where to look
+        message = " ".join(e.format_message().split())
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message += f" (see `{e.ctx.command_path} --help`)"
+        _fail(message, e.exit_code)
     except ApertusError as e:
         click.echo(f"apertus-mlx: error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -39,8 +39,40 @@ class TokenizerError(CheckpointError):
     """tokenizer.json or the chat template cannot be used."""
 
 
+class NetworkError(ApertusError):
+    """The hub cannot be reached, or a download failed on the way."""
+
+
+class CacheError(ApertusError):
+    """The local model cache cannot be changed (read-only, busy)."""
+
+
+class DestinationError(ApertusError):
+    """An output cannot be written: read-only, full, or being written by another process."""
+
+
 class UsageError(ApertusError):
     """Bad input from the user (flags, prompt)."""
+
+    exit_code = 2
+
+
+class FilterFormatError(ApertusError):
+    """An output filter file is unreadable or does not follow the documented format."""
+
+    exit_code = 2
+
+
+class FilterInstallError(ApertusError):
+    """The installed output filter cannot be used; generation refuses to run unfiltered."""
+
+
+class StoreError(ApertusError):
+    """The history database cannot be opened, read or written (disk full, locked, read-only)."""
+
+
+class UnknownConversationError(StoreError):
+    """No conversation, or more than one, has the id or prefix the user typed."""
 
     exit_code = 2
 

@@ -212,6 +212,9 @@ class Stats:
     decode_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str = "stop"
+    # The prompt is the full rendering of the conversation, not its past answers' own tokens:
+    # the template renders history differently (see `prompt.conversation_ids`).
+    history_rerendered: bool = False
     num_draft_tokens: int = 0  # k of speculative decoding; 0: no draft model
     draft_tokens: int = 0  # tokens the draft proposed
     accepted_tokens: int = 0  # of those, accepted by the model
@@ -274,17 +277,17 @@ def generate(
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
     `cache` may already hold the first `cache.offset` prompt tokens (a chat's earlier turns);
-    only the rest is read. `end_tokens` default to the tokenizer's. The last event is always
-    `Done`, with finish_reason stop, length or interrupted (the stop event, Ctrl+C). A `draft`
-    (`speculative.Draft`) decodes speculatively: the same distribution of answers, faster
-    when the draft often guesses the model's next tokens.
+    only the rest is read. `end_tokens` default to the checkpoint's (`model.generation`). The
+    last event is always `Done`, with finish_reason stop, length or interrupted (the stop
+    event, Ctrl+C). A `draft` (`speculative.Draft`) decodes speculatively: the same
+    distribution of answers, faster when the draft often guesses the model's next tokens.
     """
     params = params or SamplingParams()
     cache = cache if cache is not None else model.make_cache()
     cached = cache.offset
     prompt = check_prompt(prompt_ids, model, cached, max_tokens)
     max_tokens = min(max_tokens, model.args.max_position_embeddings - len(prompt))
-    end = set(tokenizer.eos_token_ids if end_tokens is None else end_tokens)
+    end = set(model.generation.eos_token_ids if end_tokens is None else end_tokens)
     stop = stop_event.is_set if stop_event is not None else lambda: False
     progress = PromptProgress()
     if draft is None:

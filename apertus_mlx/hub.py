@@ -5,12 +5,13 @@ Resolution never touches the network: `apertus-mlx download` is the one command 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import CacheError, ModelNotFoundError, NetworkError
 
 # Files a checkpoint needs to run here; never *.bin, *.pt or code.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
@@ -57,17 +58,24 @@ def resolve_model(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    name = repo_for(str(name))
-    if not looks_like_repo_id(name):
-        raise ModelNotFoundError(f"no model directory at {name!r}")
+    if path.exists():
+        raise ModelNotFoundError(f"{name} is a file: give the checkpoint's directory")
+    repo = repo_for(str(name))
+    if not looks_like_repo_id(repo):
+        raise ModelNotFoundError(f"no model directory at {str(name)!r}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
+        if repo == str(name):  # shaped like a repo id, maybe meant as a relative directory
+            raise ModelNotFoundError(
+                f"no directory {name} here, and {repo} is not in the Hugging Face cache: "
+                f"give a checkpoint directory, or run `apertus-mlx download {repo}`"
+            ) from None
         raise ModelNotFoundError(
-            f"{name} is not downloaded yet: run `apertus-mlx download {name}`"
+            f"{repo} is not downloaded yet: run `apertus-mlx download {repo}`"
         ) from None
 
 
@@ -87,6 +95,7 @@ def download(name: str) -> Path:
     repo = repo_for(name)
     if not looks_like_repo_id(repo):
         raise ModelNotFoundError(f"{name!r} is neither a catalog alias nor a repo id (owner/name)")
+    _check_cache_dir()
     try:
         return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
     except GatedRepoError:
@@ -98,41 +107,85 @@ def download(name: str) -> Path:
             f"no repository {repo} on the hub (see `apertus-mlx models`)"
         ) from None
     except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"cannot reach the hub to download {repo}: are you offline?"
-        ) from None
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "are you offline?"
+        raise NetworkError(f"cannot reach the hub to download {repo}: {why}") from None
     except HfHubHTTPError as e:
-        raise ModelNotFoundError(f"download of {repo} failed: {e}") from None
+        raise NetworkError(f"download of {repo} failed: {' '.join(str(e).split())}") from None
     except OSError as e:  # disk full, permissions: partial files stay and resume next time
-        raise ModelNotFoundError(f"download of {repo} stopped: {e.strerror or e}") from None
+        raise CacheError(f"download of {repo} stopped: {e.strerror or e}") from None
+    except ValueError as e:  # e.g. a name huggingface_hub does not accept as a repo id
+        raise ModelNotFoundError(f"{repo!r} is not a valid repo id ({e})") from None
+
+
+def _cached_repos() -> frozenset:
+    """huggingface_hub's view of the cache; an unusable cache is one CacheError."""
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        return scan_cache_dir(constants.HF_HUB_CACHE).repos
+    except CacheNotFound:
+        return frozenset()
+    except (ValueError, OSError) as e:
+        cache = Path(constants.HF_HUB_CACHE)
+        if cache.exists() and not cache.is_dir():
+            raise CacheError(f"the Hugging Face cache {cache} is a file, not a directory") from None
+        raise CacheError(f"cannot read the Hugging Face cache at {cache}: {e}") from None
+
+
+def _check_cache_dir() -> None:
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    if cache.exists() and not cache.is_dir():
+        raise CacheError(
+            f"the Hugging Face cache {cache} is a file, not a directory (HF_HUB_CACHE)"
+        )
 
 
 def cached_models() -> dict[str, tuple[Path, int]]:
     """repo id -> (snapshot directory, bytes on disk) for every model in the local cache."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir()
-    except CacheNotFound:
-        return {}
     out = {}
-    for repo in info.repos:
+    for repo in _cached_repos():
         if repo.repo_type == "model" and repo.revisions:
             newest = max(repo.revisions, key=lambda r: r.last_modified)
             out[repo.repo_id] = (Path(newest.snapshot_path), repo.size_on_disk)
     return out
 
 
-def remove(name: str) -> int:
-    """Delete a model from the cache; return the bytes freed."""
-    from huggingface_hub import scan_cache_dir
-
+def cached_repo(name: str) -> tuple[str, Path, int]:
+    """(repo id, its folder in the cache, bytes on disk) of a downloaded model, or
+    ModelNotFoundError."""
     repo = repo_for(name)
-    if repo not in cached_models():
-        raise ModelNotFoundError(f"{repo} is not in the local cache")
-    info = scan_cache_dir()
-    revisions = [r.commit_hash for c in info.repos if c.repo_id == repo for r in c.revisions]
-    strategy = info.delete_revisions(*revisions)
-    strategy.execute()
-    return strategy.expected_freed_size
+    for cached in _cached_repos():
+        if cached.repo_type == "model" and cached.repo_id == repo:
+            return repo, Path(cached.repo_path), cached.size_on_disk
+    raise ModelNotFoundError(
+        f"{repo} is not downloaded: nothing to delete (see `apertus-mlx models`)"
+    )
+
+
+def remove(name: str) -> int:
+    """Delete a model from the cache; return the bytes freed.
+
+    The repo's own folder goes, whole: deleting by revision hash would pick any repo whose
+    revision has the same hash (two repos holding the same commit). A read-only cache is
+    refused before anything is touched, and the result is checked: a model still present
+    after `rm` is an error, never "deleted".
+    """
+    import shutil
+
+    repo, path, size = cached_repo(name)
+    for folder in (path.parent, path, *(p for p in path.rglob("*") if p.is_dir())):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CacheError(f"cannot delete {repo}: {folder} is read-only (nothing deleted)")
+    failures: list[str] = []
+    shutil.rmtree(path, onerror=lambda _f, p, exc: failures.append(f"{p}: {exc[1]}"))
+    if path.exists():
+        first = failures[0] if failures else "unknown reason"
+        raise CacheError(f"{repo} is only partly deleted ({first}); {path} remains")
+    lock = path.parent / ".locks" / path.name  # huggingface_hub's download locks
+    shutil.rmtree(lock, ignore_errors=True)
+    return size

@@ -29,13 +29,26 @@ _DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 
 
 def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, else every *.safetensors.
+
+    An index may only name files beside it: `../other/model.safetensors` would read another
+    model's (or anyone's) file. Names are checked as written, not resolved, because the
+    Hugging Face cache links every file to a blob outside the snapshot directory.
+    """
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            names = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"cannot read {index}: {e}") from None
-        files = sorted({path / name for name in weight_map.values()})
+        for name in sorted(names, key=str):
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CorruptCheckpointError(
+                    f"{index.name} names the weight file {name!r}, which is not a file in "
+                    f"{path}: refusing to read outside the checkpoint"
+                )
+        files = sorted(path / name for name in names)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CorruptCheckpointError(
@@ -158,13 +171,31 @@ def check_names_and_shapes(model: Model, weights: dict[str, mx.array]) -> None:
         for k, v in expected.items()
         if k in weights and weights[k].shape != v.shape
     )
+    # Floats where floats belong, packed integers exactly where quantized layers keep them:
+    # an int32 embedding would otherwise load and run, as garbage.
+    typed = sorted(
+        f"{k} {_dtype_name(weights[k].dtype)} (expected {_dtype_name(v.dtype)})"
+        for k, v in expected.items()
+        if k in weights and not _same_kind(weights[k].dtype, v.dtype)
+    )
     problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)):
+    kinds = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+    for label, names in (*kinds, ("of the wrong type", typed)):
         if names:
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             problems.append(f"{len(names)} {label}: {shown}")
     if problems:
         raise WeightsError("the weights do not match config.json: " + "; ".join(problems))
+
+
+def _same_kind(stored: mx.Dtype, expected: mx.Dtype) -> bool:
+    if mx.issubdtype(expected, mx.floating):
+        return mx.issubdtype(stored, mx.floating)
+    return stored == expected
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def cast_weights(

@@ -24,8 +24,15 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVBuffers, KVCache
-from .config import ModelArgs
-from .kernels import norm_rope, qk_norm_rope, qk_rope_kernel_usable, rope_tables, xielu
+from .config import GenerationConfig, ModelArgs
+from .kernels import (
+    norm_rope,
+    qk_norm_rope,
+    qk_rope_kernel_usable,
+    rope_tables,
+    xielu,
+    xielu_compiled,
+)
 from .plan import Plan
 
 XIELU_BETA = 0.5
@@ -114,8 +121,9 @@ class XIELU(nn.Module):
     softplus fuse into the element-wise kernel where `mx.compile` runs it.
     """
 
-    def __init__(self):
+    def __init__(self, metal_kernel: bool):
         super().__init__()
+        self._kernel = xielu if metal_kernel else xielu_compiled  # the kernel self-checks
         self.alpha_p = mx.array(math.log(math.expm1(0.8)))
         self.alpha_n = mx.array(math.log(math.expm1(0.8 - XIELU_BETA)))
         self.beta = mx.array(XIELU_BETA)
@@ -126,7 +134,7 @@ class XIELU(nn.Module):
         beta, eps = self.beta.astype(f32), self.eps.astype(f32)
         a_p = nn.softplus(self.alpha_p.astype(f32))
         a_n = beta + nn.softplus(self.alpha_n.astype(f32))
-        return xielu(x, a_p, a_n, beta, eps)
+        return self._kernel(x, a_p, a_n, beta, eps)
 
 
 class Attention(nn.Module):
@@ -170,11 +178,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act_fn = XIELU()
+        self.act_fn = XIELU(plan.metal_kernels)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.act_fn(self.up_proj(x)))
@@ -184,7 +192,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
         self.self_attn = Attention(args, plan)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, plan)
         self.attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
         self.feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
 
@@ -252,6 +260,8 @@ class ApertusModel(nn.Module):
 
 class Model(nn.Module):
     """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
+
+    generation = GenerationConfig()  # the checkpoint's, set by apertus_mlx.load; none: no stops
 
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()

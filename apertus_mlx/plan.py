@@ -34,17 +34,24 @@ class Plan:
         return f"{device}, {dtype} activations, {kernels}{fused}"
 
 
+def check_dtype(requested: object) -> None:
+    """Refuse a dtype we cannot compute in, before any weight is read."""
+    if requested is None or requested in DTYPES.values():
+        return
+    if not isinstance(requested, str) or requested not in DTYPES:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
+
+
 def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype, on_gpu: bool) -> mx.Dtype:
     """What the model computes in: as asked, else what the backend is fast at.
 
     MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
     bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
     """
+    check_dtype(requested)
     if isinstance(requested, str):
-        from .errors import UsageError
-
-        if requested not in DTYPES:
-            raise UsageError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
         requested = DTYPES[requested]
     if requested is not None:
         return requested

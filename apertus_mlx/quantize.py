@@ -3,15 +3,21 @@
 The output loads unchanged in mlx-lm: tensors keep the checkpoint's names and dtype, config.json
 gains mlx-lm's `quantization` block (per-layer overrides keyed by module path), and the safetensors
 shards carry `{"format": "mlx"}`. The directory appears only when complete: everything is written
-into a temporary sibling and renamed at the end.
+into a temporary sibling and renamed at the end. A lock file beside the output keeps two
+conversions from writing the same directory; siblings left by a killed conversion are removed by
+the next one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import read_config
-from .errors import UsageError
+from .config import ModelArgs, read_config
+from .errors import DestinationError, UsageError
 from .loading import check_safetensors, load_model, read_weights, safetensors_files
 from .model import Model
 
@@ -77,9 +83,8 @@ def resolve_settings(bits: int, group_size: int | None, mode: str) -> int:
     if mode in FP_MODES:
         g, b = FP_MODES[mode]
         if bits != b or group_size not in (None, g):
-            raise UsageError(
-                f"{mode} means {b} bits in groups of {g}; got {bits} bits, {group_size}"
-            )
+            groups = f" in groups of {group_size}" if group_size is not None else ""
+            raise UsageError(f"{mode} means {b} bits in groups of {g}; got {bits} bits{groups}")
         return g
     if bits not in AFFINE_BITS:
         raise UsageError(
@@ -104,8 +109,10 @@ def quantize_checkpoint(
     head_bits: int | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
-    """Quantize the checkpoint at `src` into the new directory `out`.
+    """Quantize the checkpoint at `src` into the new directory `out`; `progress` hears one
+    line once the source and the destination have passed their checks.
 
     `group_size` None means the mode's own (64 for affine). `embedding_bits` / `head_bits` give
     the embedding and the output head their own (affine) width: the mixed recipe. In a tied
@@ -118,30 +125,37 @@ def quantize_checkpoint(
             if mode != "affine":
                 raise UsageError(f"--{label}-bits needs --mode affine")
             resolve_settings(extra, group_size, mode)
+    _check_not_nested(src, out)
     _check_destination(src, out, force)
     config = read_config(src)
+    ModelArgs.from_dict(config)  # a broken config.json is named as such, before anything else
     if config.get("quantization") or config.get("quantization_config"):
         raise UsageError(f"{src} is already quantized: convert from the BF16/F16/F32 checkpoint")
 
-    _, stored = read_weights(src)
-    model = load_model(src, dtype=stored, fuse=False)
-    block, unquantized = _quantize(model, bits, group_size, mode, embedding_bits, head_bits)
-    weights = _weights_to_save(model, stored)
-    total_params = count_parameters(model)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "partial")
-    try:
-        save_weights(tmp, weights, total_params, max_shard_bytes)
-        del weights
-        save_config({**config, "quantization": block}, tmp / "config.json")
-        for name in COPIED_FILES:
-            if (src / name).is_file():
-                shutil.copy(src / name, tmp / name)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _writing(out):
+        _check_destination(src, out, force)  # again: under the lock, it stays true
+        tmp = _sibling(out, "partial")  # a read-only folder fails here, before any work
+        try:
+            _check_space(src, tmp, bits, group_size, mode)
+            _, stored = read_weights(src)
+            model = load_model(src, dtype=stored, fuse=False)
+            if progress is not None:
+                progress(f"quantizing {src} -> {out}")
+            block, unquantized = _quantize(model, bits, group_size, mode, embedding_bits, head_bits)
+            weights = _weights_to_save(model, stored)
+            total_params = count_parameters(model)
+            save_weights(tmp, weights, total_params, max_shard_bytes)
+            del weights
+            save_config({**config, "quantization": block}, tmp / "config.json")
+            for name in COPIED_FILES:
+                if (src / name).is_file():
+                    shutil.copy(src / name, tmp / name)
+            _replace(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise DestinationError(f"cannot write {out}: {_os_reason(e)}") from None
+            raise
     size, data_bytes = checkpoint_bytes(out)
     return QuantizeResult(
         out=out,
@@ -156,9 +170,28 @@ def quantize_checkpoint(
     )
 
 
+def _check_not_nested(src: Path, out: Path) -> None:
+    """Replacing `out` must never touch the source: neither its directory nor, for a Hugging
+    Face cache snapshot, the blobs its files link to (symlinks resolved)."""
+    target = out.resolve()
+    sources = {src.resolve()}
+    sources |= {f.resolve().parent for f in src.iterdir() if f.is_symlink()}
+    for s in sources:
+        if target == s:
+            raise UsageError("the output directory is the source checkpoint: choose another --out")
+        if target in s.parents:
+            raise UsageError(
+                f"the output directory {out} contains the source checkpoint ({s}): "
+                "choose another --out"
+            )
+        if s in target.parents:
+            raise UsageError(
+                f"the output directory {out} is inside the source checkpoint ({s}): "
+                "choose another --out"
+            )
+
+
 def _check_destination(src: Path, out: Path, force: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise UsageError("the output directory is the source checkpoint: choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -169,8 +202,96 @@ def _sibling(out: Path, kind: str) -> Path:
     """A new hidden directory beside `out` (same file system, so renames are atomic), made
     with the user's umask rather than mkdtemp's owner-only mode."""
     path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
+    try:
+        path.mkdir()
+    except OSError as e:
+        raise DestinationError(f"cannot write beside {out}: {_os_reason(e)}") from None
     return path
+
+
+def _check_space(src: Path, tmp: Path, bits: int, group_size: int, mode: str) -> None:
+    """Refuse at once when the disk cannot hold the result, rather than after quantizing.
+
+    A lower bound: every source parameter at `bits` plus, per group, a 16-bit scale and bias
+    (affine) or an 8-bit scale (floating-point modes); norms, unquantized layers and wider
+    embedding or head only add to it."""
+    params = sum(
+        math.prod(t["shape"])
+        for f in safetensors_files(src)
+        for k, t in check_safetensors(f).items()
+        if k != "__metadata__"
+    )
+    needed = params * (bits + (8 if mode in FP_MODES else 32) / group_size) / 8
+    free = shutil.disk_usage(tmp).free
+    if free < needed:
+        raise DestinationError(
+            f"not enough space beside {tmp.parent}: the result needs at least "
+            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+        )
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "the disk is full"
+    return f"{e.strerror or e} ({e.filename})" if e.filename else (e.strerror or str(e))
+
+
+class _writing:
+    """Hold `.<out>.lock` beside `out` while converting into it: a second conversion into the
+    same directory fails at once instead of silently replacing the first one's result. Under
+    the lock, siblings left by conversions that were killed (their PID is gone) are removed.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.file = out.parent / f".{out.name}.lock"
+
+    def __enter__(self) -> _writing:
+        import fcntl
+
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DestinationError(f"cannot write beside {self.out}: {_os_reason(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The file may have been unlinked by its last holder between our open and flock.
+            if os.fstat(fd).st_ino != os.stat(self.file).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            raise DestinationError(
+                f"another conversion is writing {self.out}: wait for it to finish"
+            ) from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._remove_stale()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.file.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)  # releases the lock
+
+    def _remove_stale(self) -> None:
+        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+        for path in self.out.parent.iterdir():
+            m = pattern.fullmatch(path.name)
+            if m and path.is_dir() and not _alive(int(m.group(2))):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _replace(tmp: Path, out: Path) -> None:

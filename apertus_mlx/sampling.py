@@ -10,10 +10,15 @@ tokens whatever else uses MLX's global generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig
 
 # Model card recommendation for Apertus instruct models.
 DEFAULT_TEMPERATURE = 0.8
@@ -35,12 +40,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         from .errors import UsageError
 
+        numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
         checks = [
+            (all(math.isfinite(x) for x in numbers), "sampling settings must be finite numbers"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
             (self.top_k >= 0, "top-k must be >= 0"),
             (0 <= self.min_p < 1, "min-p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition penalty must be > 0"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -51,15 +59,13 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_defaults(cls, defaults: dict, **overrides) -> SamplingParams:
-        """Settings from generation_config.json, then the caller's (None means 'not given')."""
+    def from_defaults(cls, generation: GenerationConfig, **overrides) -> SamplingParams:
+        """The checkpoint's recommendations, then the caller's (None means 'not given')."""
         known = {
-            k: defaults[k]
+            k: getattr(generation, k)
             for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if defaults.get(k) is not None
+            if getattr(generation, k) is not None
         }
-        if defaults.get("do_sample") is False:
-            known["temperature"] = 0.0
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known)
 

@@ -32,7 +32,7 @@ class ChatSession:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.params = params or SamplingParams.from_defaults(tokenizer.generation_defaults)
+        self.params = params or SamplingParams.from_defaults(model.generation)
         self.enable_thinking = enable_thinking
         self.max_tokens = max_tokens
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -140,7 +140,7 @@ class ModelWorker:
 
         s = self.settings
         params = SamplingParams.from_defaults(
-            self._tokenizer.generation_defaults, temperature=s.temperature, top_p=s.top_p
+            self._model.generation, temperature=s.temperature, top_p=s.top_p
         )
         self._session = ChatSession(self._model, self._tokenizer, system=s.system, params=params,
                                     max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS)  # fmt: skip

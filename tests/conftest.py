@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Nothing a test writes (history, settings, saved caches, an installed filter) reaches the
+# developer's own data directory, and nothing installed there changes a test's outcome.
+os.environ["APERTUS_MLX_HOME"] = tempfile.mkdtemp(prefix="apertus-mlx-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.checkpoints import VARIANTS, build_checkpoint  # noqa: E402

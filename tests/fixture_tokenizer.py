@@ -12,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 from apertus_mlx.chat_template import APERTUS_TEMPLATE
 
-# The Apertus tokenizer's pre-tokenizer: the Mistral-Nemo "tekken" split pattern.
+# The split pattern of Apertus's tokenizer.json (Mistral-Nemo's "tekken" one).
 APERTUS_SPLIT_REGEX = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
@@ -38,7 +38,7 @@ _PR_TOKENS = [
     "<pr_diff_hunk_comment_line>",
 ]
 
-# id -> token for the control range of the Apertus 2509 tokenizer.
+# id -> token for the Apertus 2509 control range, as in the published tokenizer.json.
 _LISTED = {
     0: "<unk>",
     1: "<s>",

@@ -1,5 +1,5 @@
 // Stand-ins for the Metal built-ins our kernels use, so g++ can compile and run a kernel's text
-// on machines without Metal (see DESIGN.md, "Verifying Metal sources without a Mac").
+// on machines without Metal (tests/metal_stand_in.py drives it; docs/metal-kernels.md).
 // Only what the kernels need: a kernel using anything else fails to compile here, on purpose.
 #pragma once
 

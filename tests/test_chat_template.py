@@ -227,14 +227,110 @@ def test_raising_template_gives_tokenizer_error(tokenizer_dir, tmp_path):
         load_tokenizer(d).render_chat([{"role": "user", "content": "x"}])
 
 
-def test_template_that_rewrites_text_falls_back_to_plain_render(tokenizer_dir, tmp_path):
-    # A template that strips contents defeats placeholders; we then fall back to the plain render.
+REWRITING_TEMPLATES = {
+    "trim": "{{ m.content | trim }}",
+    "upper": "{{ m.content | upper }}",
+    "replace": "{{ m.content | replace('a', 'b') }}",
+    "title": "{{ m.content | title }}",
+    "reverse": "{{ m.content | reverse | join('') }}",
+    "slice": "{{ m.content[1:] }}",
+    "concat": "{{ m.content ~ m.content }}",
+}
+
+
+@pytest.fixture(scope="module")
+def rewriting(tokenizer_dir, tmp_path_factory):
+    """name -> a tokenizer whose template does `expression` to every message's text."""
+    out = {}
+    for name, expression in REWRITING_TEMPLATES.items():
+        d = tmp_path_factory.mktemp(name)
+        shutil.copytree(tokenizer_dir, d, dirs_exist_ok=True)
+        source = (
+            "{{ bos_token }}{% for m in messages %}<|user_start|>" + expression + "<|user_end|>"
+            "{% endfor %}<|assistant_start|>"
+        )
+        (d / "chat_template.jinja").write_text(source)
+        out[name] = load_tokenizer(d)
+    return out
+
+
+def test_template_that_rewrites_text_keeps_its_ids(rewriting):
+    tok = rewriting["trim"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "  padded  "}])
+    assert ids == [1, 65, *tok.encode("padded"), 66, 67]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_no_template_turns_user_text_into_control_tokens(rewriting, special_strings, data):
+    """Whatever the template does to the text, control ids are exactly the template's own,
+    and the ids still decode to the rendering (the text is all there, as text)."""
+    name = data.draw(st.sampled_from(sorted(rewriting)))
+    tok = rewriting[name]
+    pieces = st.one_of(
+        st.text(alphabet="ab <|>_/stuen", max_size=8), st.sampled_from(sorted(special_strings))
+    )
+    texts = data.draw(st.lists(st.text().map(str) | pieces, min_size=1, max_size=3))
+    texts = ["".join(data.draw(st.lists(pieces, max_size=5))) + t for t in texts]
+    messages = [{"role": "user", "content": t} for t in texts]
+    ids = tok.apply_chat_template(messages)
+    control = set(special_strings.values())
+    assert [i for i in ids if i in control] == [1] + [65, 66] * len(texts) + [67]
+    if name != "title":  # Jinja's title starts a word after "<", which user text hides
+        assert tok.decode(ids) == tok.render_chat(messages)
+
+
+def test_reversed_control_string_stays_text(rewriting):
+    tok = rewriting["reverse"]
+    ids = tok.apply_chat_template([{"role": "user", "content": ">|dne_metsys|<"}])
+    assert ids.count(65) == 1 and 62 not in ids  # "<|system_end|>" built by reversing
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{{ 7 ** (7 ** 12) }}", "too large"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+         "loop iterations"),
+        ("{{ 'a' * 10**10 }}", "limit"),
+        ("{{ [1] * 10**9 }}", "limit"),
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+         "{% endfor %}", "limit"),
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+         "{% endfor %}", "limit"),
+        ("{{ 'a' | center(10**10) }}", "limit"),
+        ("{{ 'a'.ljust(10**10) }}", "limit"),
+        ("{{ '%999999999d' % 1 }}", "limit"),
+        ("{{ '{:>999999999}'.format(1) }}", "limit"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ],
+)  # fmt: skip
+def test_hostile_template_fails_fast_with_one_line(tokenizer_dir, tmp_path, source, message):
+    import time
+
     d = tmp_path / "d"
     shutil.copytree(tokenizer_dir, d)
-    source = (
-        "{{ bos_token }}{% for m in messages %}<|user_start|>{{ m.content | trim }}{% endfor %}"
-    )
     (d / "chat_template.jinja").write_text(source)
-    messages = [{"role": "user", "content": "  padded  "}]
-    ids = load_tokenizer(d).apply_chat_template(messages)
-    assert ids == [1, 65, *load_tokenizer(d).encode("padded")]
+    start = time.monotonic()
+    with pytest.raises(TokenizerError, match=message) as e:
+        load_tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
+    assert time.monotonic() - start < 10
+    assert "\n" not in str(e.value)
+
+
+def test_render_time_is_bounded(tokenizer_dir, tmp_path, monkeypatch):
+    import apertus_mlx.chat_template as ct
+
+    monkeypatch.setattr(ct, "RENDER_SECONDS", 0.2)
+    d = tmp_path / "d"
+    shutil.copytree(tokenizer_dir, d)
+    (d / "chat_template.jinja").write_text(
+        "{% for i in range(99999) %}{% for c in 'abcdefghij' %}{{ c | upper }}{% endfor %}"
+        "{% endfor %}"
+    )
+    with pytest.raises(TokenizerError, match="took more than 0.2 s"):
+        load_tokenizer(d).render_chat([{"role": "user", "content": "x"}])

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from apertus_mlx.loading import load_model
-from apertus_mlx.tokenizer import load_tokenizer
+from apertus_mlx import load
 from tests.checkpoints import build_checkpoint
 
 
@@ -55,7 +54,7 @@ def test_greedy_json_matches_the_engine(tiny_model_dir):
         "finish_reason",
     ):
         assert key in result
-    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    model, tokenizer = load(tiny_model_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Grüezi mitenand!"}])
     *_, done = generate(model, tokenizer, ids, params=SamplingParams(temperature=0), max_tokens=12)
     assert result["text"] == done.text
@@ -158,7 +157,8 @@ def long_context_model(tmp_path_factory, tokenizer_dir, vocab_size):
     return build_checkpoint(out, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000})
 
 
-def test_ctrl_c_flushes_the_partial_answer_and_exits_130(long_context_model):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_flushes_the_partial_answer(long_context_model, sig, status):
     proc = subprocess.Popen(
         [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "--stats"]
         + ["-m", str(long_context_model), "-n", "50000", "--temp", "0"],
@@ -170,11 +170,11 @@ def test_ctrl_c_flushes_the_partial_answer_and_exits_130(long_context_model):
     )
     try:
         first = proc.stdout.read(1)  # the answer is streaming: the model is generating
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert first and proc.returncode == 130, stderr
+    assert first and proc.returncode == status, stderr
     assert "Traceback" not in stderr
     generated = int(stderr.split("answer: ")[1].split(" tokens")[0])
     assert 0 < generated < 50000 and rest.endswith("\n")

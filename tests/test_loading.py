@@ -78,19 +78,6 @@ def test_config_reads_both_rope_spellings():
     assert plain.rope_scaling is None and plain.rope_theta == 5e5
 
 
-def test_eos_ids_accept_int_and_list():
-    base = dict(
-        model_type="apertus",
-        hidden_size=8,
-        num_attention_heads=1,
-        num_hidden_layers=1,
-        intermediate_size=8,
-        vocab_size=8,
-    )
-    assert ModelArgs.from_dict({**base, "eos_token_id": 2}).eos_token_ids == (2,)
-    assert ModelArgs.from_dict({**base, "eos_token_id": [2, 68]}).eos_token_ids == (2, 68)
-
-
 def test_no_config(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_model(tmp_path)

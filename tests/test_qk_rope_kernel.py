@@ -1,11 +1,9 @@
 """The fused qk-norm+RoPE Metal kernel, checked without a Mac: its text compiled by g++.
 
-The driver below wraps `KERNEL_SOURCE` in the signature MLX generates (derived here the way
-MLX derives it: shapes and strides only for the `<name>_shape`/`<name>_strides` the source
-mentions), runs it over the grid that `launch_geometry` returns on x read through its strides,
-and the results are compared with `qk_norm_rope_reference`, which is the model's plain path.
-On a Mac the real kernel is compared too. Path selection and fallback are tested with a fake
-kernel builder, so no Metal API is called where there is no Metal.
+`metal_stand_in` runs `KERNEL_SOURCE` over the grid that `launch_geometry` returns on x read
+through its strides, and the results are compared with `qk_norm_rope_reference`, which is the
+model's plain path. On a Mac the real kernel is compared too. Path selection and fallback are
+tested with stand-in kernel objects, so no Metal API is called where there is no Metal.
 """
 
 from __future__ import annotations
@@ -13,9 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -26,13 +21,14 @@ from hypothesis import strategies as st
 from apertus_mlx.config import ModelArgs
 from apertus_mlx.model import RMSNorm, RoPE, rope_inv_freq
 from apertus_mlx.plan import Plan
+from tests import metal_stand_in as stand_in
+from tests.metal_stand_in import bits as _bits
 
 qk = importlib.import_module("apertus_mlx.kernels.qk_rope")
 
-HERE = Path(__file__).parent
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
-CPP_TYPES = {"f32": "float", "f16": "half", "bf16": "bfloat16_t"}
-BITS = {mx.float32: np.uint32, mx.float16: np.uint16, mx.bfloat16: np.uint16}
+# MLX's parameter types: x and weight share T (the kernel requires it); 0-d inputs by reference.
+TYPES = {"x": "T*", "weight": "T*", "inv_freq": "float*", "eps": "float&", "offset": "int32_t&"}
 EPS = 1e-5  # rms_norm_eps of the Apertus checkpoints
 
 # (B, L, heads, head_dim, offset, layout): layout "qkv" reads x as a slice of a fused
@@ -118,162 +114,14 @@ class Case:
         return qk.qk_norm_rope_reference(self.x, self.weight, EPS, self.offset, self.inv_freq)
 
 
-def _bits(x: mx.array) -> np.ndarray:
-    return np.array(x.view(mx.uint32 if x.dtype == mx.float32 else mx.uint16))
-
-
-# --- the g++ driver ----------------------------------------------------------------------------
-
-# Element type of each input as MLX names it; x and weight share T (the kernel requires it).
-INPUT_TYPES = {"x": "T", "weight": "T", "inv_freq": "float", "eps": "float", "offset": "int32_t"}
-SCALARS = {"eps", "offset"}  # 0-d inputs: `const constant type&`
-
-
-def _signature_and_arguments(source: str) -> tuple[str, str]:
-    """MLX's generated parameter list for our inputs, and the driver's matching arguments."""
-    params, args = [], []
-    for name in qk.INPUT_NAMES:
-        kind = INPUT_TYPES[name]
-        if name in SCALARS:
-            params.append(f"const constant {kind}& {name}")
-            args.append(f"{name}_value")
-            continue
-        params.append(f"const device {kind}* {name}")
-        args.append(f"{name}_data")
-        for suffix, kind in (("shape", "int*"), ("strides", "int64_t*"), ("ndim", "int&")):
-            if f"{name}_{suffix}" in source:
-                params.append(f"const constant {kind} {name}_{suffix}")
-                args.append(f"{name}_{suffix}_value")
-    params += [f"device T* {name}" for name in qk.OUTPUT_NAMES] + ["uint3 thread_position_in_grid"]
-    args += ["out", "p"]
-    return ",\n    ".join(params), ", ".join(args)
-
-
-DRIVER = """
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <vector>
-#include "stand_in_metal.h"
-
-{header}
-
-template <typename T>
-void kernel_body(
-    {signature}) {{
-{source}
-}}
-
-template <typename E>
-std::vector<E> read_all(const char* path) {{
-  FILE* f = std::fopen(path, "rb");
-  std::vector<E> data;
-  E v;
-  while (std::fread(&v, sizeof v, 1, f) == 1) data.push_back(v);
-  std::fclose(f);
-  return data;
-}}
-
-// argv: dtype buffer.bin weight.bin inv_freq.bin out.bin start shape(4) strides(4) eps offset
-//       grid(3) threadgroup(3)
-template <typename T>
-int run(char** argv) {{
-  const std::vector<T> buffer = read_all<T>(argv[2]), weight = read_all<T>(argv[3]);
-  const std::vector<float> inv_freq = read_all<float>(argv[4]);
-  const T* x_data = buffer.data() + std::atol(argv[6]);
-  const T* weight_data = weight.data();
-  const float* inv_freq_data = inv_freq.data();
-  int x_shape_value[4];
-  int64_t x_strides_value[4];
-  const int64_t weight_strides_value[1] = {{1}}, inv_freq_strides_value[1] = {{1}};
-  const int x_ndim_value = 4, weight_ndim_value = 1, inv_freq_ndim_value = 1;
-  (void)x_ndim_value, (void)weight_ndim_value, (void)inv_freq_ndim_value;
-  size_t n = 1;
-  for (int d = 0; d < 4; ++d) {{
-    x_shape_value[d] = std::atoi(argv[7 + d]);
-    x_strides_value[d] = std::atoll(argv[11 + d]);
-    n *= x_shape_value[d];
-  }}
-  const float eps_value = std::strtof(argv[15], nullptr);
-  const int32_t offset_value = std::atoi(argv[16]);
-  uint grid[3], tg[3];
-  for (int d = 0; d < 3; ++d) grid[d] = std::atoi(argv[17 + d]);
-  for (int d = 0; d < 3; ++d) tg[d] = std::atoi(argv[20 + d]);
-  const size_t guard = 64;
-  // Sentinel 0xFF: nan in every element type, so an element left unwritten shows.
-  std::vector<unsigned char> raw((n + guard) * sizeof(T), 0xFF);
-  T* out = reinterpret_cast<T*>(raw.data());
-  // dispatchThreads: whole threadgroups, threads past the grid edge do not run.
-  uint3 p;
-  for (uint gz = 0; gz < (grid[2] + tg[2] - 1) / tg[2]; ++gz)
-    for (uint gy = 0; gy < (grid[1] + tg[1] - 1) / tg[1]; ++gy)
-      for (uint gx = 0; gx < (grid[0] + tg[0] - 1) / tg[0]; ++gx)
-        for (uint lz = 0; lz < tg[2]; ++lz)
-          for (uint ly = 0; ly < tg[1]; ++ly)
-            for (uint lx = 0; lx < tg[0]; ++lx) {{
-              p = {{gx * tg[0] + lx, gy * tg[1] + ly, gz * tg[2] + lz}};
-              if (p.x < grid[0] && p.y < grid[1] && p.z < grid[2])
-                kernel_body<T>({arguments});
-            }}
-  for (size_t i = n * sizeof(T); i < raw.size(); ++i)
-    if (raw[i] != 0xFF) return 3;  // wrote past the output
-  FILE* f = std::fopen(argv[5], "wb");
-  std::fwrite(out, sizeof(T), n, f);
-  std::fclose(f);
-  return 0;
-}}
-
-int main(int argc, char** argv) {{
-  if (argc != 23) return 2;
-  std::string dtype = argv[1];
-{dispatch}
-  return 2;
-}}
-"""
-
-
-def _build(out: Path, header: str, source: str) -> Path:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("g++ not found: the Metal kernel text cannot be checked on this machine")
-    dispatch = "\n".join(
-        f'  if (dtype == "{name}") return run<{cpp}>(argv);' for name, cpp in CPP_TYPES.items()
-    )
-    signature, arguments = _signature_and_arguments(source)
-    text = DRIVER.format(
-        header=header, signature=signature, source=source, arguments=arguments, dispatch=dispatch
-    )
-    (out / "driver.cpp").write_text(text)
-    command = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror"]
-    command += ["-I", str(HERE), str(out / "driver.cpp"), "-o", str(out / "driver")]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, f"kernel text does not compile:\n{result.stderr}"
-    return out / "driver"
-
-
-@pytest.fixture(scope="module")
-def kernel_binary(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp("qk_rope_gpp"), qk.KERNEL_HEADER, qk.KERNEL_SOURCE)
-
-
-def _run_gpp(binary: Path, tmp_path: Path, case: Case) -> mx.array:
-    """The kernel text's output for `case`, as an mx array (B, heads, L, D) of x's dtype."""
-    dtype = case.x.dtype
-    name = next(k for k, v in DTYPES.items() if v == dtype)
-    launch = qk.launch_geometry(case.x.shape, dtype)
-    files = {n: tmp_path / f"{n}.bin" for n in ("buffer", "weight", "inv_freq", "out")}
-    files["buffer"].write_bytes(_bits(case.buffer).tobytes())
-    files["weight"].write_bytes(_bits(case.weight).tobytes())
-    files["inv_freq"].write_bytes(np.array(case.inv_freq, dtype=np.float32).tobytes())
-    args = [str(binary), name, *(str(files[n]) for n in ("buffer", "weight", "inv_freq", "out"))]
-    args += [str(case.start), *map(str, case.x.shape), *map(str, case.strides)]
-    args += [repr(EPS), str(case.offset), *map(str, (*launch["grid"], *launch["threadgroup"]))]
-    result = subprocess.run(args, capture_output=True, text=True)
-    assert result.returncode == 0, f"driver failed ({result.returncode}): {result.stderr}"
-    bits = np.frombuffer(files["out"].read_bytes(), dtype=BITS[dtype])
-    [out_shape] = launch["output_shapes"]
-    assert bits.size == math.prod(out_shape)
-    return mx.array(bits).view(dtype).reshape(out_shape)
+def _run_gpp(case: Case, source: str | None = None) -> mx.array:
+    """The kernel text's (or `source`'s) output for `case`: (B, heads, L, D) of x's dtype."""
+    program = stand_in.compile_kernel(qk.KERNEL, TYPES, source=source)
+    x = stand_in.Strided(case.buffer, case.start, tuple(case.x.shape), case.strides)
+    scalars = [mx.array(EPS, dtype=mx.float32), mx.array(case.offset, dtype=mx.int32)]
+    launch = qk.launch_geometry(x.shape, case.x.dtype)
+    [out] = program([x, case.weight, case.inv_freq, *scalars], launch)
+    return out
 
 
 def _assert_matches(got: mx.array, case: Case) -> None:
@@ -291,14 +139,14 @@ def _assert_matches(got: mx.array, case: Case) -> None:
 
 @pytest.mark.parametrize("shape_offset_layout", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_kernel_text_matches_reference(kernel_binary, tmp_path, dtype, shape_offset_layout):
+def test_kernel_text_matches_reference(dtype, shape_offset_layout):
     *shape, offset, layout = shape_offset_layout
     case = Case(tuple(shape), offset, layout, DTYPES[dtype])
-    _assert_matches(_run_gpp(kernel_binary, tmp_path, case), case)
+    _assert_matches(_run_gpp(case), case)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_kernel_text_edge_rows(kernel_binary, tmp_path, dtype):
+def test_kernel_text_edge_rows(dtype):
     """Rows of zeros, -0.0, underflowing squares, the type's largest values, inf and nan."""
     D = 64
     big = {"f32": 1e18, "f16": 6e4, "bf16": 1e30}[dtype]
@@ -311,33 +159,27 @@ def test_kernel_text_edge_rows(kernel_binary, tmp_path, dtype):
     rows += [np.r_[-np.inf, np.zeros(D - 1)]]
     values = np.stack(rows).astype(np.float32).reshape(1, 2, 4, D)
     case = Case((1, 2, 4, D), 70000, "qkv", DTYPES[dtype], values=values)
-    got = _run_gpp(kernel_binary, tmp_path, case)
+    got = _run_gpp(case)
     _assert_matches(got, case)
     g = np.array(got.astype(mx.float32))
     assert (g[0, :2, 0] == 0).all() and np.isnan(g[0, 1, 1]).any()  # zero row, inf row
 
 
-def test_check_catches_a_wrong_sin_sign(tmp_path):
+def test_check_catches_a_wrong_sin_sign():
     """A rotation the wrong way round must fail the agreement rule (and so the self-check)."""
     broken = qk.KERNEL_SOURCE.replace("metal::precise::sin(angle)", "-metal::precise::sin(angle)")
     assert broken != qk.KERNEL_SOURCE
-    binary = _build(tmp_path, qk.KERNEL_HEADER, broken)
     for dtype in DTYPES.values():
         case = Case((1, 3, 2, 64), 70000, "qkv", dtype)
-        ok = np.array(
-            qk.agrees(_run_gpp(binary, tmp_path, case), case.reference(), case.x, case.weight, EPS)
-        )
+        ok = np.array(qk.agrees(_run_gpp(case, broken), case.reference(), case.x, case.weight, EPS))
         assert ok.mean() < 0.5, f"{dtype}: a wrong sign of sin goes unnoticed"
 
 
-def test_check_catches_positions_off_by_one(tmp_path):
+def test_check_catches_positions_off_by_one():
     broken = qk.KERNEL_SOURCE.replace("static_cast<float>(l) +", "static_cast<float>(l + 1) +")
     assert broken != qk.KERNEL_SOURCE
-    binary = _build(tmp_path, qk.KERNEL_HEADER, broken)
     case = Case((1, 2, 3, 64), 5, "qkv", mx.bfloat16)
-    ok = np.array(
-        qk.agrees(_run_gpp(binary, tmp_path, case), case.reference(), case.x, case.weight, EPS)
-    )
+    ok = np.array(qk.agrees(_run_gpp(case, broken), case.reference(), case.x, case.weight, EPS))
     # One position further turns the fastest pair (inv_freq 1) by a radian; the slowest
     # llama3-scaled pairs by less than the tolerance.
     assert not ok[..., [0, 32]].any()
@@ -411,39 +253,19 @@ def test_geometry_rejects_shapes_it_cannot_serve(shape):
 # --- path selection and fallback ---------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_state(monkeypatch):
-    """Undecided backend; restored after the test."""
-    monkeypatch.setattr(qk, "_disabled", None)
-    monkeypatch.setattr(qk, "_checked", set())
-    monkeypatch.setattr(qk, "_kernel_object", None)
-    monkeypatch.delenv("APERTUS_MLX_NO_METAL_KERNELS", raising=False)
+fresh_state, pretend_metal = stand_in.kernel_fixtures(qk.KERNEL)
 
 
-@pytest.fixture
-def pretend_metal(monkeypatch, fresh_state):
-    """Make the module believe a Metal GPU is the default device; the kernel stays fake."""
-    monkeypatch.setattr(qk.mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(qk.mx, "default_device", lambda: mx.gpu)
+def _computed(wrong: bool = False):
+    """What a stand-in kernel object computes: the reference (negated, to disagree)."""
 
-
-def _fake_kernel(wrong: bool = False, calls: list | None = None):
-    """Stands in for the metal_kernel object: checks the launch arguments, computes in mx."""
-
-    def kernel(*, inputs, grid, threadgroup, output_shapes, output_dtypes, template):
-        x, weight, inv_freq, eps, offset = inputs
+    def compute(x, weight, inv_freq, eps, offset):
         assert (eps.ndim, eps.dtype, offset.ndim, offset.dtype) == (0, mx.float32, 0, mx.int32)
         assert weight.dtype == x.dtype and inv_freq.shape == (x.shape[-1] // 2,)
-        assert grid == (math.prod(x.shape[:3]), 1, 1)
-        assert output_shapes == [qk.launch_geometry(x.shape, x.dtype)["output_shapes"][0]]
-        assert output_dtypes == [x.dtype] and template == [("T", x.dtype)]
-        assert threadgroup == (min(qk.THREADGROUP, grid[0]), 1, 1)
-        if calls is not None:
-            calls.append(x.dtype)
         out = qk.qk_norm_rope_reference(x, weight, eps.item(), offset, inv_freq)
-        return [-out if wrong else out]
+        return -out if wrong else out
 
-    return kernel
+    return compute
 
 
 def _rotation_inputs(dtype, offset=70000):
@@ -464,16 +286,14 @@ def test_plain_backend_without_metal(fresh_state):
 
 
 def test_environment_forces_fallback(pretend_metal, monkeypatch):
-    monkeypatch.setenv("APERTUS_MLX_NO_METAL_KERNELS", "1")
-    monkeypatch.setattr(qk, "_kernel", lambda: pytest.fail("kernel built despite the switch"))
+    stand_in.check_environment_switch(qk.KERNEL, monkeypatch)
     assert qk.qk_rope_backend() == "mx.fast"
     case, *_ = _rotation_inputs(mx.float16)
     assert not qk.qk_rope_kernel_usable(case.x, case.weight)
 
 
 def test_passing_self_check_uses_kernel_per_dtype(pretend_metal, monkeypatch, caplog):
-    calls: list = []
-    monkeypatch.setattr(qk, "_kernel", lambda: _fake_kernel(calls=calls))
+    calls = stand_in.use_stand_in(qk.KERNEL, monkeypatch, _computed())
     case, *_ = _rotation_inputs(mx.float16)
     # First use inside an outer mx.compile with the offset an array, as in fast_decode.
     outer = mx.compile(lambda x, w, off: qk.qk_norm_rope(x, w, EPS, off[0], case.inv_freq))
@@ -491,48 +311,40 @@ def test_passing_self_check_uses_kernel_per_dtype(pretend_metal, monkeypatch, ca
 
 
 def test_model_rotation_takes_the_kernel_on_metal(pretend_metal, monkeypatch):
-    calls: list = []
-    monkeypatch.setattr(qk, "_kernel", lambda: _fake_kernel(calls=calls))
+    calls = stand_in.use_stand_in(qk.KERNEL, monkeypatch, _computed())
     case, norm, rope = _rotation_inputs(mx.bfloat16)
     got = rope.rotation(4, 70000)(case.x, norm)
     np.testing.assert_array_equal(_bits(got), _bits(case.reference()))
     assert calls == [mx.bfloat16, mx.bfloat16]
 
 
-@pytest.mark.parametrize(
-    "builder",
-    [
-        pytest.param(lambda: _fake_kernel(wrong=True), id="disagrees"),
-        pytest.param(
-            lambda: (_ for _ in ()).throw(RuntimeError("Unable to build metal library\nline 2")),
-            id="fails-to-compile",
-        ),
-    ],
-)
+@pytest.mark.parametrize("builder", stand_in.failing_builders(qk.KERNEL, _computed(wrong=True)))
 def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, caplog, builder):
-    built: list = []
-    monkeypatch.setattr(qk, "_kernel", lambda: built.append(1) or builder())
     case, norm, rope = _rotation_inputs(mx.bfloat16)
-    with caplog.at_level(logging.WARNING, logger="apertus_mlx"):
-        for dtype in (mx.bfloat16, mx.bfloat16, mx.float32):
-            x, norm.weight = case.x.astype(dtype), case.weight.astype(dtype)
-            with mx.stream(mx.cpu):  # the mx.fast fallback, run here on the CPU
-                got = rope.rotation(4, 70000)(x, norm)
-                fast = mx.fast.rope(
-                    mx.fast.rms_norm(x, norm.weight, EPS).transpose(0, 2, 1, 3),
-                    64,
-                    traditional=False,
-                    base=None,
-                    scale=1.0,
-                    offset=70000,
-                    freqs=rope._wavelengths,
-                )
-            np.testing.assert_array_equal(_bits(got), _bits(fast))
+
+    def use(dtype):
+        x, norm.weight = case.x.astype(dtype), case.weight.astype(dtype)
+        with mx.stream(mx.cpu):  # the mx.fast fallback, run here on the CPU
+            got = rope.rotation(4, 70000)(x, norm)
+            fast = mx.fast.rope(
+                mx.fast.rms_norm(x, norm.weight, EPS).transpose(0, 2, 1, 3),
+                64,
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=70000,
+                freqs=rope._wavelengths,
+            )
+        np.testing.assert_array_equal(_bits(got), _bits(fast))
+
+    stand_in.check_falls_back_for_good(qk.KERNEL, monkeypatch, caplog, builder, use)
     assert qk.qk_rope_backend() == "mx.fast"
-    assert len(built) == 1, "the kernel was tried again after failing"
-    [record] = caplog.records
-    assert record.name == "apertus_mlx" and "\n" not in record.getMessage()
-    assert "mx.fast" in record.getMessage()
+
+
+def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
+    stand_in.check_other_dtypes_skip_the_kernel(qk.KERNEL, monkeypatch)
+    case = Case((1, 2, 3, 64), 5, "qkv", mx.float32)
+    assert not qk.qk_rope_kernel_usable(case.x.astype(mx.int32), case.weight.astype(mx.int32))
 
 
 # --- the real kernel, on a Mac -----------------------------------------------------------------

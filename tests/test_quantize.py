@@ -5,7 +5,9 @@ under a second."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from mlx.utils import tree_map
 
 from apertus_mlx import quantize as q
 from apertus_mlx.cli import cli
-from apertus_mlx.errors import UsageError, WeightsError
+from apertus_mlx.errors import DestinationError, UsageError, WeightsError
 from apertus_mlx.fidelity import fidelity_report, format_report
 from apertus_mlx.loading import load_model
 from apertus_mlx.quantize import quantize_checkpoint
@@ -351,7 +353,7 @@ def test_failure_mid_write_leaves_no_checkpoint(checkpoint, tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(q, "save_config", fail)  # after the weights are written
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DestinationError, match="disk full"):
         quantize_checkpoint(checkpoint(BF16), out, 4, group_size=32, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
@@ -414,3 +416,60 @@ def test_convert_command_bad_bits_is_a_usage_error(checkpoint, tmp_path, monkeyp
     assert exit_.value.code == 2
     assert "cannot quantize to 7 bits" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_output_containing_or_inside_the_source_is_refused(checkpoint, tmp_path):
+    parent = tmp_path / "models"
+    src = parent / "src"
+    shutil.copytree(checkpoint(BF16), src)
+    (parent / "other.txt").write_text("unrelated")
+    for out, message in ((parent, "contains the source"), (src / "q", "inside the source")):
+        with pytest.raises(UsageError, match=message):
+            quantize_checkpoint(src, out, 4, group_size=32, force=True)
+    link = tmp_path / "link"
+    link.symlink_to(parent)
+    with pytest.raises(UsageError, match="contains the source"):
+        quantize_checkpoint(src, link, 4, group_size=32, force=True)
+    assert (parent / "other.txt").is_file() and (src / "config.json").is_file()
+
+
+def test_output_being_written_by_another_conversion_is_refused(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    busy = pytest.raises(DestinationError, match="another conversion is writing")
+    with q._writing(out), busy:
+        quantize_checkpoint(checkpoint(BF16), out, 4, group_size=32)
+    assert not out.exists()
+
+
+def test_partials_of_killed_conversions_are_removed(checkpoint, tmp_path):
+    proc = subprocess.Popen(["true"])  # its PID is free once it has exited
+    proc.wait()
+    stale = tmp_path / f".out.partial-{proc.pid}-0123abcd"
+    live = tmp_path / f".out.partial-{os.getpid()}-0123abcd"
+    stale.mkdir()
+    live.mkdir()
+    quantize_checkpoint(checkpoint(BF16), tmp_path / "out", 4, group_size=32)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_destination_fails_before_any_work(checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    monkeypatch.setattr(q, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    try:
+        with pytest.raises(DestinationError, match="cannot write"):
+            quantize_checkpoint(checkpoint(BF16), folder / "out", 4, group_size=32)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_too_little_space_fails_before_any_work(checkpoint, tmp_path, monkeypatch):
+    free = type("Usage", (), {"free": 1000})()
+    monkeypatch.setattr(q.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(q, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(DestinationError, match="needs at least"):
+        quantize_checkpoint(checkpoint(BF16), tmp_path / "out", 4, group_size=32)
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apertus_mlx.errors import TokenizerError
+from apertus_mlx.config import GenerationConfig
+from apertus_mlx.errors import ConfigError, TokenizerError
 from apertus_mlx.tokenizer import load_tokenizer
 from tests.fixture_tokenizer import SAMPLE_TEXTS
 
@@ -41,7 +42,7 @@ def test_basic_attributes(tok, vocab_size):
     assert tok.token_to_id("<|tools_suffix|>") == 72
     assert tok.token_to_id("definitely not a token") is None
     assert tok.has_chat_template
-    assert tok.generation_defaults == {}
+    assert tok.end_token_ids() == (2, 68)
 
 
 @pytest.mark.parametrize("text", SAMPLE_TEXTS)
@@ -68,26 +69,55 @@ def test_decode_skips_special_tokens_on_request(tok):
     assert tok.decode(ids, skip_special_tokens=True) == "Hi"
 
 
+def _generation(d: Path) -> GenerationConfig:
+    return GenerationConfig.from_dir(d, load_tokenizer(d).end_token_ids())
+
+
 def test_eos_ids_are_the_union_of_three_files(tokenizer_dir, tmp_path):
-    assert load_tokenizer(tokenizer_dir).eos_token_ids == {2, 68}
+    d = _variant(tokenizer_dir, tmp_path / "z", config__json={})
+    assert _generation(d) == GenerationConfig(eos_token_ids=(2, 68))
     d = _variant(
         tokenizer_dir,
         tmp_path / "a",
         config__json={"eos_token_id": 2},
         generation_config__json={"eos_token_id": [2, 72], "temperature": 0.8, "top_p": 0.9},
     )
-    tok = load_tokenizer(d)
-    assert tok.eos_token_ids == {2, 68, 72}
-    assert tok.generation_defaults == {"temperature": 0.8, "top_p": 0.9}
+    assert _generation(d) == GenerationConfig(eos_token_ids=(2, 68, 72), temperature=0.8, top_p=0.9)
     d = _variant(
         tokenizer_dir,
         tmp_path / "b",
         config__json={"eos_token_id": [5, 6]},
         generation_config__json={"eos_token_id": 7, "max_new_tokens": 32, "top_k": None},
     )
-    tok = load_tokenizer(d)
-    assert tok.eos_token_ids == {2, 5, 6, 7, 68}
-    assert tok.generation_defaults == {"max_new_tokens": 32}
+    assert _generation(d) == GenerationConfig(eos_token_ids=(2, 5, 6, 7, 68), max_new_tokens=32)
+    d = _variant(
+        tokenizer_dir,
+        tmp_path / "c",
+        config__json={},
+        generation_config__json={"do_sample": False, "temperature": 0.6},
+    )
+    assert _generation(d).temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            {"temperature": "hot"},
+            'generation_config.json: temperature must be a number >= 0, got "hot"',
+        ),
+        ({"top_p": 5}, "generation_config.json: top_p must be a number in (0, 1], got 5"),
+        ({"top_k": -1}, "generation_config.json: top_k must be an integer >= 0, got -1"),
+        ({"eos_token_id": "x"}, "generation_config.json: eos_token_id must be a token id"),
+        ({"do_sample": "no"}, "generation_config.json: do_sample must be true or false"),
+        ([1, 2], "generation_config.json is not a JSON object"),
+    ],
+)
+def test_bad_generation_config_names_the_file(tokenizer_dir, tmp_path, content, message):
+    d = _variant(tokenizer_dir, tmp_path / "g", config__json={}, generation_config__json=content)
+    with pytest.raises(ConfigError) as e:
+        _generation(d)
+    assert str(e.value).startswith(message)
 
 
 def test_eos_token_from_config_is_included(tokenizer_dir, tmp_path):
@@ -95,7 +125,13 @@ def test_eos_token_from_config_is_included(tokenizer_dir, tmp_path):
     config["eos_token"] = {"content": "<|tools_suffix|>", "special": True}
     tok = load_tokenizer(_variant(tokenizer_dir, tmp_path / "d", tokenizer_config__json=config))
     assert tok.eos_token == "<|tools_suffix|>"
-    assert tok.eos_token_ids == {68, 72}
+    assert tok.end_token_ids() == (68, 72)
+
+
+def test_tokenizer_config_that_is_not_an_object(tokenizer_dir, tmp_path):
+    d = _variant(tokenizer_dir, tmp_path / "d", tokenizer_config__json=[1])
+    with pytest.raises(TokenizerError, match="tokenizer_config.json is not a JSON object"):
+        load_tokenizer(d)
 
 
 def test_missing_tokenizer_json(tmp_path):

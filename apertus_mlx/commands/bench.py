@@ -44,6 +44,7 @@ def bench(model_name, prompt_tokens, gen_tokens, repeats, vs_mlx_lm, as_json) ->
     run loads the model afresh; progress goes to stderr.
     """
     from ..bench import format_table, run
+    from ..config import ModelArgs
     from ..hub import resolve_model
 
     if vs_mlx_lm:
@@ -52,6 +53,12 @@ def bench(model_name, prompt_tokens, gen_tokens, repeats, vs_mlx_lm, as_json) ->
         except ImportError:
             raise UsageError("--vs-mlx-lm needs mlx-lm: `pip install mlx-lm`") from None
     path = resolve_model(model_name)
+    context = ModelArgs.from_dir(path).max_position_embeddings
+    if prompt_tokens + gen_tokens > context:  # refused before a prompt that size is built
+        raise UsageError(
+            f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's "
+            f"context of {context} tokens"
+        )
     results = run(
         path,
         prompt_tokens,

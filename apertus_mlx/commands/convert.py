@@ -78,8 +78,6 @@ def convert(
     suffix = f"{bits}bit" if mode == "affine" else mode
     out = out or Path.cwd() / f"{_base_name(src, path)}-{suffix}"
     text_ids = _report_ids(path) if report else None  # a missing tokenizer fails before work
-    if not as_json:
-        click.echo(f"quantizing {path} -> {out}", err=True)
     result = quantize_checkpoint(
         path,
         out,
@@ -89,6 +87,7 @@ def convert(
         embedding_bits=embedding_bits,
         head_bits=head_bits,
         force=force,
+        progress=None if as_json else lambda line: click.echo(line, err=True),
     )
     rows = None
     if text_ids is not None:

@@ -6,17 +6,32 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..errors import UsageError
 from . import model_option
 
 
+def utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8: bytes that are not arrive from argv as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+    return text
+
+
 def read_prompt(prompt: str | None) -> str:
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        try:
-            prompt = sys.stdin.read()
+    stdin = sys.stdin
+    if prompt == "-" or (prompt is None and stdin is not None and not stdin.isatty()):
+        if stdin is None:
+            raise UsageError("stdin is closed: give the prompt as an argument")
+        try:  # bytes, decoded strictly: the locale's decoder may let bad bytes through
+            prompt = stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    elif prompt is not None:
+        utf8(prompt, "the prompt")
     if prompt is None:
         raise UsageError(
             "give a prompt, or pipe one on stdin (e.g. `echo hi | apertus-mlx generate -m M`)"
@@ -58,10 +73,10 @@ def format_stats(stats, backend: str) -> str:
 
 @click.command()
 @click.argument("prompt", required=False)
-@model_option()
+@model_option(required=False, extra_help=" Optional with --continue.")
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
-@click.option("--think", is_flag=True, help="Enable the model's deliberation (thinking) mode.")
+@click.option("--think/--no-think", default=None, help="The model's deliberation (thinking) mode.")
 @click.option(
     "-n",
     "--max-tokens",
@@ -80,7 +95,7 @@ def format_stats(stats, backend: str) -> str:
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off).")
 @click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability.")
 @click.option("--repetition-penalty", type=float, help="Penalise recent tokens (1.0: off).")
-@click.option("--seed", type=int, help="Make sampling repeatable.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Make sampling repeatable.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (repeatable).")
 @click.option(
     "--dtype",
@@ -100,6 +115,14 @@ def format_stats(stats, backend: str) -> str:
 )
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
+@click.option("--save", is_flag=True, help="Save the exchange as a new conversation (see history).")
+@click.option(
+    "--continue",
+    "continue_id",
+    metavar="ID",
+    help="Add a turn to saved conversation ID, with its model and settings unless given.",
+)
 def generate(
     prompt,
     model_name,
@@ -119,34 +142,61 @@ def generate(
     num_draft_tokens,
     stats,
     as_json,
+    no_output_filter,
+    save,
+    continue_id,
 ) -> None:
     """Answer PROMPT (or stdin when PROMPT is - or absent) with MODEL, streamed to stdout.
 
     Sampling defaults come from the checkpoint's generation_config.json, else the model card's
     temperature 0.8 / top-p 0.9. Ctrl+C stops the answer; what was generated is kept.
+    --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
+    from ..config import GenerationConfig
     from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
     from ..sampling import SamplingParams
+    from .filter import output_filter
 
     text = read_prompt(prompt)
+    for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
+        utf8(value or "", what)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    SamplingParams.from_defaults(GenerationConfig(), **sampling)  # bad flags fail before the load
+    wrap = output_filter(disabled=no_output_filter)
+    rec = None
+    if save or continue_id is not None:
+        from ..recording import Recorder
+
+        rec = Recorder(continue_id, raw=no_chat_template)
+        source = click.get_current_context().get_parameter_source("model_name")
+        model_name, system, think, max_tokens, stop_strings = rec.merge(
+            sampling,
+            model_name,
+            system,
+            think,
+            max_tokens,
+            stop_strings,
+            model_typed=source is ParameterSource.COMMANDLINE,
+        )
+    if not model_name:
+        raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
     model, tokenizer = load(model_name, dtype=dtype)
     draft = None
     if draft_model:
         from ..speculative import load_draft
 
         draft = load_draft(draft_model, model, tokenizer, num_draft_tokens, dtype=dtype)
-    params = SamplingParams.from_defaults(
-        tokenizer.generation_defaults,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-    ids = prompt_ids(tokenizer, text, system, no_chat_template, think)
+    params = SamplingParams.from_defaults(model.generation, **sampling)
+    if rec:
+        ids = rec.prompt_ids(tokenizer, text, system, bool(think))
+        rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
+    else:
+        ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
+    cache = rec.saved_cache(model, ids) if rec else None
+    cache = cache if cache is not None else model.make_cache()
     events = generate(
         model,
         tokenizer,
@@ -154,8 +204,10 @@ def generate(
         params=params,
         max_tokens=limit,
         stop_strings=stop_strings,
+        cache=cache,
         draft=draft,
     )
+    events = wrap(events)
     done = None
 
     def consume(events) -> None:
@@ -166,6 +218,8 @@ def generate(
                 sys.stdout.flush()
             elif isinstance(event, Done):
                 done = event
+            if rec:
+                rec.feed(event)
 
     try:
         try:
@@ -173,23 +227,40 @@ def generate(
         except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
             consume(wind_down(events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+        if rec:
+            rec.close("interrupted")
         sys.stderr.close()
         sys.exit(0)
+    except BaseException:
+        if rec:
+            rec.close("error")
+        raise
     s = done.stats
+    s.history_rerendered = bool(rec and rec.history_rerendered)
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    saved = rec.report(as_json) if rec else {}
     if as_json:
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": model.plan.describe()},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
                 ensure_ascii=False,
             )
         )
-    else:
-        sys.stdout.write("\n")
-    if s.finish_reason == "length":
+    context = model.args.max_position_embeddings
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= context:
+        click.echo(f"[stopped: the conversation filled the model's context ({context} tokens)]",
+                   err=True)  # fmt: skip
+    elif s.finish_reason == "length":
         click.echo(
             f"[stopped: reached the limit of {limit} tokens; raise it with --max-tokens]", err=True
         )
     if stats:
         click.echo(format_stats(s, model.plan.describe()), err=True)
+    if rec:
+        rec.save_cache(model, cache, (ids + done.tokens)[: cache.offset])
     if s.finish_reason == "interrupted":
         sys.exit(130)
+    if rec:
+        rec.raise_error()

@@ -55,23 +55,48 @@ def list_models(as_json: bool) -> None:
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
+        _filter_reminder()
         return
     for r in rows:
         mark = "✓" if r["downloaded"] else " "
         size = f"{r['size_gb']:>7.2f} GB"
         click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {r['description']}")
     click.echo("\n✓ downloaded. Get one with `apertus-mlx download ALIAS`.")
+    _filter_reminder()
+
+
+def _filter_reminder() -> None:
+    """Once per `models` run, on stderr: no output filter, or one past six months old."""
+    from ..output_filter import reminder
+
+    note = reminder()
+    if note:
+        click.echo(f"note: {note}", err=True)
 
 
 @click.command("rm")
 @click.argument("model")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove(model: str, yes: bool) -> None:
-    """Delete a downloaded MODEL from the local Hugging Face cache."""
-    from ..hub import remove as delete
-    from ..hub import repo_for
+    """Delete a downloaded MODEL from the local Hugging Face cache.
 
+    Answering no exits with status 1 ("nothing deleted"): the model is still there, so a
+    script that goes on after `rm` must not take it as done.
+    """
+    import sys
+
+    from ..hub import cached_repo
+    from ..hub import remove as delete
+
+    repo, path, size = cached_repo(model)  # not downloaded: say so before asking anything
     if not yes:
-        click.confirm(f"Delete {repo_for(model)} from the cache?", abort=True)
+        try:
+            confirmed = click.confirm(f"Delete {repo} ({size / 1e9:.2f} GB, {path})?")
+        except click.Abort:  # end of input or Ctrl+C at the prompt
+            confirmed = False
+            click.echo()  # end the prompt's line
+        if not confirmed:
+            click.echo("apertus-mlx: nothing deleted", err=True)
+            sys.exit(1)
     freed = delete(model)
-    click.echo(f"deleted {repo_for(model)}, {freed / 1e9:.2f} GB freed")
+    click.echo(f"deleted {repo}, {freed / 1e9:.2f} GB freed")

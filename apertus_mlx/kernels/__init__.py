@@ -7,7 +7,7 @@ from .qk_rope import (
     qk_rope_kernel_usable,
     rope_tables,
 )
-from .xielu import xielu, xielu_backend
+from .xielu import xielu, xielu_backend, xielu_compiled
 
 __all__ = [
     "norm_rope",
@@ -17,4 +17,5 @@ __all__ = [
     "rope_tables",
     "xielu",
     "xielu_backend",
+    "xielu_compiled",
 ]

@@ -9,28 +9,21 @@ The arithmetic is the plain path's (`norm_rope`, which `model.Rotation` uses on 
 normalise in float32, cast to x's dtype, scale by the weight, rotate with cos and sin of
 float32 angles cast to x's dtype; every product and sum rounded to x's dtype as MLX does.
 
-As for xIELU (see `xielu.py`): the kernel is used only on a Metal GPU, checks itself against
-`qk_norm_rope_reference` on first use per dtype and, on any failure, logs one line and leaves
-the work to the caller's `mx.fast` path for good. Its text sticks to built-ins that the g++
-stand-ins of tests/stand_in_metal.h provide. `APERTUS_MLX_NO_METAL_KERNELS=1` turns it off.
+As every kernel here (`metal.SelfCheckedKernel`): used only on a Metal GPU, it checks itself
+against `qk_norm_rope_reference` on first use per dtype and, on any failure, logs one line and
+leaves the work to the caller's `mx.fast` path for good. Its text sticks to built-ins that the
+g++ stand-ins of tests/stand_in_metal.h provide. `APERTUS_MLX_NO_METAL_KERNELS=1` turns it off.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .metal import failure, kernels_allowed, on_metal_gpu
-
-logger = logging.getLogger("apertus_mlx")
-
-# Names of the kernel's buffers, in the order of MLX's generated signature.
-INPUT_NAMES = ("x", "weight", "inv_freq", "eps", "offset")
-OUTPUT_NAMES = ("out",)
+from .metal import SelfCheckedKernel, on_metal_gpu
 
 KERNEL_HEADER = """
 // x rounded to the element type T and back, as MLX rounds every operation on T.
@@ -140,24 +133,6 @@ def launch_geometry(shape: tuple[int, ...], dtype: mx.Dtype) -> dict[str, Any]:
     }
 
 
-_kernel_object = None
-
-
-def _kernel():
-    """Build the kernel object once; MLX compiles one instance per element type on first launch."""
-    global _kernel_object
-    if _kernel_object is None:
-        _kernel_object = mx.fast.metal_kernel(
-            name="apertus_qk_norm_rope",
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            source=KERNEL_SOURCE,
-            header=KERNEL_HEADER,
-            ensure_row_contiguous=False,  # x is read through its strides
-        )
-    return _kernel_object
-
-
 @functools.lru_cache(maxsize=16)
 def _eps_array(eps: float) -> mx.array:
     return mx.array(eps, dtype=mx.float32)
@@ -176,7 +151,7 @@ def _qk_norm_rope_metal(
     x: mx.array, weight: mx.array, eps: float, offset: int | mx.array, inv_freq: mx.array
 ) -> mx.array:
     inputs = [x, weight, inv_freq, _eps_array(float(eps)), _offset_array(offset)]
-    return _kernel()(inputs=inputs, **launch_geometry(x.shape, x.dtype))[0]
+    return KERNEL(inputs)[0]
 
 
 def probe() -> tuple[mx.array, mx.array, float, int, mx.array]:
@@ -212,25 +187,28 @@ def agrees(got: mx.array, want: mx.array, x: mx.array, weight: mx.array, eps: fl
     return mx.where(mx.isfinite(w), close, (g == w) | (mx.isnan(g) & mx.isnan(w)))
 
 
-_disabled: str | None = None  # why the Metal path is off for good, once decided
-_checked: set[mx.Dtype] = set()
-
-
-def _metal_possible() -> bool:
-    return _disabled is None and kernels_allowed()
-
-
-def _self_check(dtype: mx.Dtype) -> str | None:
-    """Compare the kernel with the reference on the probe; return what went wrong, if anything."""
+def _self_check(dtype: mx.Dtype) -> bool:
+    """Does the kernel agree with the reference on the probe in `dtype`?"""
     x, weight, eps, offset, inv_freq = probe()
     x, weight = x.astype(dtype), weight.astype(dtype)
-    try:
-        got = _qk_norm_rope_metal(x, weight, eps, mx.array(offset, dtype=mx.int32), inv_freq)
-        want = qk_norm_rope_reference(x, weight, eps, offset, inv_freq)
-        ok = mx.all(agrees(got, want, x, weight, eps)).item()
-    except Exception as error:  # a Metal compile error surfaces here as a RuntimeError
-        return failure(error)
-    return None if ok else f"disagrees with the reference for {dtype}"
+    got = _qk_norm_rope_metal(x, weight, eps, mx.array(offset, dtype=mx.int32), inv_freq)
+    want = qk_norm_rope_reference(x, weight, eps, offset, inv_freq)
+    return mx.all(agrees(got, want, x, weight, eps)).item()
+
+
+KERNEL = SelfCheckedKernel(
+    label="qk-norm+RoPE",
+    name="apertus_qk_norm_rope",
+    # In the order of MLX's generated signature.
+    input_names=("x", "weight", "inv_freq", "eps", "offset"),
+    source=KERNEL_SOURCE,
+    header=KERNEL_HEADER,
+    geometry=launch_geometry,
+    self_check=_self_check,
+    fallback="mx.fast",
+    fallback_note="mx.fast.rms_norm and rope",
+    ensure_row_contiguous=False,  # x is read through its strides
+)
 
 
 def qk_rope_kernel_usable(x: mx.array, weight: mx.array) -> bool:
@@ -238,19 +216,9 @@ def qk_rope_kernel_usable(x: mx.array, weight: mx.array) -> bool:
 
     Needs a Metal GPU, a float type shared by x and weight (head_dim,), and a grid that fits.
     """
-    global _disabled
     shape_ok = x.ndim == 4 and x.shape[-1] % 2 == 0 and weight.shape == (x.shape[-1],)
     shape_ok = shape_ok and 0 < x.size <= MAX_GRID * x.shape[-1]
-    if not (shape_ok and x.dtype == weight.dtype and x.dtype in TOLERANCE and _metal_possible()):
-        return False
-    if x.dtype not in _checked:
-        problem = _self_check(x.dtype)
-        if problem is not None:
-            _disabled = problem
-            logger.warning("qk-norm+RoPE Metal kernel %s; using mx.fast.rms_norm and rope", problem)
-            return False
-        _checked.add(x.dtype)
-    return True
+    return shape_ok and x.dtype == weight.dtype and KERNEL.usable(x.dtype)
 
 
 def qk_rope_backend() -> str:
@@ -259,9 +227,7 @@ def qk_rope_backend() -> str:
     "metal" (this kernel), "mx.fast" (Metal without it) or "plain" (CPU). Before the first call
     on a Metal GPU this says "metal"; a failed self-check turns it for good.
     """
-    if _metal_possible():
-        return "metal"
-    return "mx.fast" if on_metal_gpu() else "plain"
+    return KERNEL.status() if on_metal_gpu() else "plain"
 
 
 def qk_norm_rope(

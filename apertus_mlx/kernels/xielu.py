@@ -12,25 +12,18 @@ Two paths compute the same formula in float32:
   which also works inside an outer `mx.compile`d function.
 
 The kernel text sticks to built-ins a C++ compiler accepts given a small stand-in header, so
-tests on machines without Metal compile and run it with g++ (see DESIGN.md).
+tests on machines without Metal compile and run it with g++ (docs/metal-kernels.md).
 `APERTUS_MLX_NO_METAL_KERNELS=1` forces the compiled path.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import mlx.core as mx
 
-from .metal import failure, kernels_allowed
-
-logger = logging.getLogger("apertus_mlx")
-
-# Names of the kernel's buffers, in the order of MLX's generated signature.
-INPUT_NAMES = ("x", "a_p", "a_n", "beta", "eps")
-OUTPUT_NAMES = ("out",)
+from .metal import SelfCheckedKernel
 
 # Metal's standard library has no expm1, so the kernel carries one. Only m <= eps < 0 reaches
 # it: below -0.5, exp(m) - 1 loses at most a few ulp; above, a Taylor series avoids the
@@ -82,7 +75,7 @@ def xielu_reference(
     return mx.where(xf > 0, positive, negative).astype(x.dtype)
 
 
-_xielu_compiled = mx.compile(xielu_reference)
+xielu_compiled = mx.compile(xielu_reference)
 
 
 def launch_geometry(shape: tuple[int, ...], dtype: mx.Dtype) -> dict[str, Any]:
@@ -102,23 +95,6 @@ def launch_geometry(shape: tuple[int, ...], dtype: mx.Dtype) -> dict[str, Any]:
     }
 
 
-_kernel_object = None
-
-
-def _kernel():
-    """Build the kernel object once; MLX compiles one instance per element type on first launch."""
-    global _kernel_object
-    if _kernel_object is None:
-        _kernel_object = mx.fast.metal_kernel(
-            name="apertus_xielu",
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            source=KERNEL_SOURCE,
-            header=KERNEL_HEADER,
-        )
-    return _kernel_object
-
-
 def _xielu_metal(
     x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array
 ) -> mx.array:
@@ -127,7 +103,7 @@ def _xielu_metal(
         c if c.ndim == 0 and c.dtype == mx.float32 else c.astype(mx.float32).reshape(())
         for c in (a_p, a_n, beta, eps)
     ]
-    return _kernel()(inputs=[x, *consts], **launch_geometry(x.shape, x.dtype))[0]
+    return KERNEL([x, *consts])[0]
 
 
 def probe_values() -> list[float]:
@@ -136,14 +112,6 @@ def probe_values() -> list[float]:
     edges += [-0.49, -0.51, 1.0, -1.0, 3.0, -3.0, 100.0, -100.0, 6e4, -6e4, 1e20, -1e20]
     edges += [math.inf, -math.inf, math.nan]
     return edges + [i / 8 for i in range(-160, 161)]
-
-
-_disabled: str | None = None  # why the Metal path is off for good, once decided
-_checked: set[mx.Dtype] = set()
-
-
-def _metal_possible() -> bool:
-    return _disabled is None and kernels_allowed()
 
 
 def agrees(got: mx.array, want: mx.array, x: mx.array) -> mx.array:
@@ -158,30 +126,26 @@ def agrees(got: mx.array, want: mx.array, x: mx.array) -> mx.array:
     return mx.where(mx.isfinite(w), close, (g == w) | (mx.isnan(g) & mx.isnan(w)))
 
 
-def _self_check(dtype: mx.Dtype) -> str | None:
-    """Compare the kernel with the reference on the probe; return what went wrong, if anything."""
+def _self_check(dtype: mx.Dtype) -> bool:
+    """Does the kernel agree with the reference on the probe in `dtype`?"""
     x = mx.array(probe_values(), dtype=mx.float32).astype(dtype)
     # Distinct a_p and a_n, so swapped constants show.
     consts = [mx.array(v, dtype=mx.float32) for v in (0.83, 0.77, 0.5, -1e-6)]
-    try:
-        ok = mx.all(agrees(_xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
-    except Exception as error:  # a Metal compile error surfaces here as a RuntimeError
-        return failure(error)
-    return None if ok else f"disagrees with the reference for {dtype}"
+    return mx.all(agrees(_xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
 
 
-def _use_metal(dtype: mx.Dtype) -> bool:
-    global _disabled
-    if not _metal_possible() or dtype not in TOLERANCE:
-        return False
-    if dtype not in _checked:
-        problem = _self_check(dtype)
-        if problem is not None:
-            _disabled = problem
-            logger.warning("xIELU Metal kernel %s; using the mx.compile path", problem)
-            return False
-        _checked.add(dtype)
-    return True
+KERNEL = SelfCheckedKernel(
+    label="xIELU",
+    name="apertus_xielu",
+    # In the order of MLX's generated signature.
+    input_names=("x", "a_p", "a_n", "beta", "eps"),
+    source=KERNEL_SOURCE,
+    header=KERNEL_HEADER,
+    geometry=launch_geometry,
+    self_check=_self_check,
+    fallback="compiled",
+    fallback_note="the mx.compile path",
+)
 
 
 def xielu_backend() -> str:
@@ -189,11 +153,11 @@ def xielu_backend() -> str:
 
     Before the first call on a Metal GPU this says "metal"; a failed self-check turns it for good.
     """
-    return "metal" if _metal_possible() else "compiled"
+    return KERNEL.status()
 
 
 def xielu(x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
     """xIELU of x (float32/float16/bfloat16) with 0-d float32 constants; same dtype out."""
-    if 0 < x.size <= MAX_GRID and _use_metal(x.dtype):
+    if 0 < x.size <= MAX_GRID and KERNEL.usable(x.dtype):
         return _xielu_metal(x, a_p, a_n, beta, eps)
-    return _xielu_compiled(x, a_p, a_n, beta, eps)
+    return xielu_compiled(x, a_p, a_n, beta, eps)

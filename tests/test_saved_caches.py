@@ -1,0 +1,85 @@
+"""Saved KV caches: a continued conversation skips reading its history again, answers as a cold
+start would, and the directory stays within its budget."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from apertus_mlx.loading import load_model
+from apertus_mlx.saved_caches import SavedCaches, identity, reuse
+from tests.test_history_cli import cli, home  # noqa: F401 - the fixture
+
+
+def filled(model, ids: list[int]):
+    cache = model.make_cache()
+    model(mx.array([ids]), cache=cache)
+    mx.eval(cache.state())
+    return cache
+
+
+def test_save_load_roundtrip_and_identity(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    ids = list(range(100, 140))
+    cache = filled(model, ids)
+    saved = SavedCaches(tmp_path)
+    ident = identity(model, "some/model", "abc")
+    saved.save("c1", cache, ids, ident)
+    loaded, tokens = saved.load("c1", model, ident)
+    assert tokens == ids and loaded.offset == 40
+    for a, b in zip(cache.state(), loaded.state()):
+        np.testing.assert_array_equal(np.array(a[..., :40, :]), np.array(b[..., :40, :]))
+    # another revision, or another model, does not use it
+    assert saved.load("c1", model, {**ident, "revision": "def"}) is None
+    assert saved.load("c1", model, {**ident, "model": "other/model"}) is None
+    assert saved.load("nothing-here", model, ident) is None
+
+
+def test_reuse_keeps_the_common_prefix_and_the_last_token_to_read(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    cache = filled(model, list(range(100, 120)))
+    assert reuse(cache, list(range(100, 120)), list(range(100, 110)) + [7, 8]) == 10
+    assert cache.offset == 10
+    cache = filled(model, list(range(100, 120)))
+    assert reuse(cache, list(range(100, 120)), list(range(100, 120))) == 19
+
+
+def test_least_recently_used_files_go_first(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    ids = list(range(100, 164))
+    ident = identity(model, "m", None)
+    probe = SavedCaches(tmp_path / "probe")
+    probe.save("x", filled(model, ids), ids, ident)
+    size = (tmp_path / "probe" / "x.safetensors").stat().st_size
+    saved = SavedCaches(tmp_path / "c", budget=int(2.5 * size))
+    for key in ("a", "b"):
+        saved.save(key, filled(model, ids), ids, ident)
+    os.utime(tmp_path / "c" / "a.safetensors", (1, 1))  # a: long unused
+    saved.load("b", model, ident)
+    saved.save("c", filled(model, ids), ids, ident)
+    assert sorted(f.stem for f in (tmp_path / "c").glob("*.safetensors")) == ["b", "c"]
+
+
+def test_continue_reuses_the_saved_cache_and_answers_as_a_cold_start(home, tiny_model_dir):  # noqa: F811
+    model = str(tiny_model_dir)
+    out = cli("generate", "Grüezi mitenand!", "-m", model, "--temp", "0", "-n", "8", "--save")
+    assert out.returncode == 0, out.stderr
+    cid = out.stderr.split("saved as ")[1].split()[0]
+    assert (home / "caches" / f"{cid}.safetensors").is_file()
+
+    warm = json.loads(cli("generate", "Und wie gaht's?", "--continue", cid, "--json").stdout)
+    assert warm["cached_tokens"] > 0
+    assert warm["prefilled_tokens"] == warm["prompt_tokens"] - warm["cached_tokens"]
+
+    # The same turn again from a cold start: the saved cache is gone, the answer is the same.
+    assert cli("history", "rm", cid, "--yes").returncode == 0
+    assert not (home / "caches" / f"{cid}.safetensors").exists()  # deleted with the history
+    out = cli("generate", "Grüezi mitenand!", "-m", model, "--temp", "0", "-n", "8", "--save")
+    cid2 = out.stderr.split("saved as ")[1].split()[0]
+    (home / "caches" / f"{cid2}.safetensors").unlink()
+    cold = json.loads(cli("generate", "Und wie gaht's?", "--continue", cid2, "--json").stdout)
+    assert cold["cached_tokens"] == 0 and cold["prompt_tokens"] == warm["prompt_tokens"]
+    assert cold["text"] == warm["text"]
