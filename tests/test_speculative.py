@@ -345,3 +345,21 @@ def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
         steps.close()
     assert chi_square(np.bincount(first, minlength=p.size), p) < 16.3  # 3 dof, p = 0.001
     assert abs(counts.accepted / counts.drafted - np.minimum(p, q).sum()) < 0.05
+
+
+def test_chat_session_with_a_draft_answers_as_without(tiny_model_dir, other):
+    """Turn after turn, greedy: the same answers; the draft's cache carries over as well."""
+    from apertus_mlx.session import ChatSession
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    plain = ChatSession(model, tokenizer, params=GREEDY, max_tokens=10)
+    fast = ChatSession(model, tokenizer, params=GREEDY, max_tokens=10, draft=Draft(other, 3))
+    for text in ("Grüezi!", "Und wie gaht's?", "Merci."):
+        *_, a = plain.reply(text)
+        held = fast.draft.cache.offset
+        *_, b = fast.reply(text)
+        assert isinstance(b, Done) and b.tokens == a.tokens
+        assert b.stats.draft_tokens > 0
+        if text != "Grüezi!":
+            assert held > 0  # the earlier turns stayed in the draft's cache
+    assert fast.draft.ids == fast._cached_ids[: len(fast.draft.ids)]
