@@ -6,7 +6,8 @@ speed and acceptance on random weights, at the two ends a random checkpoint can 
 - a small random checkpoint with another seed: it (almost) never guesses right, so every
   round pays k draft steps and one k+1-token pass for a single token.
 
-A real draft (a small Apertus for a large one) lies between, by how often it agrees.
+A real draft (a small Apertus for a large one) lies between, by how often it agrees;
+`python -m benchmarks.trained` measures a small pair trained here on the same text.
 Checkpoints are built once under `.bench-cache/`; the table goes to stdout.
 """
 
