@@ -276,3 +276,77 @@ def format_table(results: dict[str, dict[str, Result]]) -> str:
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+@dataclass
+class SpeculativeResult:
+    """Greedy decode speed without and with a draft model, and the draft's acceptance."""
+
+    num_draft_tokens: int
+    plain_tps: float
+    speculative_tps: float
+    acceptance_rate: float
+
+    @property
+    def speedup(self) -> float:
+        return self.speculative_tps / max(self.plain_tps, 1e-9)
+
+
+def _decode_tps(steps: Iterator[tuple[int, mx.array]], gen_tokens: int) -> float:
+    """Tokens/s from the first token to the last: prompt reading left out."""
+    first = time.perf_counter()
+    n = 0
+    for n, _ in enumerate(steps, 1):
+        if n == 1:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    if n != gen_tokens:
+        raise RuntimeError(f"generated {n} tokens instead of {gen_tokens}")
+    return (n - 1) / max(end - first, 1e-9)
+
+
+def bench_speculative(
+    model, draft_model, prompt: list[int], gen_tokens: int, num_draft_tokens: int, repeats: int = 2
+) -> SpeculativeResult:
+    """Greedy decoding of `gen_tokens` with and without `draft_model`, alternating, best run.
+
+    A first run of each, untimed, compiles every shape the timed ones use (the verification
+    block, the draft's one- and two-token steps, the shorter last rounds).
+    """
+    from .generate import forward_for, generate_step
+    from .sampling import SamplingParams, make_sampler
+    from .speculative import Draft, DraftCounts, speculative_generate_step
+
+    greedy = SamplingParams(temperature=0)
+
+    def plain() -> Iterator[tuple[int, mx.array]]:
+        sampler = make_sampler(greedy)
+        cache = model.make_cache()
+        return generate_step(
+            prompt, forward_for(model), cache, sampler=sampler, max_tokens=gen_tokens
+        )
+
+    def speculative(counts: DraftCounts) -> Iterator[tuple[int, mx.array]]:
+        draft = Draft(draft_model, num_draft_tokens)
+        return speculative_generate_step(
+            prompt,
+            forward_for(model),
+            model.make_cache(),
+            draft,
+            params=greedy,
+            max_tokens=gen_tokens,
+            counts=counts,
+        )
+
+    plain_runs, spec_runs, counts = [], [], DraftCounts()
+    for _ in range(repeats + 1):
+        plain_runs.append(_decode_tps(plain(), gen_tokens))
+        counts = DraftCounts()
+        spec_runs.append(_decode_tps(speculative(counts), gen_tokens))
+        unload()
+    return SpeculativeResult(
+        num_draft_tokens=num_draft_tokens,
+        plain_tps=max(plain_runs[1:]),
+        speculative_tps=max(spec_runs[1:]),
+        acceptance_rate=counts.accepted / max(counts.drafted, 1),
+    )

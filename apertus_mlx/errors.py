@@ -75,3 +75,7 @@ class UnknownConversationError(StoreError):
     """No conversation, or more than one, has the id or prefix the user typed."""
 
     exit_code = 2
+
+
+class DraftMismatchError(UsageError):
+    """A draft model for speculative decoding does not share the model's vocabulary."""

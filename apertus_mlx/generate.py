@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -30,6 +31,9 @@ from .device import generation_stream, wired_limit
 from .errors import UsageError
 from .sampling import LogitsProcessor, SamplingParams, make_logits_processors, make_sampler
 from .stopping import StopStrings
+
+if TYPE_CHECKING:
+    from .speculative import Draft
 
 DEFAULT_MAX_TOKENS = 4096  # a real answer fits; mlx-lm's 100-256 cuts answers mid-sentence
 PREFILL_BUDGET_S = 0.4  # the longest one layer of a prompt chunk should take: a stop's delay
@@ -211,6 +215,10 @@ class Stats:
     # The prompt is the full rendering of the conversation, not its past answers' own tokens:
     # the template renders history differently (see `prompt.conversation_ids`).
     history_rerendered: bool = False
+    num_draft_tokens: int = 0  # k of speculative decoding; 0: no draft model
+    draft_tokens: int = 0  # tokens the draft proposed
+    accepted_tokens: int = 0  # of those, accepted by the model
+    acceptance_rate: float | None = None  # accepted / drafted, None without a draft
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -264,13 +272,15 @@ def generate(
     end_tokens: Sequence[int] | None = None,
     cache: KVCache | None = None,
     stop_event: threading.Event | None = None,
+    draft: Draft | None = None,
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
     `cache` may already hold the first `cache.offset` prompt tokens (a chat's earlier turns);
     only the rest is read. `end_tokens` default to the checkpoint's (`model.generation`). The
     last event is always `Done`, with finish_reason stop, length or interrupted (the stop
-    event, Ctrl+C).
+    event, Ctrl+C). A `draft` (`speculative.Draft`) decodes speculatively: the same
+    distribution of answers, faster when the draft often guesses the model's next tokens.
     """
     params = params or SamplingParams()
     cache = cache if cache is not None else model.make_cache()
@@ -280,16 +290,34 @@ def generate(
     end = set(model.generation.eos_token_ids if end_tokens is None else end_tokens)
     stop = stop_event.is_set if stop_event is not None else lambda: False
     progress = PromptProgress()
-    steps = generate_step(
-        prompt,
-        forward_for(model),
-        cache,
-        sampler=make_sampler(params),
-        logits_processors=make_logits_processors(params),
-        max_tokens=max_tokens,
-        stop=stop,
-        progress=progress,
-    )
+    if draft is None:
+        steps = generate_step(
+            prompt,
+            forward_for(model),
+            cache,
+            sampler=make_sampler(params),
+            logits_processors=make_logits_processors(params),
+            max_tokens=max_tokens,
+            stop=stop,
+            progress=progress,
+        )
+    else:
+        from .speculative import DraftCounts, speculative_generate_step
+
+        draft.check(model)
+        counts = DraftCounts()
+        steps = speculative_generate_step(
+            prompt,
+            forward_for(model),
+            cache,
+            draft,
+            params=params,
+            logits_processors=make_logits_processors(params),
+            max_tokens=max_tokens,
+            stop=stop,
+            progress=progress,
+            counts=counts,
+        )
     detok = tokenizer.detokenizer()
     stops = StopStrings(stop_strings)
     mx.reset_peak_memory()
@@ -341,6 +369,11 @@ def generate(
     if len(tokens) > 1:
         stats.decode_tps = (len(tokens) - 1) / max(end_at - first_token_at, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+    if draft is not None:
+        stats.num_draft_tokens = draft.num_tokens
+        stats.draft_tokens, stats.accepted_tokens = counts.drafted, counts.accepted
+        if counts.drafted:
+            stats.acceptance_rate = counts.accepted / counts.drafted
     yield Done("".join(parts), stats, tokens)
 
 

@@ -82,20 +82,49 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     key = [mx.random.key(p.seed)] if p.seed is not None else None
 
     def sample(logprobs: mx.array) -> mx.array:
-        logprobs = logprobs / p.temperature
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if 0 < p.top_k < logprobs.shape[-1]:
-            logprobs = top_k_filter(logprobs, p.top_k)
-        if p.top_p < 1.0:
-            logprobs = top_p_filter(logprobs, p.top_p)
-        if p.min_p > 0.0:
-            logprobs = min_p_filter(logprobs, p.min_p)
         subkey = None
         if key is not None:
             key[0], subkey = mx.random.split(key[0])
-        return mx.random.categorical(logprobs, key=subkey)
+        return mx.random.categorical(_truncated(logprobs, p), key=subkey)
 
     return sample
+
+
+def make_distribution(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """(log-probabilities (B, vocab)) -> log-probabilities of what the sampler draws from.
+
+    Temperature and truncations applied and renormalised (-inf where cut); greedy puts all the
+    mass on the argmax. Speculative decoding compares these, the draft's and the target's,
+    token by token, so it needs the distribution itself, not only a sample of it.
+    """
+    p = params
+    if p.greedy:
+
+        def one_hot(logprobs: mx.array) -> mx.array:
+            top = mx.argmax(logprobs, axis=-1, keepdims=True)
+            columns = mx.arange(logprobs.shape[-1])
+            return mx.where(columns == top, 0.0, -mx.inf).astype(logprobs.dtype)
+
+        return one_hot
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        logprobs = _truncated(logprobs, p)
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+    return distribution
+
+
+def _truncated(logprobs: mx.array, p: SamplingParams) -> mx.array:
+    """Temperature, then top-k, top-p and min-p: what `make_sampler` draws from, as logits."""
+    logprobs = logprobs / p.temperature
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if 0 < p.top_k < logprobs.shape[-1]:
+        logprobs = top_k_filter(logprobs, p.top_k)
+    if p.top_p < 1.0:
+        logprobs = top_p_filter(logprobs, p.top_p)
+    if p.min_p > 0.0:
+        logprobs = min_p_filter(logprobs, p.min_p)
+    return logprobs
 
 
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .generate import DEFAULT_MAX_TOKENS, Done, Event, generate
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .speculative import Draft
 
 
 @dataclass
@@ -29,12 +33,14 @@ class ChatSession:
         params: SamplingParams | None = None,
         enable_thinking: bool = False,
         max_tokens: int = DEFAULT_MAX_TOKENS,
+        draft: Draft | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.params = params or SamplingParams.from_defaults(model.generation)
         self.enable_thinking = enable_thinking
         self.max_tokens = max_tokens
+        self.draft = draft  # speculative decoding; settable between turns, keeps its own cache
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = model.make_cache()
         self._cached_ids: list[int] = []  # the tokens whose keys/values the cache holds
@@ -76,6 +82,7 @@ class ChatSession:
                 max_tokens=self.max_tokens,
                 cache=self.cache,
                 stop_event=stop_event,
+                draft=self.draft,
             ):
                 if isinstance(event, Done):
                     self._cached_ids = (ids + event.tokens)[: self.cache.offset]

@@ -164,6 +164,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id, added tokens included: equal maps give ids the same meaning."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 

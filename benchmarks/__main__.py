@@ -7,6 +7,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks                 # every model (about 10 minutes on 2 CPU cores)
     python -m benchmarks --quick         # fewer tokens, one run each
     python -m benchmarks --only 0.5B-int4 --only narrow-bf16
+    python -m benchmarks --speculative   # speculative decoding instead (benchmarks/speculative.py)
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
     parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
     parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
+    parser.add_argument(
+        "--speculative", action="store_true", help="Time speculative decoding instead."
+    )
     args = parser.parse_args(argv)
+    if args.speculative:
+        from .speculative import main as speculative
+
+        return speculative([])
     repeats = args.repeats or (1 if args.quick else 2)
 
     started = time.perf_counter()

@@ -57,9 +57,16 @@ def format_stats(stats, backend: str) -> str:
     if read < stats.prompt_tokens:  # stopped while reading it
         cached += f", stopped after {read}"
     first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
+    draft = ""
+    if stats.num_draft_tokens:
+        rate = stats.acceptance_rate or 0.0
+        draft = (
+            f" | draft: {stats.accepted_tokens}/{stats.draft_tokens} accepted ({rate:.0%}), "
+            f"k={stats.num_draft_tokens}"
+        )
     return (
         f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prefill_tps:.1f} tok/s | "
-        f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
+        f"answer: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s{draft} | "
         f"{first} | peak memory {stats.peak_memory_gb:.2f} GB | {backend}"
     )
 
@@ -102,6 +109,17 @@ def format_stats(stats, backend: str) -> str:
     type=click.Choice(["bfloat16", "float16", "float32"]),
     help="Compute dtype [default: float32 on CPU, the checkpoint's on Metal].",
 )
+@click.option(
+    "--draft-model",
+    help="Speculative decoding: a smaller model with the same tokenizer proposes tokens.",
+)
+@click.option(
+    "--num-draft-tokens",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="Tokens the draft model proposes per verification pass.",
+)
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
@@ -127,6 +145,8 @@ def generate(
     seed,
     stop_strings,
     dtype,
+    draft_model,
+    num_draft_tokens,
     stats,
     as_json,
     no_output_filter,
@@ -170,6 +190,11 @@ def generate(
     if not model_name:
         raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
     model, tokenizer = load(model_name, dtype=dtype)
+    draft = None
+    if draft_model:
+        from ..speculative import load_draft
+
+        draft = load_draft(draft_model, model, tokenizer, num_draft_tokens, dtype=dtype)
     params = SamplingParams.from_defaults(model.generation, **sampling)
     if rec:
         ids = rec.prompt_ids(tokenizer, text, system, bool(think))
@@ -187,6 +212,7 @@ def generate(
         max_tokens=limit,
         stop_strings=stop_strings,
         cache=cache,
+        draft=draft,
     )
     events = wrap(events)
     done = None
