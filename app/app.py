@@ -61,6 +61,8 @@ class ChatApp(App):
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("alt+left", "version(-1)", "Older version", show=False),
+        Binding("alt+right", "version(1)", "Newer version", show=False),
         Binding("ctrl+o", "models", "Models"),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+t", "toggle_thinking", "Deliberation", show=False),
@@ -446,6 +448,29 @@ class ChatApp(App):
         await self.show_conversation(self.conversation.id)
         self.start_reply(user.id)
 
+    async def action_version(self, step: int) -> None:
+        """Show another version of the last answer (or of the message it answers, when the
+        answer has none): the branches regenerate and edit left behind."""
+        if self.running is not None:
+            self.notify("Wait for the answer, or press Esc to stop it.", severity="warning")
+            return
+        user, answer = self.last_messages()
+        for message in (answer, user):
+            if message is None:
+                continue
+            versions = self.store.siblings(message.id)
+            if len(versions) < 2:
+                continue
+            i = [v.id for v in versions].index(message.id)
+            target = versions[(i + step) % len(versions)]
+            self.store.set_current_leaf(self.conversation.id, self.store.latest_leaf(target.id))
+            await self.show_conversation(self.conversation.id)
+            what = "answer" if message is answer else "message"
+            self.notify(f"{what} version {(i + step) % len(versions) + 1} of {len(versions)}")
+            return
+        self.notify("Only one version: regenerate (ctrl+r) or edit (ctrl+l) makes more",
+                    severity="warning")  # fmt: skip
+
     def action_edit_last(self) -> None:
         """Put the last user message in the prompt; Enter sends it as a new branch."""
         user, _ = self.last_messages()
@@ -570,6 +595,10 @@ class ChatApp(App):
             ("Regenerate", "A new answer to the last message (ctrl+r)", self.action_regenerate),
             ("Edit last message", "Change and resend it, as a branch (ctrl+l)",
              self.action_edit_last),
+            ("Older version", "The last answer's previous version, from regenerate or edit "
+             "(alt+left)", lambda: self.run_worker(self.action_version(-1))),
+            ("Newer version", "The last answer's next version (alt+right)",
+             lambda: self.run_worker(self.action_version(1))),
             ("Models", "Download, delete or choose a model (ctrl+o)", self.action_models),
             ("Settings", "Sampling, max tokens, seed, system prompt (ctrl+s)",
              self.action_settings),

@@ -210,6 +210,11 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
         await answered(app, pilot, 1)
         branch = store.branch(cid)
         assert len(store.siblings(branch[-1].id)) == 2
+        await pilot.press("alt+left")  # back to the first version
+        await wait_for(pilot, lambda: store.branch(cid)[-1].id != branch[-1].id)
+        assert answers(app)[-1].message_id == store.branch(cid)[-1].id != branch[-1].id
+        await pilot.press("alt+right")
+        await wait_for(pilot, lambda: store.branch(cid)[-1].id == branch[-1].id)
 
         await pilot.press("ctrl+l")  # edit the last message
         assert app.prompt.text == "Hello there"

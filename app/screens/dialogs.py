@@ -15,6 +15,7 @@ KEYS: list[tuple[str, str]] = [
     ("ctrl+n", "new conversation"),
     ("ctrl+r", "regenerate the last answer (a new branch)"),
     ("ctrl+l", "edit the last message (sent as a new branch)"),
+    ("alt+←/→", "older/newer version of the last answer (or of an edited message)"),
     ("ctrl+o", "models: download, delete, choose"),
     ("ctrl+s", "settings of this conversation, or the defaults"),
     ("ctrl+t", "deliberation (thinking) on/off"),
