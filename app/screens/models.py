@@ -181,6 +181,8 @@ class ModelsScreen(Screen[str | None]):
         if repo is None:
             return
         if repo in self.cached:
+            if self.download is not None:
+                self.download.cancel()  # it resumes when chosen again
             self.dismiss(repo)
         elif self.download is None:
             self.start_download(repo)
