@@ -56,6 +56,7 @@ class ChatApp(App):
 
     TITLE = "apertus-mlx"
     CSS_PATH = "chat.tcss"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # a slimmer list below 100 columns
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_conversation", "New"),
