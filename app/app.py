@@ -84,7 +84,7 @@ class ChatApp(App):
                  store=None) -> None:  # fmt: skip
         super().__init__()
         self.model_name = model  # the model of the next answer
-        self.cli_settings = settings  # command-line settings win over the saved defaults
+        self.defaults = settings  # for new chats of this run; command-line ones win, unsaved
         self.store = store
         self.config = AppConfig()
         self.conversation = None  # apertus_mlx.store.Conversation shown, None for a new one
@@ -126,8 +126,8 @@ class ChatApp(App):
                     {**c.settings, "system": c.system, "thinking": c.thinking}
                 )
             except (ApertusError, TypeError):  # saved by another tool or version: not usable
-                return self.config.defaults.with_(system=c.system, thinking=c.thinking)
-        return self.config.defaults
+                return self.defaults.with_(system=c.system, thinking=c.thinking)
+        return self.defaults
 
     async def on_mount(self) -> None:
         from apertus_mlx.store import Store
@@ -136,8 +136,8 @@ class ChatApp(App):
             self.config = AppConfig.load()
         except ApertusError as e:
             self.notify(f"{e}; starting on defaults", severity="error", timeout=10)
-        if self.cli_settings is not None:
-            self.config.defaults = self.cli_settings
+        if self.defaults is None:
+            self.defaults = self.config.defaults
         if self.store is None:
             try:
                 self.store = Store.open()
@@ -498,7 +498,7 @@ class ChatApp(App):
         if result is not None:
             settings, scope = result
             if scope == "default":
-                self.config.defaults = settings
+                self.config.defaults = self.defaults = settings
                 self.save_config()
                 self.notify("Saved as the default for new chats")
             elif self.conversation is not None:
@@ -516,7 +516,7 @@ class ChatApp(App):
         if self.conversation is not None:
             self.save_chat_settings(s)
         else:
-            self.config.defaults = s
+            self.config.defaults = self.defaults = s
             self.save_config()
         self.notify(f"Deliberation {'on' if s.thinking else 'off'}")
         self.update_status()

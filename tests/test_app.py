@@ -197,6 +197,8 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
         assert app.prompt.text == "Hello"
         await wait_for(pilot, lambda: app.loaded is not None)
         assert app.focused is app.prompt
+        saved = AppConfig.load()  # the model is remembered; command-line settings are not
+        assert saved.last_model == str(tiny_model_dir) and saved.defaults == ChatSettings()
         await ask(app, pilot, "Hello there")
         first = await answered(app, pilot, 1)
         assert first.text.strip() and "tok/s" in first.status
