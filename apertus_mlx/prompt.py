@@ -13,7 +13,7 @@ rendering is what the model reads, as a cold start would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,3 +62,23 @@ def conversation_ids(
     if ids != full and tokenizer.decode(ids) != tokenizer.decode(full):
         return ConversationIds(full, False)
     return ConversationIds(ids, True)
+
+
+def fit_window(
+    messages: list[dict], count: Callable[[list[dict]], int], window: int, reserve: int
+) -> tuple[list[dict], int]:
+    """Drop the oldest turns (the system prompt stays, and the last user message) until the
+    prompt (`count` tokens) plus `reserve` answer tokens fits `window`; returns (messages,
+    how many were dropped).
+
+    Whole turns go, never part of one, so the prompt stays a conversation the template can
+    render; the system prompt's tokens, first in the prompt, stay cached.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system) :]
+    dropped = 0
+    while len(turns) > 1 and count(system + turns) + reserve > window:
+        cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+        turns = turns[cut:]
+        dropped += cut
+    return system + turns, dropped

@@ -330,7 +330,7 @@ class ChatApp(App):
         if c.system:
             history.append({"role": "system", "content": c.system})
         for m in self.store.branch(c.id):
-            history.append({"role": m.role, "content": m.content})
+            history.append({"role": m.role, "content": m.content, "tokens": m.tokens})
             if m.id == user_message_id:
                 break
         self.running = Running(c.id)

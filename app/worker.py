@@ -108,21 +108,6 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def fit_to_window(
-    history: list[dict], count: Callable[[list[dict]], int], window: int, reserve: int
-) -> tuple[list[dict], int]:
-    """Drop the oldest turns (the system prompt stays, and the last user message) until the
-    prompt plus `reserve` answer tokens fits `window`; returns (history, messages dropped)."""
-    system = [m for m in history[:1] if m["role"] == "system"]
-    turns = history[len(system) :]
-    dropped = 0
-    while len(turns) > 1 and count(system + turns) + reserve > window:
-        cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
-        turns = turns[cut:]
-        dropped += cut
-    return system + turns, dropped
-
-
 class ModelWorker:
     """Runs jobs on its own daemon thread; every public method is safe to call from the UI."""
 
@@ -180,16 +165,22 @@ class ModelWorker:
         try:
             from apertus_mlx import load
             from apertus_mlx.recording import model_identity
+            from apertus_mlx.saved_caches import SavedCaches, identity
             from apertus_mlx.session import ChatSession
 
             self._model = self._tokenizer = self._session = None
             self._name = None
             self._model, self._tokenizer = load(name)
-            self._session = ChatSession(self._model, self._tokenizer)
             try:
-                self._revision = model_identity(name)[1]
+                model_id, self._revision = model_identity(name)
             except Exception:  # noqa: BLE001 - the revision is a detail; the model runs
-                self._revision = None
+                model_id, self._revision = name, None
+            self._session = ChatSession(
+                self._model,
+                self._tokenizer,
+                saved=SavedCaches(),
+                identity=identity(self._model, model_id, self._revision),
+            )
         except Exception as e:  # noqa: BLE001 - shown in the UI, which stays usable
             self._model = self._tokenizer = self._session = None
             self._post(ModelFailed(name, describe_error(e)))
@@ -217,6 +208,7 @@ class ModelWorker:
 
     def _answer(self, job: Reply, stop: threading.Event) -> None:
         from apertus_mlx.generate import DEFAULT_MAX_TOKENS, Chunk, Done
+        from apertus_mlx.prompt import fit_window
         from apertus_mlx.sampling import SamplingParams
 
         s, session = job.settings, self._session
@@ -225,7 +217,7 @@ class ModelWorker:
         session.max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
         window = self._model.args.max_position_embeddings
         reserve = min(session.max_tokens, window // 4)
-        history, dropped = fit_to_window(
+        history, dropped = fit_window(
             job.history, lambda m: len(session.prompt_ids(m)), window, reserve
         )
         recorded = {**s.as_dict(), **asdict(session.params), "max_tokens": session.max_tokens}
@@ -237,7 +229,7 @@ class ModelWorker:
         self._post(AnswerStarted(cid, mid, dropped))
         text, stats, error, tokens = "", None, None, None
         try:
-            events = self._filtered(session.answer(history, stop))
+            events = self._filtered(session.answer(history, stop, conversation_id=cid))
         except Exception as e:  # noqa: BLE001 - a damaged filter: refuse to answer unfiltered
             events, error = iter(()), describe_error(e)
         for event in events:
@@ -260,6 +252,9 @@ class ModelWorker:
             used = 0
         self._post(AnswerDone(cid, mid, text, stats, error, used,
                               str(store_error) if store_error else None))  # fmt: skip
+        # After the answer is shown: the next turn of this conversation, even after a
+        # restart, reads only what is new. Not the answer's part if the filter removed any.
+        session.persist(answer_kept=bool(tokens))
 
     def _filtered(self, events: Iterator) -> Iterator:
         """The events through the installed output filter (personal data removed) before

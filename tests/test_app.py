@@ -21,7 +21,8 @@ from apertus_mlx_app.screens.models import ModelsScreen  # noqa: E402
 from apertus_mlx_app.screens.settings import SettingsScreen  # noqa: E402
 from apertus_mlx_app.settings import AppConfig, ChatSettings  # noqa: E402
 from apertus_mlx_app.widgets import AssistantMessage, Notice, UserMessage  # noqa: E402
-from apertus_mlx_app.worker import fit_to_window  # noqa: E402
+
+from apertus_mlx.prompt import fit_window  # noqa: E402
 
 GREEDY = ChatSettings(temperature=0.0, max_tokens=24)
 SIZE = (110, 36)
@@ -449,10 +450,10 @@ def test_context_budget_drops_oldest_turns_and_keeps_the_system_prompt():
     def count(messages):
         return 100 * len(messages)
 
-    kept, dropped = fit_to_window(history, count, window=500, reserve=100)
+    kept, dropped = fit_window(history, count, window=500, reserve=100)
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert dropped == 6 and [m["content"] for m in kept] == ["s", "q3", "a3", "last"]
-    assert fit_to_window(history, count, window=10_000, reserve=100) == (history, 0)
+    assert fit_window(history, count, window=10_000, reserve=100) == (history, 0)
 
 
 async def test_a_long_conversation_says_what_it_leaves_out(tiny_model_dir):
