@@ -4,10 +4,13 @@ Builds random-weight checkpoints once under `.bench-cache/`, runs `apertus_mlx.b
 mlx-lm on each, prints one table and writes it, with per-primitive op counts and the machine,
 to `.bench-cache/results.json`.
 
-    python -m benchmarks                 # every model (about 10 minutes on 2 CPU cores)
-    python -m benchmarks --quick         # fewer tokens, one run each
+    python -m benchmarks                 # everything below (about 13 minutes on 2 CPU cores)
+    python -m benchmarks --models        # the model table only (about 9 minutes)
+    python -m benchmarks --quick         # the model table, fewer tokens, one run each
     python -m benchmarks --only 0.5B-int4 --only narrow-bf16
-    python -m benchmarks --speculative   # speculative decoding instead (benchmarks/speculative.py)
+    python -m benchmarks --turns         # follow-up turns: cache reuse (benchmarks/turns.py)
+    python -m benchmarks --filter        # the output filter's cost (benchmarks/filter_bench.py)
+    python -m benchmarks --speculative   # speculative decoding (benchmarks/speculative.py)
 """
 
 from __future__ import annotations
@@ -56,14 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
     parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
     parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
-    parser.add_argument(
-        "--speculative", action="store_true", help="Time speculative decoding instead."
-    )
+    sections = ("models", "turns", "filter", "speculative")
+    for name in sections:
+        parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
     args = parser.parse_args(argv)
-    if args.speculative:
-        from .speculative import main as speculative
+    chosen = [name for name in sections if getattr(args, name)]
+    if args.only or args.quick:
+        chosen.append("models")
+    for name in chosen or sections:
+        if name != "models":
+            print(f"\n== {name}", flush=True)
+        SECTIONS[name](args)
+    return 0
 
-        return speculative([])
+
+def models_table(args: argparse.Namespace) -> None:
     repeats = args.repeats or (1 if args.quick else 2)
 
     started = time.perf_counter()
@@ -105,7 +115,32 @@ def main(argv: list[str] | None = None) -> int:
     CACHE.mkdir(exist_ok=True)
     out = {"machine": info, "repeats": repeats, "wall_s": round(wall, 1), "models": record}
     (CACHE / "results.json").write_text(json.dumps(out, indent=2))
-    return 0
+
+
+def _turns(args: argparse.Namespace) -> None:
+    from .turns import main as turns
+
+    turns([])
+
+
+def _filter(args: argparse.Namespace) -> None:
+    from .filter_bench import main as filter_bench
+
+    filter_bench([])
+
+
+def _speculative(args: argparse.Namespace) -> None:
+    from .speculative import main as speculative
+
+    speculative([])
+
+
+SECTIONS = {
+    "models": models_table,
+    "turns": _turns,
+    "filter": _filter,
+    "speculative": _speculative,
+}
 
 
 if __name__ == "__main__":

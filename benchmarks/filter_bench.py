@@ -55,13 +55,13 @@ def answer(n_words: int, seed: int = 0) -> list[str]:
     return chunks
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--max-words", type=int, default=4)
     p.add_argument("--words", type=int, default=20_000, help="length of the streamed answer")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         src, installed = Path(tmp) / "filter.json", Path(tmp) / "output-filter.bin"
