@@ -97,11 +97,9 @@ def unload() -> None:
     mx.clear_cache()
 
 
-def ours_step_ops(model, prompt: list[int]) -> Counter[str]:
+def ours_step_ops(forward, prompt: list[int]) -> Counter[str]:
     """Warm up our compiled forward and return the primitives of one decode step's graph."""
-    from .generate import forward_for
-
-    forward = forward_for(model)
+    model = forward.model
     cache = model.make_cache()
     logits = forward.prefill(prompt[:WARMUP_TOKENS], cache)
     # The measured run's first decode step has this capacity: compile for the same shapes.
@@ -116,17 +114,17 @@ def ours_step_ops(model, prompt: list[int]) -> Counter[str]:
 
 def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
     """Load with apertus-mlx, warm up, then time `generate_step` (greedy), as for mlx-lm."""
-    from .generate import forward_for, generate_step
+    from .generate import Forward, generate_step
     from .loading import load_model
     from .sampling import SamplingParams, make_sampler
 
-    model = load_model(path)
-    prims = ours_step_ops(model, prompt)
+    forward = Forward(load_model(path))
+    prims = ours_step_ops(forward, prompt)
     unload()
     steps = generate_step(
         prompt,
-        forward_for(model),
-        model.make_cache(),
+        forward,
+        forward.model.make_cache(),
         sampler=make_sampler(SamplingParams(temperature=0)),
         max_tokens=gen_tokens,
     )
@@ -313,24 +311,25 @@ def bench_speculative(
     A first run of each, untimed, compiles every shape the timed ones use (the verification
     block, the draft's one- and two-token steps, the shorter last rounds).
     """
-    from .generate import forward_for, generate_step
+    from .generate import Forward, generate_step
     from .sampling import SamplingParams, make_sampler
     from .speculative import Draft, DraftCounts, speculative_generate_step
 
     greedy = SamplingParams(temperature=0)
+    forward = Forward(model)  # compiled by the untimed first run, for all the others
 
     def plain() -> Iterator[tuple[int, mx.array]]:
         sampler = make_sampler(greedy)
         cache = model.make_cache()
-        return generate_step(
-            prompt, forward_for(model), cache, sampler=sampler, max_tokens=gen_tokens
-        )
+        return generate_step(prompt, forward, cache, sampler=sampler, max_tokens=gen_tokens)
+
+    draft = Draft(draft_model, num_draft_tokens)
 
     def speculative(counts: DraftCounts) -> Iterator[tuple[int, mx.array]]:
-        draft = Draft(draft_model, num_draft_tokens)
+        draft.cache, draft.ids = draft_model.make_cache(), []  # a cold start, compiled graphs
         return speculative_generate_step(
             prompt,
-            forward_for(model),
+            forward,
             model.make_cache(),
             draft,
             params=greedy,

@@ -123,17 +123,6 @@ class _Stopped(Exception):
     """Raised between two layers of a prompt chunk when a stop was requested."""
 
 
-_forwards: dict[int, Forward] = {}
-
-
-def forward_for(model) -> Forward:
-    """The model's `Forward`, made once per model so its compiled graphs are reused."""
-    forward = _forwards.get(id(model))
-    if forward is None or forward.model is not model:
-        forward = _forwards[id(model)] = Forward(model)
-    return forward
-
-
 # --- the token layer ----------------------------------------------------------------------
 
 
@@ -273,6 +262,7 @@ def generate(
     cache: KVCache | None = None,
     stop_event: threading.Event | None = None,
     draft: Draft | None = None,
+    forward: Forward | None = None,
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -281,6 +271,8 @@ def generate(
     last event is always `Done`, with finish_reason stop, length or interrupted (the stop
     event, Ctrl+C). A `draft` (`speculative.Draft`) decodes speculatively: the same
     distribution of answers, faster when the draft often guesses the model's next tokens.
+    Pass the model's `Forward` to reuse its compiled graphs across calls (a chat session
+    does); without one, this call compiles its own (tens of milliseconds).
     """
     params = params or SamplingParams()
     cache = cache if cache is not None else model.make_cache()
@@ -290,10 +282,11 @@ def generate(
     end = set(model.generation.eos_token_ids if end_tokens is None else end_tokens)
     stop = stop_event.is_set if stop_event is not None else lambda: False
     progress = PromptProgress()
+    forward = forward if forward is not None else Forward(model)
     if draft is None:
         steps = generate_step(
             prompt,
-            forward_for(model),
+            forward,
             cache,
             sampler=make_sampler(params),
             logits_processors=make_logits_processors(params),
@@ -308,7 +301,7 @@ def generate(
         counts = DraftCounts()
         steps = speculative_generate_step(
             prompt,
-            forward_for(model),
+            forward,
             cache,
             draft,
             params=params,

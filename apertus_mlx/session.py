@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .generate import DEFAULT_MAX_TOKENS, Done, Event, generate
+from .generate import DEFAULT_MAX_TOKENS, Done, Event, Forward, generate
 from .prompt import ConversationIds, conversation_ids
 from .sampling import SamplingParams
 from .saved_caches import reuse
@@ -58,6 +58,7 @@ class ChatSession:
         self.saved, self.identity = saved, identity
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.conversation_id: str | None = None
+        self.forward = Forward(model)  # its compiled graphs serve every turn
         self.cache = model.make_cache()
         self._cached_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._prompt_length = 0  # of the last answer's prompt
@@ -134,6 +135,7 @@ class ChatSession:
                 cache=self.cache,
                 stop_event=stop_event,
                 draft=self.draft,
+                forward=self.forward,
             ):
                 if isinstance(event, Done):
                     event.stats.history_rerendered = not prompt.token_exact

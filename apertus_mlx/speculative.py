@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .device import generation_stream
 from .errors import DraftMismatchError, UsageError
-from .generate import DEFAULT_MAX_TOKENS, Forward, PromptProgress, forward_for
+from .generate import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .sampling import LogitsProcessor, SamplingParams, make_distribution
 
 # Drafted tokens per round. With acceptance a, a round yields (1 - a^(k+1)) / (1 - a) tokens
@@ -51,6 +51,7 @@ class Draft:
                 f"the number of draft tokens must be in 1..{MAX_NUM_DRAFT_TOKENS}, got {num_tokens}"
             )
         self.model = model
+        self.forward = Forward(model)  # compiled once, for every call with this draft
         self.num_tokens = num_tokens
         self.cache = model.make_cache()
         self.ids: list[int] = []  # the tokens whose keys/values `cache` holds
@@ -156,7 +157,7 @@ def speculative_generate_step(
     """
     progress = progress if progress is not None else PromptProgress()
     counts = counts if counts is not None else DraftCounts()
-    draft_forward = forward_for(draft.model)
+    draft_forward = draft.forward
     distribution = make_distribution(params)
     key = [mx.random.key(params.seed)] if params.seed is not None else None
 

@@ -85,14 +85,14 @@ def train(name: str, shape: Shape, data: np.ndarray, log=print) -> Path:
 
 def sampled_acceptance(model, draft_model, prompt: list[int], tokens: int, k: int) -> float:
     """Acceptance with the model card's sampling (temperature 0.8, top-p 0.9), seeded."""
-    from apertus_mlx.generate import forward_for
+    from apertus_mlx.generate import Forward
     from apertus_mlx.sampling import SamplingParams
     from apertus_mlx.speculative import Draft, DraftCounts, speculative_generate_step
 
     counts = DraftCounts()
     steps = speculative_generate_step(
         prompt,
-        forward_for(model),
+        Forward(model),
         model.make_cache(),
         Draft(draft_model, k),
         params=SamplingParams(temperature=0.8, top_p=0.9, seed=SEED),

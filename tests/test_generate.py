@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apertus_mlx.errors import UsageError
-from apertus_mlx.generate import Chunk, Done, Forward, forward_for, generate
+from apertus_mlx.generate import Chunk, Done, Forward, generate
 from apertus_mlx.loading import load_model
 from apertus_mlx.sampling import SamplingParams
 from apertus_mlx.stopping import StopStrings
@@ -78,20 +78,22 @@ def test_chunked_prefill_equals_one_pass(tiny_model_dir, monkeypatch):
     whole = run(model, tokenizer, ids, params=GREEDY, max_tokens=8).tokens
     monkeypatch.setattr(gen, "MAX_CHUNK", 16)
     monkeypatch.setattr(gen, "FIRST_CHUNK", 3)
-    forward = forward_for(model)
-    forward.tokens_per_s = None
     assert run(model, tokenizer, ids, params=GREEDY, max_tokens=8).tokens == whole
 
 
 def test_updated_weights_are_used_by_the_next_generation(tiny_model_dir):
     """The compiled graphs take the weights as inputs: nothing stale after `model.update`."""
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    before = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12)
-    head = model.lm_head.weight
-    model.update({"lm_head": {"weight": head[::-1]}})  # rows reversed: other tokens win
-    after = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12)
-    fresh = mx.argmax(model(mx.array([[1, 200, 201]]))[0, -1]).item()
-    assert after.tokens[0] == fresh
+    forward = Forward(model)  # one set of compiled graphs for both generations
+    before = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12, forward=forward)
+    layer = model.layers[0].mlp.down_proj
+    model.update({"model": {"layers": [{"mlp": {"down_proj": {"weight": -layer.weight}}}]}})
+    after = run(model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12, forward=forward)
+    # every decoded token, not only the first: a Forward compiled after the update agrees
+    fresh = run(
+        model, tokenizer, [1, 200, 201], params=GREEDY, max_tokens=12, forward=Forward(model)
+    )
+    assert after.tokens == fresh.tokens
     assert after.tokens != before.tokens
 
 
@@ -112,7 +114,6 @@ def test_stop_during_a_long_prompt_lands_within_a_layer(tiny_model_dir, monkeypa
     import apertus_mlx.generate as gen
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    monkeypatch.setattr(forward_for(model), "tokens_per_s", None)
     monkeypatch.setattr(gen, "FIRST_CHUNK", 16)
     monkeypatch.setattr(gen, "MAX_CHUNK", 16)
     assert len(model.layers) == 2

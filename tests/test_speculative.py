@@ -307,7 +307,7 @@ def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
     temperature, top-k): the first token's frequencies are the model's processed
     distribution, though the draft's differs (a flatter, noisy output head) and is often
     rejected."""
-    from apertus_mlx.generate import forward_for
+    from apertus_mlx.generate import Forward
     from apertus_mlx.sampling import make_logits_processors
     from apertus_mlx.speculative import DraftCounts, speculative_generate_step
 
@@ -328,7 +328,7 @@ def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
     assert (p > 0).sum() == 4 and 0.2 < np.minimum(p, q).sum() < 0.8
 
     mx.random.seed(0)
-    forward, cache, counts, first = forward_for(model), model.make_cache(), DraftCounts(), []
+    forward, cache, counts, first = Forward(model), model.make_cache(), DraftCounts(), []
     for _ in range(1500):
         cache.truncate(len(prompt) - 1)
         steps = speculative_generate_step(
