@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 4096  # a real answer fits; mlx-lm's 100-256 cuts answers mid-sentence
 PREFILL_BUDGET_S = 0.4  # the longest one layer of a prompt chunk should take: a stop's delay
 MAX_CHUNK = 512  # prompt tokens per chunk at most: memory for one chunk of activations
-FIRST_CHUNK = 8  # prompt tokens, until the speed is measured
+FIRST_CHUNK = 32  # prompt tokens, until the speed is measured
 
 
 class Forward:
@@ -78,28 +78,32 @@ class Forward:
     ) -> mx.array | None:
         """Read `ids` into the cache; the logits (1, vocab) after the last one.
 
-        Each chunk is evaluated layer by layer, and sized so that one layer of it takes about
-        `PREFILL_BUDGET_S`: `stop()` is asked after every layer, and a stop returns None
-        with the cache holding the chunks read whole. Sizing by layer rather than by chunk
-        keeps chunks long enough for full-speed matmuls on a slow CPU, where one token
-        through every layer can take longer than the budget. `progress(n)` hears how many
-        tokens are in so far.
+        Chunks are sized from the measured speed. One that should take longer than
+        `PREFILL_BUDGET_S` is evaluated layer by layer, with `stop()` asked after every layer
+        (sizing by layer rather than by chunk keeps chunks long enough for full-speed matmuls
+        on a slow CPU, where one token through every layer can take longer than the budget);
+        a quicker one runs as one graph and is asked after. The first chunk, of unknown
+        speed, starts over smaller if its first layer alone overruns the budget. A stop
+        returns None with the cache holding the chunks read whole. `progress(n)` hears how
+        many tokens are in so far.
         """
         layers = len(self.model.layers)
-
-        def after_layer(h: mx.array) -> None:
-            mx.eval(h)
-            if stop():
-                raise _Stopped
-
         done = 0
         while done < len(ids):
             size = min(self._chunk_size(layers), len(ids) - done)
+            by_layer = self.tokens_per_s is None or size > self.tokens_per_s * PREFILL_BUDGET_S
             start = time.perf_counter()
-            forward = functools.partial(self.model.model, after_layer=after_layer)
+            watch = _LayerWatch(stop, start, probing=self.tokens_per_s is None)
+            forward = functools.partial(self.model.model, after_layer=watch if by_layer else None)
             try:
                 hidden = cache.run(forward, mx.array([ids[done : done + size]]))
+                mx.eval(cache.state())
             except _Stopped:
+                return None
+            except _TooSlow as slow:  # a first layer this slow: per token, per layer
+                self.tokens_per_s = size / (slow.seconds * layers)
+                continue
+            if not by_layer and stop():
                 return None
             done += size
             self._measure(size, time.perf_counter() - start)
@@ -117,6 +121,29 @@ class Forward:
         if self.tokens_per_s is not None:
             rate = min(rate, 4 * self.tokens_per_s)
         self.tokens_per_s = rate
+
+
+class _LayerWatch:
+    """`after_layer` for a prompt chunk read layer by layer: evaluates, asks `stop()`, and on
+    a first chunk of unknown speed gives up early when one layer overruns the budget."""
+
+    def __init__(self, stop: Callable[[], bool], start: float, probing: bool):
+        self.stop, self.start, self.probing = stop, start, probing
+
+    def __call__(self, h: mx.array) -> None:
+        mx.eval(h)
+        if self.stop():
+            raise _Stopped
+        if self.probing:
+            seconds = time.perf_counter() - self.start
+            if seconds > 2 * PREFILL_BUDGET_S:
+                raise _TooSlow(seconds)
+            self.probing = False
+
+
+class _TooSlow(Exception):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
 
 
 class _Stopped(Exception):

@@ -108,22 +108,35 @@ class StopAfter:
         return self.checks >= self.n
 
 
-def test_stop_during_a_long_prompt_lands_within_a_layer(tiny_model_dir, monkeypatch):
-    """A stop requested while the prompt is read is seen after the layer in flight; the
+def test_stop_during_a_long_prompt_lands_within_a_layer(tiny_model_dir):
+    """A stop requested while a slow prompt is read is seen after the layer in flight; the
     stats say what was read, with no made-up rates."""
-    import apertus_mlx.generate as gen
-
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    monkeypatch.setattr(gen, "FIRST_CHUNK", 16)
-    monkeypatch.setattr(gen, "MAX_CHUNK", 16)
+    forward = Forward(model)
+    forward.tokens_per_s = 1.0  # as slow as a large model on a CPU: chunks go layer by layer
+    forward._chunk_size = lambda layers: 16
     assert len(model.layers) == 2
-    stop = StopAfter(3)  # checked after each layer: the second chunk's first layer stops
-    done = run(model, tokenizer, list(range(100, 400)), params=GREEDY, stop_event=stop)
+    stop = StopAfter(3)  # asked after each layer: the second chunk's first layer stops
+    done = run(model, tokenizer, list(range(100, 400)), params=GREEDY, stop_event=stop,
+               forward=forward)  # fmt: skip
     s = done.stats
     assert s.finish_reason == "interrupted"
     assert (s.prefilled_tokens, s.generated_tokens, s.ttft_s) == (16, 0, None)
     assert s.decode_tps == 0 and 0 < s.prefill_tps < 1e6
     assert done.text == "" and done.tokens == []
+
+
+def test_a_first_chunk_too_slow_for_the_budget_starts_over_smaller(tiny_model_dir, monkeypatch):
+    import apertus_mlx.generate as gen
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    whole = run(model, tokenizer, list(range(100, 180)), params=GREEDY, max_tokens=4)
+    monkeypatch.setattr(gen, "PREFILL_BUDGET_S", 1e-7)  # any first layer overruns it
+    forward = Forward(model)
+    again = run(model, tokenizer, list(range(100, 180)), params=GREEDY, max_tokens=4,
+                forward=forward)  # fmt: skip
+    assert forward.tokens_per_s is not None and forward._chunk_size(2) == 1
+    assert again.tokens == whole.tokens and again.stats.prefilled_tokens == 80
 
 
 def test_seed_makes_sampling_repeatable(tiny_model_dir):
