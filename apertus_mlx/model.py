@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVBuffers, KVCache
+from .cache import KVBuffers, KVCache, attention
 from .config import GenerationConfig, ModelArgs
 from .kernels import (
     norm_rope,
@@ -173,7 +173,7 @@ class Attention(nn.Module):
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if kv is not None:
             k, v = kv.write(layer, k, v)  # every position so far, and the unused tail (masked)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -285,8 +285,14 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self, batch: int = 1) -> KVCache:
+    def make_cache(self, batch: int = 1, bits: int | None = None) -> KVCache:
+        """An empty KV cache; `bits` (8 or 4) stores keys and values quantized."""
         a = self.args
         return KVCache(
-            a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.plan.dtype, batch
+            a.num_hidden_layers,
+            a.num_key_value_heads,
+            a.head_dim,
+            self.plan.dtype,
+            batch,
+            bits=bits,
         )

@@ -61,9 +61,12 @@ class SavedCaches:
         """Write the cache's first `len(tokens)` positions; raises OSError if it cannot."""
         n = min(len(tokens), cache.offset)
         arrays = {}
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = k[..., :n, :], v[..., :n, :]
-        meta = {**ident, "tokens": json.dumps(tokens[:n])}
+        for i, buffers in enumerate(zip(cache.keys, cache.values)):
+            for name, buffer in zip(("keys", "values"), buffers):
+                parts = buffer if isinstance(buffer, tuple) else (buffer,)
+                for j, part in enumerate(parts):  # a quantized buffer has three
+                    arrays[f"{i}.{name}.{j}"] = part[..., :n, :]
+        meta = {**ident, "tokens": json.dumps(tokens[:n]), "kv_bits": str(cache.bits or "")}
         self.directory.mkdir(parents=True, exist_ok=True)
         file = self._file(key)
         partial = file.with_suffix(f".partial-{os.getpid()}.safetensors")
@@ -84,16 +87,27 @@ class SavedCaches:
             return None
         if any(meta.get(k) != v for k, v in ident.items()):
             return None
-        cache = model.make_cache()
-        if not tokens or len(arrays) != 2 * cache.num_layers:
+        bits = int(meta["kv_bits"]) if meta.get("kv_bits") else None
+        cache = model.make_cache(bits=bits)
+        parts = 3 if bits else 1
+        if not tokens or len(arrays) != 2 * parts * cache.num_layers:
             return None
         cache.reserve(len(tokens))
+        start = mx.array([0], dtype=mx.int32)
         for i in range(cache.num_layers):
-            k, v = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-            if k.shape[2] != len(tokens) or k.dtype != cache.dtype:
-                return None
-            cache.keys[i] = mx.slice_update(cache.keys[i], k, mx.array([0]), axes=(2,))
-            cache.values[i] = mx.slice_update(cache.values[i], v, mx.array([0]), axes=(2,))
+            for buffers in (cache.keys, cache.values):
+                name = "keys" if buffers is cache.keys else "values"
+                saved = tuple(arrays.get(f"{i}.{name}.{j}") for j in range(parts))
+                empty = buffers[i] if bits else (buffers[i],)
+                if any(
+                    a is None or a.shape[2] != len(tokens) or a.dtype != e.dtype
+                    for a, e in zip(saved, empty)
+                ):
+                    return None
+                filled = tuple(
+                    mx.slice_update(e, a, start, axes=(2,)) for e, a in zip(empty, saved)
+                )
+                buffers[i] = filled if bits else filled[0]
         cache.offset = len(tokens)
         mx.eval(cache.state())
         os.utime(file)  # recently used

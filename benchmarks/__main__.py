@@ -11,6 +11,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --turns         # follow-up turns: cache reuse (benchmarks/turns.py)
     python -m benchmarks --filter        # the output filter's cost (benchmarks/filter_bench.py)
     python -m benchmarks --speculative   # speculative decoding (benchmarks/speculative.py)
+    python -m benchmarks --kv            # a quantized KV cache's fidelity (benchmarks/kv.py)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
     parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
     parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
-    sections = ("models", "turns", "filter", "speculative")
+    sections = ("models", "turns", "filter", "speculative", "kv")
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
     args = parser.parse_args(argv)
@@ -135,7 +136,14 @@ def _speculative(args: argparse.Namespace) -> None:
     speculative([])
 
 
+def _kv(args: argparse.Namespace) -> None:
+    from .kv import main as kv
+
+    kv([])
+
+
 SECTIONS = {
+    "kv": _kv,
     "models": models_table,
     "turns": _turns,
     "filter": _filter,

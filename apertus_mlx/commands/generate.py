@@ -110,6 +110,11 @@ def format_stats(stats, backend: str) -> str:
     help="Compute dtype [default: float32 on CPU, the checkpoint's on Metal].",
 )
 @click.option(
+    "--kv-bits",
+    type=click.Choice(["4", "8"]),
+    help="Keep the KV cache quantized to 8 or 4 bits: long contexts in less memory.",
+)
+@click.option(
     "--draft-model",
     help="Speculative decoding: a smaller model with the same tokenizer proposes tokens.",
 )
@@ -145,6 +150,7 @@ def generate(
     seed,
     stop_strings,
     dtype,
+    kv_bits,
     draft_model,
     num_draft_tokens,
     stats,
@@ -203,7 +209,7 @@ def generate(
         ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
     limit = max_tokens or DEFAULT_MAX_TOKENS
     cache = rec.saved_cache(model, ids) if rec else None
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else model.make_cache(bits=kv_bits and int(kv_bits))
     events = generate(
         model,
         tokenizer,
