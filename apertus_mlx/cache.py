@@ -33,6 +33,12 @@ def _update(buffer: Buffer, new: Buffer, position: mx.array) -> Buffer:
     return mx.slice_update(buffer, new, position, axes=(2,))
 
 
+def _filled(buffer: Buffer, end: int) -> Buffer:
+    if isinstance(buffer, tuple):
+        return tuple(b[..., :end, :] for b in buffer)
+    return buffer[..., :end, :]
+
+
 def attention(q: mx.array, keys: Buffer, values: Buffer, scale: float, mask) -> mx.array:
     """Scaled dot-product attention of q (B, heads, L, D) over plain or quantized buffers
     (grouped-query: heads a multiple of the buffers' kv heads)."""
@@ -45,6 +51,9 @@ def attention(q: mx.array, keys: Buffer, values: Buffer, scale: float, mask) -> 
     q = (q * scale).reshape(B, kv_heads, heads // kv_heads, L, D)
     keys, values = (tuple(x[:, :, None] for x in buf) for buf in (keys, values))
     scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=group, bits=bits)
+    if isinstance(mask, str):  # "causal", over the filled positions only
+        length = scores.shape[-1]
+        mask = mx.arange(length - L, length)[:, None] >= mx.arange(length)[None, :]
     if mask is not None:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     scores = mx.softmax(scores, axis=-1, precise=True)
@@ -59,19 +68,26 @@ class KVBuffers:
     keys: list[Buffer]
     values: list[Buffer]
     position: mx.array  # (1,) int32: the first position this pass writes
+    # Where the pass ends, when known outside a compiled graph: attention then reads only the
+    # filled positions, with the fast causal mask, instead of the whole buffer masked.
+    end: int | None = None
 
     def write(self, layer: int, keys: mx.array, values: mx.array) -> tuple[Buffer, Buffer]:
-        """Store (B, kv_heads, L, head_dim) at `position`; return the layer's whole buffers."""
+        """Store (B, kv_heads, L, head_dim) at `position`; return the layer's buffers."""
         if isinstance(self.keys[layer], tuple):
             group = keys.shape[-1] // self.keys[layer][1].shape[-1]
             bits = self.keys[layer][0].shape[-1] * 32 // keys.shape[-1]
             keys, values = (mx.quantize(x, group_size=group, bits=bits) for x in (keys, values))
         self.keys[layer] = _update(self.keys[layer], keys, self.position)
         self.values[layer] = _update(self.values[layer], values, self.position)
-        return self.keys[layer], self.values[layer]
+        if self.end is None:
+            return self.keys[layer], self.values[layer]
+        return _filled(self.keys[layer], self.end), _filled(self.values[layer], self.end)
 
-    def mask(self, length: int) -> mx.array:
-        """(length, capacity): query i sees positions up to position + i, nothing after."""
+    def mask(self, length: int) -> mx.array | str | None:
+        """Which positions each of `length` queries sees: up to position + i, nothing after."""
+        if self.end is not None:
+            return "causal" if length > 1 else None
         first = self.keys[0]
         capacity = (first[0] if isinstance(first, tuple) else first).shape[2]
         last = self.position + mx.arange(length, dtype=mx.int32)
@@ -130,7 +146,7 @@ class KVCache:
         length = inputs.shape[1]
         self.reserve(self.offset + length)
         position = mx.array([self.offset], dtype=mx.int32)
-        kv = KVBuffers(list(self.keys), list(self.values), position)
+        kv = KVBuffers(list(self.keys), list(self.values), position, self.offset + length)
         out = forward(inputs, kv)
         self.keys, self.values = kv.keys, kv.values
         self.offset += length

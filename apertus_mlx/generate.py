@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 4096  # a real answer fits; mlx-lm's 100-256 cuts answers mid-sentence
 PREFILL_BUDGET_S = 0.4  # the longest one layer of a prompt chunk should take: a stop's delay
 MAX_CHUNK = 512  # prompt tokens per chunk at most: memory for one chunk of activations
-FIRST_CHUNK = 32  # prompt tokens, until the speed is measured
+FIRST_CHUNK = 8  # prompt tokens at least in a first chunk, before the speed is measured
+# Floating-point operations per second assumed of a device before its speed is measured: low
+# enough that a first chunk rarely overruns (it starts over smaller if it does).
+ASSUMED_FLOPS = {"cpu": 5e9, "gpu": 2e12}
 
 
 class Forward:
@@ -82,8 +85,9 @@ class Forward:
         `PREFILL_BUDGET_S` is evaluated layer by layer, with `stop()` asked after every layer
         (sizing by layer rather than by chunk keeps chunks long enough for full-speed matmuls
         on a slow CPU, where one token through every layer can take longer than the budget);
-        a quicker one runs as one graph and is asked after. The first chunk, of unknown
-        speed, starts over smaller if its first layer alone overruns the budget. A stop
+        a quicker one runs as one graph and is asked after. The first chunk is sized from a
+        cautious guess (`ASSUMED_FLOPS`) and starts over smaller if its first layer alone
+        overruns the budget. A stop
         returns None with the cache holding the chunks read whole. `progress(n)` hears how
         many tokens are in so far.
         """
@@ -91,7 +95,7 @@ class Forward:
         done = 0
         while done < len(ids):
             size = min(self._chunk_size(layers), len(ids) - done)
-            by_layer = self.tokens_per_s is None or size > self.tokens_per_s * PREFILL_BUDGET_S
+            by_layer = size > self._rate() * PREFILL_BUDGET_S
             start = time.perf_counter()
             watch = _LayerWatch(stop, start, probing=self.tokens_per_s is None)
             forward = functools.partial(self.model.model, after_layer=watch if by_layer else None)
@@ -110,12 +114,23 @@ class Forward:
             progress(done)
         return self.model.logits(hidden[:, -1, :])
 
+    def _rate(self) -> float:
+        """Prompt tokens per second: as measured, else a cautious guess from the model's size
+        and the device."""
+        if self.tokens_per_s is not None:
+            return self.tokens_per_s
+        a = self.model.args
+        attention = (2 * a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
+        flops = 2 * a.num_hidden_layers * a.hidden_size * (attention + 2 * a.intermediate_size)
+        return ASSUMED_FLOPS["gpu" if self.model.plan.on_gpu else "cpu"] / flops
+
     def _chunk_size(self, layers: int) -> int:
-        if self.tokens_per_s is None:
-            return FIRST_CHUNK
-        return max(1, min(MAX_CHUNK, int(self.tokens_per_s * PREFILL_BUDGET_S * layers)))
+        smallest = 1 if self.tokens_per_s is not None else FIRST_CHUNK
+        return max(smallest, min(MAX_CHUNK, int(self._rate() * PREFILL_BUDGET_S * layers)))
 
     def _measure(self, tokens: int, seconds: float) -> None:
+        if tokens < FIRST_CHUNK:  # fixed costs dominate: it would understate the speed
+            return
         rate = tokens / max(seconds, 1e-6)
         # Grow at most 4x per chunk: a short first chunk is dominated by fixed costs.
         if self.tokens_per_s is not None:
