@@ -83,10 +83,20 @@ class Recorder:
             stop or tuple(c.settings.get("stop") or ()),
         )
 
-    def prompt_ids(self, tokenizer, text: str, system: str | None, thinking: bool) -> list[int]:
+    def prompt_ids(
+        self,
+        tokenizer,
+        text: str,
+        system: str | None,
+        thinking: bool,
+        window: int,
+        reserve: int,
+    ) -> list[int]:
         """The current branch (when continuing) and the new message, with each past answer as
-        the tokens the model produced (see `prompt.conversation_ids`)."""
-        from .prompt import conversation_ids
+        the tokens the model produced (see `prompt.conversation_ids`), its oldest turns left
+        out (said on stderr) where it would not leave `reserve` tokens of the model's
+        `window` for the answer."""
+        from .prompt import conversation_ids, fit_window
 
         messages = [{"role": "system", "content": system}] if system else []
         if self.conversation is not None:
@@ -97,6 +107,17 @@ class Recorder:
                 if m.role in ("user", "assistant")
             ]
         messages.append({"role": "user", "content": text})
+
+        def count(kept: list[dict]) -> int:
+            return len(conversation_ids(tokenizer, kept, enable_thinking=thinking).ids)
+
+        messages, dropped = fit_window(messages, count, window, reserve)
+        if dropped:
+            click.echo(
+                f"[the conversation is longer than the model's context ({window} tokens): "
+                f"its {dropped} oldest messages are left out of this prompt]",
+                err=True,
+            )
         prompt = conversation_ids(tokenizer, messages, enable_thinking=thinking)
         self.history_rerendered = not prompt.token_exact
         return prompt.ids

@@ -83,3 +83,17 @@ def test_continue_reuses_the_saved_cache_and_answers_as_a_cold_start(home, tiny_
     cold = json.loads(cli("generate", "Und wie gaht's?", "--continue", cid2, "--json").stdout)
     assert cold["cached_tokens"] == 0 and cold["prompt_tokens"] == warm["prompt_tokens"]
     assert cold["text"] == warm["text"]
+
+
+def test_continue_leaves_out_the_oldest_turns_that_no_longer_fit(home, tiny_model_dir):  # noqa: F811
+    """The fixture's context is 512 tokens: a third long turn cannot keep the first."""
+    model, long = str(tiny_model_dir), "Grüezi mitenand, " * 40
+    out = cli("generate", long, "-m", model, "--temp", "0", "-n", "100", "--save")
+    cid = out.stderr.split("saved as ")[1].split()[0]
+    second = cli("generate", long, "--continue", cid, "--json")
+    assert second.returncode == 0, second.stderr
+    third = cli("generate", long, "--continue", cid, "--json")
+    assert third.returncode == 0, third.stderr
+    assert "oldest messages are left out" in third.stderr
+    done = json.loads(third.stdout)
+    assert done["prompt_tokens"] + 100 <= 512 and done["generated_tokens"] > 0

@@ -203,7 +203,9 @@ def generate(
         draft = load_draft(draft_model, model, tokenizer, num_draft_tokens, dtype=dtype)
     params = SamplingParams.from_defaults(model.generation, **sampling)
     if rec:
-        ids = rec.prompt_ids(tokenizer, text, system, bool(think))
+        window = model.args.max_position_embeddings
+        reserve = min(max_tokens or DEFAULT_MAX_TOKENS, window // 4)
+        ids = rec.prompt_ids(tokenizer, text, system, bool(think), window, reserve)
         rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
     else:
         ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
