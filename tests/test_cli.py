@@ -139,12 +139,14 @@ def test_help_imports_nothing_heavy():
     assert out.stdout.strip().splitlines()[-1] == "heavy:"
 
 
-def test_generate_imports_no_transformers_torch_or_textual(tiny_model_dir):
+def test_generate_imports_no_transformers_torch_textual_or_the_store(tiny_model_dir):
+    """Start-up stays fast: a plain `generate` loads none of the heavy or unused modules."""
     code = (
         "import sys; from apertus_mlx.cli import cli\n"
         f"cli.main(['generate', 'hi', '-m', {str(tiny_model_dir)!r}, '-n', '2'],"
         " standalone_mode=False)\n"
-        "print([m for m in ('transformers', 'torch', 'textual') if m in sys.modules])"
+        "heavy = ('transformers', 'torch', 'textual', 'sqlite3', 'apertus_mlx.store')\n"
+        "print([m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

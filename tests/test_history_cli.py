@@ -192,18 +192,6 @@ def test_a_full_disk_still_shows_the_answer(home, tiny_model_dir):
     assert integrity(home / "history.db") == "ok"
 
 
-def test_plain_generate_does_not_import_the_store(tiny_model_dir):
-    code = (
-        "import sys; from apertus_mlx.cli import cli\n"
-        f"cli.main(['generate', 'hi', '-m', {str(tiny_model_dir)!r}, '-n', '2'],"
-        " standalone_mode=False)\n"
-        "print([m for m in ('sqlite3', 'apertus_mlx.store') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
 @pytest.fixture(scope="module")
 def endless_model(tmp_path_factory, tokenizer_dir, vocab_size):
     """A long-context checkpoint whose stop tokens' logits are 0: greedy decoding (the largest
