@@ -16,7 +16,7 @@ then needs about 0.28x (8 bits) or 0.16x (4 bits) of the memory of float32 buffe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -176,6 +176,18 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Keep only the first `length` positions."""
         self.trim(self.offset - min(length, self.offset))
+
+    def keep_prefix(self, cached: Sequence[int], prompt: Sequence[int]) -> int:
+        """Keep the positions of `cached` (the tokens this cache holds) that `prompt` starts
+        with, never all of the prompt (its last token must be read to give the next token's
+        logits); return how many stay."""
+        common = 0
+        for a, b in zip(cached, prompt):
+            if a != b:
+                break
+            common += 1
+        self.truncate(min(common, len(prompt) - 1))
+        return self.offset
 
     def state(self) -> list[mx.array]:
         """Every buffer's arrays, to evaluate after a pass."""

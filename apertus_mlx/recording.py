@@ -157,7 +157,7 @@ class Recorder:
     def saved_cache(self, model, prompt: list[int]):
         """The conversation's saved KV cache, kept as far as `prompt` starts with its tokens
         (None: nothing saved for this model, or nothing in common)."""
-        from .saved_caches import SavedCaches, identity, reuse
+        from .saved_caches import SavedCaches, identity
 
         if self.conversation is None or self.identity is None:
             return None
@@ -165,7 +165,7 @@ class Recorder:
         if saved is None:
             return None
         cache, tokens = saved
-        return cache if reuse(cache, tokens, prompt) else None
+        return cache if cache.keep_prefix(tokens, prompt) else None
 
     def save_cache(self, model, cache, tokens: list[int]) -> None:
         """Keep the cache for the next `--continue` (a failure only costs that speed-up)."""

@@ -126,16 +126,3 @@ class SavedCaches:
             if f != keep:
                 total -= f.stat().st_size
                 f.unlink(missing_ok=True)
-
-
-def reuse(cache: KVCache, cached_tokens: list[int], prompt: list[int]) -> int:
-    """Keep the part of `cache` that `prompt` starts with (never all of the prompt: its last
-    token must be read to give the next token's logits); return how many positions stay."""
-    common = 0
-    for a, b in zip(cached_tokens, prompt):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(prompt) - 1, cache.offset)
-    cache.truncate(common)
-    return common

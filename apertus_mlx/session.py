@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from .generate import DEFAULT_MAX_TOKENS, Done, Event, Forward, generate
 from .prompt import ConversationIds, conversation_ids
 from .sampling import SamplingParams
-from .saved_caches import reuse
 
 if TYPE_CHECKING:
     from .saved_caches import SavedCaches
@@ -123,8 +122,7 @@ class ChatSession:
         try:
             prompt = self.prompt()
             ids = prompt.ids
-            reuse(self.cache, self._cached_ids, ids)
-            self._cached_ids = self._cached_ids[: self.cache.offset]
+            self._cached_ids = self._cached_ids[: self.cache.keep_prefix(self._cached_ids, ids)]
             self._prompt_length = len(ids)
             for event in generate(
                 self.model,

@@ -67,13 +67,7 @@ class Draft:
 
     def reuse(self, prompt: Sequence[int]) -> None:
         """Keep the longest cached prefix of `prompt` (all of it but the last token at most)."""
-        common = 0
-        for a, b in zip(self.ids, prompt[:-1]):
-            if a != b:
-                break
-            common += 1
-        self.cache.truncate(common)
-        self.ids = self.ids[:common]
+        self.ids = self.ids[: self.cache.keep_prefix(self.ids, prompt)]
 
 
 def check_tokenizers(draft_tokenizer, tokenizer) -> None:

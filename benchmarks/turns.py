@@ -62,7 +62,7 @@ def first_token_s(model, tokenizer, ids: list[int], cache) -> float:
 
 
 def measure(model, tokenizer, tokens: int) -> dict[str, float]:
-    from apertus_mlx.saved_caches import SavedCaches, identity, reuse
+    from apertus_mlx.saved_caches import SavedCaches, identity
 
     messages = history(tokenizer, tokens)
     before = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
@@ -76,11 +76,11 @@ def measure(model, tokenizer, tokens: int) -> dict[str, float]:
         saved = SavedCaches(d)
         ident = identity(model, "bench", None)
         saved.save("c", warm_cache, before, ident)
-        reuse(warm_cache, before, ids)
+        warm_cache.keep_prefix(before, ids)
         warm = first_token_s(model, tokenizer, ids, warm_cache)
         start = time.perf_counter()
         loaded, cached_ids = saved.load("c", model, ident)  # a new process would do this
-        reuse(loaded, cached_ids, ids)
+        loaded.keep_prefix(cached_ids, ids)
         reopened = time.perf_counter() - start + first_token_s(model, tokenizer, ids, loaded)
     return {"history": len(before), "cold": cold, "warm": warm, "reopened": reopened}
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from apertus_mlx.loading import load_model
-from apertus_mlx.saved_caches import SavedCaches, identity, reuse
+from apertus_mlx.saved_caches import SavedCaches, identity
 from tests.test_history_cli import cli, home  # noqa: F401 - the fixture
 
 
@@ -41,10 +41,10 @@ def test_save_load_roundtrip_and_identity(tiny_model_dir, tmp_path):
 def test_reuse_keeps_the_common_prefix_and_the_last_token_to_read(tiny_model_dir):
     model = load_model(tiny_model_dir)
     cache = filled(model, list(range(100, 120)))
-    assert reuse(cache, list(range(100, 120)), list(range(100, 110)) + [7, 8]) == 10
+    assert cache.keep_prefix(list(range(100, 120)), list(range(100, 110)) + [7, 8]) == 10
     assert cache.offset == 10
     cache = filled(model, list(range(100, 120)))
-    assert reuse(cache, list(range(100, 120)), list(range(100, 120))) == 19
+    assert cache.keep_prefix(list(range(100, 120)), list(range(100, 120))) == 19
 
 
 def test_least_recently_used_files_go_first(tiny_model_dir, tmp_path):
