@@ -98,3 +98,37 @@ def reference_model(path: Path, dtype: str = "float32"):
     from transformers import ApertusForCausalLM
 
     return ApertusForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+
+def build_endless_checkpoint(out_dir: Path, tokenizer_dir: Path, vocab_size: int) -> Path:
+    """A long-context checkpoint whose stop tokens' logits are 0: greedy decoding (the largest
+    of many random logits, positive) never picks them, so an answer streams until stopped."""
+    from safetensors.numpy import load_file, save_file
+
+    from apertus_mlx import load
+
+    path = build_checkpoint(
+        out_dir, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000}
+    )
+    weights = load_file(path / "model.safetensors")
+    for token in load(path)[0].generation.eos_token_ids:
+        weights["lm_head.weight"][token] = 0
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def stream_generate(model: Path, *flags: str):
+    """A real `apertus-mlx generate` of an endless greedy answer, as a process to signal."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", *flags]
+        + ["-m", str(model), "-n", "50000", "--temp", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )

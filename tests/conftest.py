@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["APERTUS_MLX_HOME"] = tempfile.mkdtemp(prefix="apertus-mlx-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.checkpoints import VARIANTS, build_checkpoint  # noqa: E402
+from tests.checkpoints import VARIANTS, build_checkpoint, build_endless_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +53,9 @@ def checkpoint(tmp_path_factory, tokenizer_dir, vocab_size):
 @pytest.fixture(scope="session")
 def tiny_model_dir(checkpoint) -> Path:
     return checkpoint("gqa-llama3-f32")
+
+
+@pytest.fixture(scope="session")
+def endless_model(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
+    """A checkpoint whose greedy answers never end (see `build_endless_checkpoint`)."""
+    return build_endless_checkpoint(tmp_path_factory.mktemp("endless"), tokenizer_dir, vocab_size)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from apertus_mlx import load
-from tests.checkpoints import build_checkpoint
+from tests.checkpoints import stream_generate
 
 
 def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -153,23 +153,9 @@ def test_generate_imports_no_transformers_torch_textual_or_the_store(tiny_model_
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.fixture(scope="module")
-def long_context_model(tmp_path_factory, tokenizer_dir, vocab_size):
-    out = tmp_path_factory.mktemp("long")
-    return build_checkpoint(out, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000})
-
-
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_flushes_the_partial_answer(long_context_model, sig, status):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "--stats"]
-        + ["-m", str(long_context_model), "-n", "50000", "--temp", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+def test_ctrl_c_or_sigterm_flushes_the_partial_answer(endless_model, sig, status):
+    proc = stream_generate(endless_model, "--stats")
     try:
         first = proc.stdout.read(1)  # the answer is streaming: the model is generating
         proc.send_signal(sig)

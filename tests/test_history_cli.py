@@ -15,11 +15,10 @@ import time
 
 import pytest
 
-from apertus_mlx import load
 from apertus_mlx.prompt import conversation_ids
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
-from tests.checkpoints import build_checkpoint
+from tests.checkpoints import stream_generate
 
 
 @pytest.fixture
@@ -192,33 +191,10 @@ def test_a_full_disk_still_shows_the_answer(home, tiny_model_dir):
     assert integrity(home / "history.db") == "ok"
 
 
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory, tokenizer_dir, vocab_size):
-    """A long-context checkpoint whose stop tokens' logits are 0: greedy decoding (the largest
-    of many random logits, positive) never picks them, so an answer streams until killed."""
-    from safetensors.numpy import load_file, save_file
-
-    out = tmp_path_factory.mktemp("endless")
-    path = build_checkpoint(out, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000})
-    weights = load_file(path / "model.safetensors")
-    for token in load(path)[0].generation.eos_token_ids:
-        weights["lm_head.weight"][token] = 0
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 def test_sigkill_mid_answer_keeps_the_database_and_all_but_the_last_second(home, endless_model):
     """Kills `generate --save` while it streams; measures how often the answer reached the disk
     and how much of what was on the screen the kill lost."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "--save"]
-        + ["-m", str(endless_model), "-n", "50000", "--temp", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    proc = stream_generate(endless_model, "--save")
     shown: list[str] = []
     reader = threading.Thread(target=lambda: shown.extend(iter(lambda: proc.stdout.read(1), "")))
     reader.start()
@@ -267,15 +243,7 @@ def test_sigkill_mid_answer_keeps_the_database_and_all_but_the_last_second(home,
 
 
 def test_ctrl_c_saves_the_answer_as_interrupted(home, endless_model):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apertus_mlx", "generate", "Erzähl mir alles.", "--save"]
-        + ["-m", str(endless_model), "-n", "50000", "--temp", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    proc = stream_generate(endless_model, "--save")
     try:
         first = proc.stdout.read(1)  # the answer is streaming
         proc.send_signal(signal.SIGINT)
