@@ -4,7 +4,8 @@ Buffers are preallocated, (batch, kv_heads, capacity, head_dim) per layer, and g
 `step` positions. A forward pass writes its new keys and values in place with
 `mx.slice_update` at the cache's position, given to it as an array (`KVBuffers`), and
 attention masks the unused tail: so one compiled graph serves every position until the
-buffers grow, whether it reads a prompt chunk, one token or a block of drafted tokens.
+buffers grow, whether it reads a prompt chunk, one token or a block of drafted tokens
+(outside a compiled graph attention reads only the filled positions).
 `trim` keeps a prefix, which is how a chat reuses the turns it has already seen and how
 speculative decoding drops rejected drafts.
 
