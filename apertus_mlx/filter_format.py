@@ -8,12 +8,20 @@ by reading one file instead of parsing and sorting 68 MB of JSON.
 
 Every reader returns the same `FilterData`; when swiss-ai publish their format, a reader for
 it goes into `read_filter` beside the JSON one and the matcher stays as it is.
+
+A filter file comes from outside, so reading one is bounded: only regular files (not
+/dev/zero, a FIFO or a terminal), at most MAX_FILE_BYTES, JSON nested at most as deep as the
+format needs, text that is valid Unicode, and local patterns that RE2 compiles. RE2 matches in
+time linear in the text, whatever the pattern; Python's `re` backtracks, and `(a+)+$` takes
+hours on 30 characters. The price: no look-around and no backreferences, refused at install.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -27,6 +35,7 @@ MAX_WORDS_LIMIT = 16  # longer phrases would hold back too much of a streamed an
 INSTALLED_NAME = "output-filter.bin"
 _MAGIC = b"apertus-mlx output filter 1\n"
 REQUIRED = ("version", "published", "algorithm", "normalization", "max_words", "entries")
+MAX_FILE_BYTES = 512 * 2**20  # about 7.5 million entries in the published JSON form
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,40 @@ class FilterData:
 def read_filter(path: str | Path) -> FilterData:
     """Read a published JSON filter or an installed (compiled) one; errors name the file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise FilterFormatError(f"cannot read the output filter {path}: {e.strerror}") from None
+    raw = read_bounded(path, "the output filter")
     if raw.startswith(_MAGIC):
         return _read_compiled(path, raw)
     return parse_json(raw, str(path))
+
+
+def read_bounded(path: Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` (default MAX_FILE_BYTES) bytes;
+    FilterFormatError otherwise.
+
+    Opened without blocking (a FIFO would wait for a writer forever) and checked on the open
+    descriptor, so what is read is what was checked; the read stops at `limit` + 1 bytes even
+    where the size reported is wrong (files in /proc say 0)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise FilterFormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    limit = MAX_FILE_BYTES if limit is None else limit
+    too_big = f"{path} is larger than {limit / 2**20:g} MB, more than {what} may be"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FilterFormatError(f"{path} is not a regular file: {what} must be a file")
+        if info.st_size > limit:
+            raise FilterFormatError(too_big)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise FilterFormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        raise FilterFormatError(too_big)
+    return raw
 
 
 def read_header(path: str | Path) -> dict:
@@ -82,10 +118,7 @@ def read_header(path: str | Path) -> dict:
 
 def parse_json(raw: bytes | str, name: str = "<filter>") -> FilterData:
     """Validate a filter in the published JSON format (one error line per problem found)."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FilterFormatError(f"{name} is not valid JSON: {e}") from None
+    doc = _load_json(raw, name)
     if not isinstance(doc, dict):
         raise FilterFormatError(f"{name}: expected a JSON object with {', '.join(REQUIRED)}")
     missing = [k for k in REQUIRED if k not in doc]
@@ -125,15 +158,44 @@ def _read_compiled(path: Path, raw: bytes) -> FilterData:
     return FilterData(digests=digests, **meta)
 
 
-def _header(path: Path, line: bytes) -> dict:
+def _load_json(raw: bytes | str, name: str):
+    """JSON that is valid text: deep nesting (RecursionError in the parser) and lone
+    surrogates (`"\\ud800"`, which no UTF-8 file or RE2 pattern can hold) are refused here."""
     try:
-        doc = json.loads(line)
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FilterFormatError(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FilterFormatError(f"{name}: the JSON is nested too deeply for a filter") from None
+    _check_text(doc, name)
+    return doc
+
+
+def _check_text(doc, name: str) -> None:
+    """Every string of the top level (and of its lists) must encode as UTF-8. Deeper values
+    are not part of the format and are never read."""
+    values = doc.values() if isinstance(doc, dict) else ()
+    for value in values:
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FilterFormatError(
+                        f"{name}: a string holds a lone surrogate ({item!a}), which is not text"
+                    ) from None
+
+
+def _header(path: Path, line: bytes) -> dict:
+    damaged = f"{path}: the installed filter is damaged; install it again"
+    try:
+        doc = _load_json(line, str(path))
         meta = _check_meta(doc, str(path))
         meta["entries"] = int(doc["entries"])
-    except (ValueError, KeyError, TypeError):
-        raise FilterFormatError(
-            f"{path}: the installed filter is damaged; install it again"
-        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FilterFormatError(damaged) from None
+    except FilterFormatError as e:
+        raise FilterFormatError(f"{damaged} ({e})") from None
     return meta
 
 
@@ -161,11 +223,7 @@ def _check_meta(doc: dict, name: str) -> dict:
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise FilterFormatError(f"{name}: patterns must be a list of regular expressions")
     for i, p in enumerate(patterns):
-        try:
-            re.compile(p)
-        except re.error as e:
-            bad = f"{name}: patterns[{i}] is not a regular expression: {e}"
-            raise FilterFormatError(bad) from None
+        compile_pattern(p, f"{name}: patterns[{i}]")
     return {
         "version": str(version),
         "published": published,
@@ -174,6 +232,37 @@ def _check_meta(doc: dict, name: str) -> dict:
         "algorithm": ALGORITHM,
         "normalization": NORMALIZATION,
     }
+
+
+# What RE2 leaves out, found by its error message and said in words a user can act on
+# (trusted patterns of ours, run by Python's `re` on RE2's short error text).
+_UNSUPPORTED = (
+    (r"invalid perl operator: \(\?<[=!]", "look-behind ((?<=...), (?<!...))"),
+    (r"invalid perl operator: \(\?[=!]", "look-ahead ((?=...), (?!...))"),
+    (r"invalid perl operator: \(\?P(=|$)|invalid escape sequence: \\[1-9]", "a backreference"),
+)
+
+
+def compile_pattern(pattern: str, name: str):
+    """`pattern` compiled by RE2 (linear-time matching); FilterFormatError naming `name` and
+    what is wrong, with the constructs RE2 lacks said as such."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own line on stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if isinstance(e.args[0], bytes) else str(e)
+    except UnicodeEncodeError:
+        reason = "it holds a lone surrogate, which is not text"
+    for found, construct in _UNSUPPORTED:
+        if re.match(found, reason):
+            raise FilterFormatError(
+                f"{name} uses {construct}, which RE2 does not support: filter patterns run in "
+                "time linear in the text, so look-around and backreferences are refused"
+            )
+    raise FilterFormatError(f"{name} is not a regular expression RE2 accepts: {reason}")
 
 
 def _digests(entries: list, name: str) -> bytes:

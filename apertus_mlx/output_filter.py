@@ -10,25 +10,35 @@ the detokenizer and everything else (stdout, `--json`, the chat, the store):
     show(s.flush())                       # f.apply(text) does the same for a whole text
 
 A match (1..max_words consecutive words whose normalized form hashes to an entry, or a local
-pattern) becomes "[removed]". Matching is leftmost-longest over words, so a stream holds back
-only the last max_words words; whatever the chunks, the result equals `apply` of the whole
-text, and no chunk shows part of a match removed later.
+pattern, matched by RE2 in linear time) becomes "[removed]". Matching is leftmost-longest over
+words, so a stream holds back only the last max_words words; whatever the chunks, the result
+equals `apply` of the whole text, and no chunk shows part of a match removed later.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import signal
+import threading
 import unicodedata
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
-from .filter_format import DIGEST_SIZE, INSTALLED_NAME, FilterData, read_filter, read_header
+from .filter_format import (
+    DIGEST_SIZE,
+    INSTALLED_NAME,
+    FilterData,
+    compile_pattern,
+    read_filter,
+    read_header,
+)
 
 MARKER = "[removed]"
 PATTERN_WINDOW = 64  # a local pattern sees this many characters from where its match starts
 _SENTINEL = "\x00"
+_SURROGATES = re.compile("[\ud800-\udfff]")  # ours, trusted: linear
 REFRESH_DAYS = 183  # the model cards: refresh the filter every six months
 FILTER_URL = "https://huggingface.co/swiss-ai/Apertus-8B-Instruct-2509"
 
@@ -93,7 +103,9 @@ class OutputFilter:
         self.data = data
         self._digests = data.digests
         self._count = data.entries
-        self._patterns = [re.compile(p) for p in data.patterns]
+        self._patterns = [
+            compile_pattern(p, f"the filter's patterns[{i}]") for i, p in enumerate(data.patterns)
+        ]
         self._default: FilterStream | None = None
 
     @classmethod
@@ -272,7 +284,7 @@ class _PatternStage:
     the end. The first pattern with a non-empty match there wins.
     """
 
-    def __init__(self, patterns: list[re.Pattern]):
+    def __init__(self, patterns: list):
         self._patterns = patterns
         # _buf[0] is a sentinel, so `^` never matches wherever the buffer was trimmed
         self._buf = _SENTINEL
@@ -297,11 +309,21 @@ class _PatternStage:
         return "".join(out)
 
     def _match(self, buf: str, pos: int, endpos: int) -> int:
-        """Where the first pattern matching at `pos` ends; 0 when none does (or only empty)."""
+        """Where the first pattern matching at `pos` ends; 0 when none does (or only empty).
+
+        The patterns see a slice of at most two windows: RE2's Python binding encodes the
+        whole string it is given on every call, and `apply` of a long text would otherwise
+        cost time quadratic in its length."""
+        lo = max(0, pos - PATTERN_WINDOW)
+        window, at = buf[lo:endpos], pos - lo
         for rx in self._patterns:
-            m = rx.match(buf, pos, endpos)
-            if m and m.end() > pos:
-                return m.end()
+            try:
+                m = rx.match(window, at)
+            except UnicodeEncodeError:  # a lone surrogate (undecodable input): not text
+                window = _SURROGATES.sub("\ufffd", window)  # one for one: offsets stay
+                m = rx.match(window, at)
+            if m and m.end() > at:
+                return lo + m.end()
         return 0
 
     def flush(self) -> str:
@@ -318,12 +340,15 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
     let the removed text be decoded again from what a caller stores. For the same reason every
     filtered Chunk carries token -1: a chunk's token may belong to text that is held back and
     removed later, and the history writes streamed ids to disk as they come. A
-    KeyboardInterrupt thrown into this generator (`wind_down`) is handed on to the one it wraps.
+    KeyboardInterrupt thrown into this generator (`wind_down`) is handed on to the one it wraps;
+    one that arrives while the filter works on a chunk waits until the chunk is done (see
+    `_HeldSignals`), so it too reaches the generator, which ends the answer as interrupted.
     """
     from .generate import Chunk, Done
 
     s = f.stream()
     parts: list[str] = []
+    held = _HeldSignals()
     thrown: BaseException | None = None
     while True:
         try:
@@ -331,22 +356,72 @@ def filtered(events: Iterator, f: OutputFilter) -> Iterator:
         except StopIteration:
             return
         thrown = None
+        with held:
+            if isinstance(event, Done):
+                tail = s.flush()
+                if tail:
+                    parts.append(tail)
+                tokens = [] if s.removed else event.tokens
+                done = Done("".join(parts), event.stats, tokens)
+            elif isinstance(event, Chunk):
+                text = s.feed(event.text)
+                parts.append(text)
+                event = Chunk(text, -1)
         if isinstance(event, Done):
-            tail = s.flush()
             if tail:
-                parts.append(tail)
                 yield Chunk(tail, -1)
-            tokens = [] if s.removed else event.tokens
-            yield Done("".join(parts), event.stats, tokens)
+            yield done
+            held.replay()  # after the answer's end: as if it came a moment later
             return
-        if isinstance(event, Chunk):
-            text = s.feed(event.text)
-            parts.append(text)
-            event = Chunk(text, -1)
         try:
             yield event
+            held.replay()
         except KeyboardInterrupt as e:
             thrown = e
+
+
+class _HeldSignals:
+    """While entered (in the main thread), Ctrl+C, SIGTERM and SIGHUP are noted instead of
+    raising; `replay` then runs their handlers as they would have run.
+
+    Python raises KeyboardInterrupt wherever the main thread is; inside the filter that would
+    leave a stream half-updated and the answer cut off with nothing to end it, stored empty
+    with finish reason "error". Holding them costs a few system calls a chunk. Other threads
+    never receive signals in Python, so there is nothing to hold there.
+    """
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, object]] = []
+        self._saved: dict[int, object] = {}  # while entered
+        self._handlers: dict[int, object] = {}  # the handlers to replay with
+
+    def __enter__(self) -> _HeldSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                handler = signal.getsignal(sig)
+                if callable(handler):  # SIG_DFL and SIG_IGN never raise into Python code
+                    self._saved[sig] = handler
+                    signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self._pending.append((signum, frame))
+
+    def __exit__(self, *exc: object) -> None:
+        saved, self._saved = self._saved, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        self._handlers = saved
+
+    def replay(self) -> None:
+        """Run the handlers of the signals that arrived while held (raising, as they do)."""
+        pending, self._pending = self._pending, []
+        for signum, frame in pending:
+            self._handlers[signum](signum, frame)
 
 
 def reminder(today: date | None = None) -> str | None:

@@ -116,6 +116,40 @@ def test_a_damaged_installed_filter_stops_generate(tiny_model_dir, home, tmp_pat
     assert "install it again" in out.stderr and "--no-output-filter" in out.stderr
 
 
+def test_status_of_a_truncated_filter_says_it_is_unusable(home, tmp_path):
+    """`generate` refuses a truncated filter; `status` used to read only its header and report
+    "2 entries", exit 0."""
+    cli("filter", "install", write_filter(tmp_path / "f.json", ["a", "b"]))
+    path = home / "output-filter.bin"
+    path.write_bytes(path.read_bytes()[:-3])
+    for args in (("filter", "status"), ("filter", "status", "--json")):
+        out = cli(*args)
+        assert out.returncode == 1 and out.stdout == "", out.stdout
+        assert out.stderr.count("\n") == 1 and "entries" not in out.stderr
+        assert "unusable" in out.stderr and "truncated; install it again" in out.stderr
+
+
+def test_install_refuses_what_is_not_a_regular_file_at_once(home, tmp_path):
+    """`/dev/zero` was read without end (2.9 GB after 7 s) and SIGTERM could not stop it."""
+    out = cli("filter", "install", "/dev/zero", timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "/dev/zero is not a regular file" in out.stderr
+    assert not (home / "output-filter.bin").exists()
+
+
+def test_a_backtracking_pattern_cannot_stall_generate_or_apply(tiny_model_dir, home, tmp_path):
+    """An installed `(.|.)*\\x01` made `generate` print nothing for 30 s, and `(a+)+$` never
+    returned; with RE2 both cost what any pattern costs."""
+    src = write_filter(tmp_path / "f.json", ["nobody"], patterns=["(.|.)*\x01", "(a+)+$"])
+    assert cli("filter", "install", src).returncode == 0
+    applied = cli("filter", "apply", "-", stdin="a" * 30 + "!", timeout=60)
+    assert applied.returncode == 0 and applied.stdout == "a" * 30 + "!"
+    args = ("generate", "Grüezi mitenand!", "-m", str(tiny_model_dir), "--temp", "0", "-n", "24")
+    out = cli(*args, timeout=120)
+    plain = cli(*args, "--no-output-filter")
+    assert out.returncode == 0 and out.stdout == plain.stdout and out.stdout.strip()
+
+
 def test_models_says_once_when_the_filter_is_missing_or_old(home, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     missing = cli("models")

@@ -59,6 +59,13 @@ def make(phrases, **kw) -> OutputFilter:
         ({"max_words": "3"}, "max_words must be"),
         ({"patterns": ["(unclosed"]}, "patterns[0] is not a regular expression"),
         ({"patterns": "x"}, "patterns must be a list"),
+        # what RE2 cannot run in linear time is refused at install, said as such
+        ({"patterns": ["ok", r"(?<=\+)\d\d"]}, "patterns[1] uses look-behind"),
+        ({"patterns": [r"\d(?!x)"]}, "patterns[0] uses look-ahead"),
+        ({"patterns": [r"(a)\1"]}, "patterns[0] uses a backreference"),
+        ({"patterns": [r"(?P<n>a)(?P=n)"]}, "patterns[0] uses a backreference"),
+        ({"patterns": ["\ud800"]}, "lone surrogate"),
+        ({"version": "v\udcff"}, "lone surrogate"),
     ],
 )
 def test_format_errors_are_one_line_naming_the_problem(change, message):
@@ -67,6 +74,34 @@ def test_format_errors_are_one_line_naming_the_problem(change, message):
         parse_json(json.dumps(doc), "f.json")
     assert message in str(e.value) and str(e.value).startswith("f.json")
     assert "\n" not in str(e.value)
+
+
+def test_json_nested_too_deeply_is_one_line():
+    deep = b'{"version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(FilterFormatError, match="nested too deeply"):
+        parse_json(deep, "f.json")
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo", "directory", "too-big"])
+def test_only_regular_files_of_bounded_size_are_read(tmp_path, kind, monkeypatch):
+    """/dev/zero would be read without end, a FIFO would wait for a writer forever."""
+    import os
+
+    import apertus_mlx.filter_format as ff
+
+    path = tmp_path / "f"
+    if kind == "char-device":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text(json.dumps(filter_doc(["a"])))
+        monkeypatch.setattr(ff, "MAX_FILE_BYTES", 100)
+    expected = "larger than" if kind == "too-big" else "not a regular file|Is a directory"
+    with pytest.raises(FilterFormatError, match=expected):
+        read_filter(path)
 
 
 def test_missing_fields_and_bad_json():
@@ -133,6 +168,26 @@ def test_patterns_replace_local_rules():
     text = "Write to anna.muster@example.ch or call +41 44 123 45 67 today, Ch93 or x."
     assert f.apply(text) == f"Write to {MARKER} or call {MARKER} today, {MARKER} or x."
     assert make([], patterns=["x*"]).apply("abc") == "abc"  # empty matches are no matches
+
+
+@pytest.mark.parametrize(
+    "pattern, text, expected",
+    [
+        ("(a+)+$", "a" * 30 + "!", "a" * 30 + "!"),  # Python's re: hours
+        ("(x+x+)+y", "x" * 40, "x" * 40),  # Python's re: about a minute
+        ("(.|.)*\x01", "y" * 200, "y" * 200),
+        ("(.|.)*\x01", "zz\x01", MARKER),
+    ],
+)
+def test_patterns_that_backtrack_for_ages_in_re_are_linear_here(pattern, text, expected):
+    """RE2 decides these in time linear in the 64-character window; with Python's `re` each
+    call never returns in practice (this test then hangs, which is the bug it guards)."""
+    assert make([], patterns=[pattern]).apply(text) == expected
+
+
+def test_a_lone_surrogate_in_the_text_does_not_stop_the_patterns():
+    f = make([], patterns=[r"\d{4}"])
+    assert f.apply("bad \udcff byte, 1999") == f"bad \udcff byte, {MARKER}"
 
 
 def test_default_stream_is_reset_by_flush():
@@ -238,7 +293,7 @@ def test_holds_back_at_most_max_words_words():
     st.lists(st.integers(min_value=0), max_size=20),
 )
 def test_patterns_stream_like_the_whole_text(text, points):
-    f = make(["ab"], max_words=2, patterns=[r"\b\d{3,}\b", r"a+@b+", r"(?<=\+)\d\d"])
+    f = make(["ab"], max_words=2, patterns=[r"\b\d{3,}\b", r"a+@b+", r"\+\d\d"])
     whole = f.apply(text)
     s, shown = f.stream(), ""
     for chunk in cut(text, points):
@@ -299,6 +354,46 @@ def test_ctrl_c_thrown_into_the_wrapper_reaches_the_generator():
     rest = [wrapped.throw(KeyboardInterrupt()), *wrapped]
     assert rest[-1].stats.finish_reason == "interrupted"
     assert rest[-1].text == f"{MARKER},  (stopped)" and rest[-1].tokens == []
+
+
+def test_ctrl_c_while_the_filter_works_ends_the_answer_as_interrupted(monkeypatch):
+    """A SIGINT that arrives inside the filter's own work waits until that chunk is filtered,
+    then reaches the generator, which ends the answer: stored as interrupted, with its text.
+    (Before, it left the wrapper dead mid-chunk and the answer was stored empty, "error".)"""
+    import signal
+
+    import apertus_mlx.output_filter as of
+    from apertus_mlx.generate import Chunk, Done, Stats, wind_down
+    from apertus_mlx.output_filter import filtered
+
+    def source():
+        try:
+            yield Chunk("first words ", 1)
+            yield Chunk("and more ", 2)
+            yield Chunk("never", 3)
+        except KeyboardInterrupt:
+            yield Done("first words and more ", Stats(finish_reason="interrupted"), [1, 2])
+
+    real_feed = of.FilterStream.feed
+
+    def feed_with_a_signal(self, chunk):
+        if chunk == "and more ":
+            signal.raise_signal(signal.SIGINT)  # Ctrl+C now, in the middle of the work
+        return real_feed(self, chunk)
+
+    monkeypatch.setattr(of.FilterStream, "feed", feed_with_a_signal)
+    wrapped = filtered(source(), make(["nobody"], max_words=1))
+    got = []
+    try:
+        for event in wrapped:  # as `generate` consumes it
+            got.append(event)
+    except KeyboardInterrupt:
+        got.extend(wind_down(wrapped))
+    done = got[-1]
+    assert isinstance(done, Done) and done.stats.finish_reason == "interrupted"
+    assert done.text == "first words and more "
+    assert "".join(e.text for e in got if isinstance(e, Chunk)) == done.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 # --- the reminder --------------------------------------------------------------------------

@@ -81,9 +81,13 @@ def install(file: str) -> None:
 @filter_group.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(as_json: bool) -> None:
-    """Show the installed filter: entries, publication date, age."""
-    from ..filter_format import read_header
-    from ..output_filter import REFRESH_DAYS, reminder
+    """Show the installed filter: entries, publication date, age.
+
+    A filter that `generate` would refuse (damaged, truncated, a pattern this version cannot
+    run) is an error here too, exit status 1.
+    """
+    from ..errors import FilterFormatError, FilterInstallError
+    from ..output_filter import REFRESH_DAYS, OutputFilter, reminder
 
     path = _installed()
     if not path.exists():
@@ -92,8 +96,12 @@ def status(as_json: bool) -> None:
         else:
             click.echo(reminder())
         return
-    head = read_header(path)
-    published, patterns = head["published"], len(head["patterns"])
+    try:  # the same loading as `generate`'s, so status and generate never disagree
+        f = OutputFilter.from_file(path)
+    except FilterFormatError as e:
+        raise FilterInstallError(f"the installed output filter is unusable: {e}") from None
+    head = f.data.header()
+    published, patterns = f.data.published, len(head["patterns"])
     age = (date.today() - published).days
     if as_json:
         info = {**head, "published": published.isoformat(), "patterns": patterns}
@@ -124,17 +132,31 @@ def apply_cmd(file: str, filter_file: str | None) -> None:
     f = OutputFilter.from_file(filter_file) if filter_file else OutputFilter.installed()
     if f is None:
         raise UsageError("no output filter installed: give one with --filter FILE")
+    # Streamed, as answers are: any input (a pipe that never ends included) runs in bounded
+    # memory, and text shows as soon as it is decided.
+    stream = f.stream()
+    for chunk in _read_chunks(file):
+        sys.stdout.write(stream.feed(chunk))
+    sys.stdout.write(stream.flush())
+
+
+def _read_chunks(file: str) -> Iterator[str]:
+    """FILE (or stdin for -) as UTF-8 text, 64 KiB at a time; read errors are UsageError
+    (a failing stdout is not: it goes to the CLI's own handling)."""
+    from ..errors import UsageError
+
     try:
         if file == "-":
-            text = sys.stdin.read()
+            source = sys.stdin
+            source.reconfigure(encoding="utf-8", errors="strict")
         else:
-            with open(file, encoding="utf-8") as fh:
-                text = fh.read()
+            source = open(file, encoding="utf-8")  # noqa: SIM115 - closed below
+        with source:
+            yield from iter(lambda: source.read(1 << 16), "")
     except UnicodeDecodeError:
         raise UsageError(f"{file} is not UTF-8 text") from None
     except OSError as e:
         raise UsageError(f"cannot read {file}: {e.strerror}") from None
-    sys.stdout.write(f.apply(text))
 
 
 @filter_group.command("rm")
