@@ -5,8 +5,10 @@ Used by `apertus-mlx history show/export`; the chat UI can export with the same 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .store import Conversation, Message, Store
@@ -49,14 +51,47 @@ def to_json(store: Store, conversation: Conversation) -> dict[str, Any]:
 
 
 def answer_note(message: Message) -> str:
-    """How an answer ended, when that is worth saying."""
+    """How an answer ended, when that is worth saying; and a damaged row, always."""
     notes = {
         None: "incomplete: still being written, or its writer was stopped",
         "length": "cut at the token limit",
         "interrupted": "interrupted",
         "error": "ended by an error",
     }
-    return notes.get(message.finish_reason, "") if message.role == "assistant" else ""
+    note = notes.get(message.finish_reason, "") if message.role == "assistant" else ""
+    if message.damaged:
+        note = "; ".join(filter(None, [note, f"damaged: {message.damaged}"]))
+    return note
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a failure (disk full, Ctrl+C) leaves what was there.
+
+    The text goes to a temporary file beside `path`, reaches the disk, and is renamed over
+    it; on any failure the temporary file is removed, so an old file stays as it was and a
+    new one is not left empty or cut. A target that exists and is not a regular file
+    (/dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # replace the file it points to, not the link
+    if path.exists() and not path.is_file():
+        with path.open("w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # the old file's permissions stay
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_markdown(store: Store, conversation: Conversation) -> str:
@@ -75,6 +110,8 @@ def to_markdown(store: Store, conversation: Conversation) -> str:
         lines.append(f"- settings: {settings}")
     if c.system:
         lines.append(f"- system prompt: {c.system}")
+    if c.damaged:
+        lines.append(f"- damaged: {c.damaged}")
     for m in store.branch(c.id):
         heading = m.role.capitalize()
         versions = store.siblings(m.id)

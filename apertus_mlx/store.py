@@ -20,6 +20,7 @@ Every failure of SQLite or the file system is raised as `StoreError` with one re
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import StoreError, UnknownConversationError
-from .store_schema import migrate, rollback
+from .store_schema import SCHEMA_VERSION, check_version, migrate, rollback
 
 DB_NAME = "history.db"
 FLUSH_INTERVAL_S = 1.0  # an answer reaches the disk at least this often while it streams
@@ -62,6 +63,7 @@ class Conversation:
     current_leaf: int | None  # last message of the current branch
     created_at: float  # Unix time, seconds
     updated_at: float
+    damaged: str | None = None  # what could not be read from its row (shown, never fatal)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Message:
     finish_reason: str | None  # None while the answer streams (or if its writer was killed)
     stats: dict[str, Any] | None
     created_at: float
+    damaged: str | None = None  # what could not be read from its row (shown, never fatal)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,10 @@ def title_from(text: str) -> str:
 
 def fts_query(text: str) -> str:
     """User text as an FTS5 query: every word quoted, so quotes and operators are plain text."""
-    words = text.replace("\x00", " ").split()  # SQLite ends a string at NUL
+    # SQLite ends a string at NUL; a lone surrogate (bytes from argv that are not UTF-8)
+    # cannot be bound at all, and no stored text holds one
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    words = text.replace("\x00", " ").split()
     return " ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
@@ -134,37 +140,117 @@ def _json(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
+class _Row:
+    """One row's columns, decoded defensively: a value that is not what the schema promises
+    (settings that are not a JSON object, a token blob of odd length: another tool, a bad
+    disk, a hand edit) becomes a safe default and a note in `problems`. One damaged row must
+    not make a whole history unreadable; it is shown as damaged, the rest as usual."""
+
+    def __init__(self, row: sqlite3.Row):
+        self.row = row
+        self.problems: list[str] = []
+
+    def damaged(self) -> str | None:
+        return "; ".join(self.problems) or None
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self.row[key]
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.problems.append(f"{key} is not text")
+            return default
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8 (see `_decode_text`)
+                self.problems.append(f"{key} is not valid UTF-8")
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return value
+
+    def number(self, key: str, kind: type = float, default: Any = None) -> Any:
+        value = self.row[key]
+        if value is None:
+            return default
+        if isinstance(value, int) or (
+            isinstance(value, float) and (kind is float or value.is_integer())
+        ):
+            return kind(value)
+        self.problems.append(f"{key} is not a {'whole ' if kind is int else ''}number")
+        return default
+
+    def json_object(self, key: str, default: Any) -> Any:
+        raw = self.row[key]
+        if raw is None or raw == "":
+            return default
+        try:
+            value = json.loads(raw)
+        except (ValueError, TypeError, RecursionError):
+            self.problems.append(f"{key} are not JSON")
+            return default
+        if not isinstance(value, dict):
+            self.problems.append(f"{key} are not a JSON object")
+            return default
+        return value
+
+    def tokens(self) -> list[int] | None:
+        blob = self.row["tokens"]
+        if blob is None:
+            return None
+        if not isinstance(blob, bytes) or len(blob) % 4:
+            self.problems.append("token ids are damaged (the text stands in for them)")
+            return None
+        return decode_tokens(blob)
+
+
+def _decode_text(raw: bytes) -> str:
+    """TEXT as SQLite hands it over. Invalid UTF-8 would make sqlite3 raise while fetching,
+    failing the whole query; kept as surrogates instead, `_Row.text` shows the row damaged."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _conversation(row: sqlite3.Row) -> Conversation:
+    r = _Row(row)
     return Conversation(
         id=row["id"],
-        title=row["title"],
-        model=row["model"],
-        revision=row["revision"],
-        system=row["system"],
-        settings=json.loads(row["settings"] or "{}"),
-        thinking=bool(row["thinking"]),
-        current_leaf=row["current_leaf"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        title=r.text("title"),
+        model=r.text("model"),
+        revision=r.text("revision"),
+        system=r.text("system"),
+        settings=r.json_object("settings", {}),
+        thinking=bool(r.number("thinking", int, 0)),
+        current_leaf=r.number("current_leaf", int),
+        created_at=r.number("created_at", float, 0.0),
+        updated_at=r.number("updated_at", float, 0.0),
+        damaged=r.damaged(),
     )
 
 
 def _message(row: sqlite3.Row) -> Message:
+    r = _Row(row)
+    role = r.text("role", "")
+    if role not in ROLES:
+        r.problems.append(f"unknown role {role!r}")
+    finish_reason = r.text("finish_reason")
+    if finish_reason is not None and finish_reason not in FINISH_REASONS:
+        r.problems.append(f"unknown finish reason {finish_reason!r}")
+        finish_reason = "error"
     return Message(
         id=row["id"],
         conversation_id=row["conversation_id"],
-        parent_id=row["parent_id"],
-        role=row["role"],
-        content=row["content"],
-        tokens=decode_tokens(row["tokens"]),
-        settings=json.loads(row["settings"]) if row["settings"] else None,
-        seed=row["seed"],
-        prompt_tokens=row["prompt_tokens"],
-        answer_tokens=row["answer_tokens"],
-        tokens_per_s=row["tokens_per_s"],
-        finish_reason=row["finish_reason"],
-        stats=json.loads(row["stats"]) if row["stats"] else None,
-        created_at=row["created_at"],
+        parent_id=r.number("parent_id", int),
+        role=role,
+        content=r.text("content", ""),
+        tokens=r.tokens(),
+        settings=r.json_object("settings", None),
+        seed=r.number("seed", int),
+        prompt_tokens=r.number("prompt_tokens", int),
+        answer_tokens=r.number("answer_tokens", int),
+        tokens_per_s=r.number("tokens_per_s", float),
+        finish_reason=finish_reason,
+        stats=r.json_object("stats", None),
+        created_at=r.number("created_at", float, 0.0),
+        damaged=r.damaged(),
     )
 
 
@@ -187,17 +273,23 @@ class Store:
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, path: str | Path | None = None, *, timeout: float = 5.0) -> Store:
+    def open(
+        cls, path: str | Path | None = None, *, timeout: float = 5.0, readonly: bool = False
+    ) -> Store:
         """Open (creating the file and its directory) and migrate the history database.
 
         path: default `paths.data_dir() / "history.db"`. timeout: seconds a write waits for
-        another process's transaction before it fails with StoreError.
+        another process's transaction before it fails with StoreError. readonly: for commands
+        that only read (see `_open_readonly`): never waits for a writer, works in a read-only
+        directory, creates nothing.
         """
         if path is None:
             from .paths import data_dir
 
             path = data_dir() / DB_NAME
         path = Path(path).expanduser()
+        if readonly:
+            return cls._open_readonly(path, timeout)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
         except OSError as e:
@@ -210,6 +302,7 @@ class Store:
                 path, timeout=timeout, isolation_level=None, check_same_thread=False
             )
             db.row_factory = sqlite3.Row
+            db.text_factory = _decode_text
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
@@ -223,6 +316,68 @@ class Store:
                 db.close()
             raise
         return cls(db, path)
+
+    @classmethod
+    def _open_readonly(cls, path: Path, timeout: float) -> Store:
+        """The database as it is, through SQLite's `mode=ro`.
+
+        In WAL mode a reader needs no lock a writer holds, so `history list` reads while a chat
+        writes; and nothing is written, so a read-only directory reads too (with `immutable`
+        when SQLite cannot create its shared-memory file there and no writer's log exists).
+        No migration runs here, except the one an older database needs before this version
+        can read it: that upgrade is a write, done once, and fails in one line where the
+        database cannot be written. A missing database is an empty history.
+        """
+        if not path.exists():
+            if path.parent.exists() and not path.parent.is_dir():
+                raise StoreError(
+                    f"cannot read the history directory {path.parent}: not a directory"
+                )
+            store = cls.open(":memory:")
+            store.path = path
+            return store
+        uri = path.resolve().as_uri()
+        db = None
+        try:
+            try:
+                db = cls._connect_readonly(f"{uri}?mode=ro", timeout)
+            except sqlite3.OperationalError:
+                wal = path.with_name(path.name + "-wal")
+                if wal.exists() or os.access(path.parent, os.W_OK):
+                    raise
+                db = cls._connect_readonly(f"{uri}?mode=ro&immutable=1", timeout)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            raise _store_error(path, e) from None
+        try:
+            check_version(version)
+        except StoreError:
+            db.close()
+            raise
+        if version < SCHEMA_VERSION:  # written by an older apertus-mlx: upgrade it once
+            db.close()
+            try:
+                return cls.open(path, timeout=timeout)
+            except StoreError as e:
+                raise StoreError(f"{e} (the database is from an older apertus-mlx: reading it "
+                                 "needs a one-time upgrade, which writes)") from None  # fmt: skip
+        return cls(db, path)
+
+    @staticmethod
+    def _connect_readonly(uri: str, timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.row_factory = sqlite3.Row
+            db.text_factory = _decode_text
+            db.execute("PRAGMA schema_version").fetchone()  # opens the file now: errors here
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -479,13 +634,17 @@ class Store:
         conversation = self.get_conversation(conversation_id)
         if conversation.current_leaf is None:
             return []
+        # A damaged row could make the parents a loop: no branch is longer than the
+        # conversation's message count, and only the conversation's own messages are on it.
         rows = self._read(
             "WITH RECURSIVE path(id, depth) AS ("
             " SELECT ?, 0 UNION ALL"
             " SELECT m.parent_id, path.depth + 1 FROM messages m JOIN path ON m.id = path.id"
-            " WHERE m.parent_id IS NOT NULL)"
-            " SELECT messages.* FROM path JOIN messages USING (id) ORDER BY path.depth DESC",
-            (conversation.current_leaf,),
+            " WHERE m.parent_id IS NOT NULL"
+            "  AND path.depth + 1 < (SELECT count(*) FROM messages WHERE conversation_id = ?))"
+            " SELECT messages.* FROM path JOIN messages USING (id)"
+            " WHERE messages.conversation_id = ? ORDER BY path.depth DESC",
+            (conversation.current_leaf, conversation.id, conversation.id),
         )
         return [_message(r) for r in rows]
 
@@ -513,14 +672,16 @@ class Store:
 
     def latest_leaf(self, message_id: int) -> int:
         """The end of the newest branch below a message: where to go when the user picks it."""
+        seen = {message_id}  # damaged parents could make a loop
         while True:
             rows = self._read(
                 "SELECT id FROM messages WHERE parent_id = ? ORDER BY id DESC LIMIT 1",
                 (message_id,),
             )
-            if not rows:
+            if not rows or rows[0]["id"] in seen:
                 return message_id
             message_id = rows[0]["id"]
+            seen.add(message_id)
 
     def set_current_leaf(self, conversation_id: str, message_id: int) -> None:
         """Make the branch ending at `message_id` the conversation's current one."""

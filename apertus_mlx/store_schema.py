@@ -109,11 +109,7 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the history database has schema version {version}, newer than this "
-                f"apertus-mlx knows ({SCHEMA_VERSION}): upgrade apertus-mlx"
-            )
+        check_version(version)
         for step in MIGRATIONS[version:target]:
             step(db)
         if target > version:
@@ -122,6 +118,15 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> None:
     except BaseException:
         rollback(db)
         raise
+
+
+def check_version(version: int) -> None:
+    """StoreError for a database written by a newer apertus-mlx (its schema is unknown here)."""
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the history database has schema version {version}, newer than this "
+            f"apertus-mlx knows ({SCHEMA_VERSION}): upgrade apertus-mlx"
+        )
 
 
 def rollback(db: sqlite3.Connection) -> None:

@@ -532,3 +532,133 @@ def test_three_processes_writing_at_once_lose_nothing(tmp_path):
                 assert a.tokens == [x for j in range(5) for x in (i, j)]
                 assert a.finish_reason == "stop"
             assert len(store.search(name.split("-")[-1])) >= turns
+
+
+# -- damaged rows and read-only opening --------------------------------------------------------
+
+
+def _damage(path: Path, sql: str, *args) -> None:
+    """Change a row behind the store's back, as another tool, a bad disk or a hand edit might."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(sql, args)
+    db.close()
+
+
+def _three_conversations(store: Store) -> list[str]:
+    ids = []
+    for title in ("first", "damaged", "third"):
+        c = store.create_conversation(title=title, settings={"temperature": 0})
+        store.add_message(c.id, "user", f"question of {title}")
+        store.add_message(c.id, "assistant", f"answer of {title}", tokens=[5, 6, 7])
+        ids.append(c.id)
+    return ids
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("UPDATE conversations SET settings = '{not json' WHERE id = ?", "settings are not JSON"),
+        ("UPDATE conversations SET settings = '[1, 2]' WHERE id = ?", "not a JSON object"),
+        ("UPDATE conversations SET settings = ? WHERE id = ?", "settings are not JSON"),
+        ("UPDATE conversations SET thinking = 'maybe' WHERE id = ?", "thinking is not a whole"),
+        (
+            "UPDATE messages SET tokens = x'0102030405' WHERE conversation_id = ?",
+            "token ids are damaged",
+        ),
+        (
+            "UPDATE messages SET stats = '{' WHERE role = 'assistant' AND conversation_id = ?",
+            "stats are not JSON",
+        ),
+        (
+            "UPDATE messages SET content = CAST(x'6869ff' AS TEXT) WHERE conversation_id = ?",
+            "content is not valid UTF-8",
+        ),
+    ],
+)
+def test_a_damaged_row_is_shown_as_damaged_and_the_rest_reads_as_usual(tmp_path, damage, reason):
+    path = tmp_path / "history.db"
+    with Store.open(path) as store:
+        first, damaged, third = _three_conversations(store)
+    args = ("[" * 100_000, damaged) if damage.count("?") == 2 else (damaged,)
+    _damage(path, damage, *args)
+    with Store.open(path, readonly=True) as store:
+        listed = {c.id: c for c in store.list_conversations()}
+        assert set(listed) == {first, damaged, third}
+        assert listed[first].damaged is None and listed[third].damaged is None
+        assert [m.content for m in store.branch(third)] == ["question of third", "answer of third"]
+        assert store.branch(third)[1].tokens == [5, 6, 7]
+        c = store.get_conversation(damaged)
+        messages = store.branch(damaged) + store.messages(damaged)
+        found = [c.damaged or ""] + [m.damaged or "" for m in messages]
+        assert any(reason in note for note in found), found
+        assert isinstance(c.settings, dict) and len(store.branch(damaged)) == 2
+        for m in messages:  # what stands in for a damaged value is the schema's own kind
+            assert m.tokens is None or m.tokens == [5, 6, 7]
+            assert isinstance(m.content, str) and m.content.encode("utf-8")
+
+
+def test_parents_that_loop_end_the_branch_instead_of_hanging(tmp_path):
+    path = tmp_path / "history.db"
+    with Store.open(path) as store:
+        c = store.create_conversation()
+        q = store.add_message(c.id, "user", "q")
+        a = store.add_message(c.id, "assistant", "a")
+    _damage(path, "UPDATE messages SET parent_id = ? WHERE id = ?", a.id, q.id)
+    with Store.open(path, readonly=True) as store:
+        assert len(store.branch(c.id)) <= 2
+        assert store.latest_leaf(q.id) in (q.id, a.id)
+
+
+def test_a_reader_does_not_wait_for_a_writer(tmp_path):
+    """While another process holds a write transaction, a read-only open reads what is
+    committed; the read-write open (which migrates) waited and failed with "locked"."""
+    path = tmp_path / "history.db"
+    with Store.open(path) as store:
+        store.create_conversation(title="committed")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE conversations SET title = 'not yet'")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            Store.open(path, timeout=0.1)
+        with Store.open(path, readonly=True, timeout=0.1) as store:
+            assert [c.title for c in store.list_conversations()] == ["committed"]
+            assert store.search("committed")
+            with pytest.raises(StoreError, match="readonly"):  # and it never writes
+                store.create_conversation()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_reading_a_missing_history_creates_nothing(tmp_path):
+    path = tmp_path / "none" / "history.db"
+    with Store.open(path, readonly=True) as store:
+        assert store.list_conversations() == [] and store.search("x") == []
+        with pytest.raises(UnknownConversationError):
+            store.get_conversation("abcd")
+    assert not path.parent.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="history directory .* not a directory"):
+        Store.open(tmp_path / "file" / "history.db", readonly=True)
+
+
+@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+def test_reading_an_older_schema_upgrades_it_once(tmp_path, version):
+    path = tmp_path / "history.db"
+    _old_database(path, version)
+    with Store.open(path, readonly=True) as store:
+        if version >= 1:
+            assert [c.id for c in store.list_conversations()] == ["0123abcd"]
+            assert {h.message_id for h in store.search("gruyere")} == {2}
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_reading_a_newer_schema_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "history.db"
+    Store.open(path).close()
+    _damage(path, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this apertus-mlx"):
+        Store.open(path, readonly=True)

@@ -11,10 +11,29 @@ import click
 from ..errors import ApertusError
 
 
-def _store():
+def _store(readonly: bool = False):
+    """The history; `readonly` for the commands that only read: they never wait for a writer
+    and work where the history cannot be written (see `Store.open`)."""
     from ..store import Store
 
-    return Store.open()
+    return Store.open(readonly=readonly)
+
+
+class Utf8Text(click.ParamType):
+    """An argument that must be text: bytes that are not UTF-8 reach Python's argv as lone
+    surrogates, which SQLite cannot store or search for."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail("is not valid UTF-8", param, ctx)
+        return value
+
+
+UTF8 = Utf8Text()
 
 
 def _echo_json(value) -> None:
@@ -37,7 +56,7 @@ def list_(limit: int, as_json: bool) -> None:
     """List conversations, the most recently updated first."""
     from ..export import conversation_dict, local_time
 
-    with _store() as store:
+    with _store(readonly=True) as store:
         conversations = store.list_conversations(limit=limit)
     if as_json:
         _echo_json([conversation_dict(c) for c in conversations])
@@ -47,7 +66,10 @@ def list_(limit: int, as_json: bool) -> None:
         return
     for c in conversations:
         model = Path(c.model).name if c.model else "-"
-        click.echo(f"{c.id}  {local_time(c.updated_at)}  {model[:24]:<24}  {c.title or ''}")
+        damaged = f"  [damaged: {c.damaged}]" if c.damaged else ""
+        click.echo(
+            f"{c.id}  {local_time(c.updated_at)}  {model[:24]:<24}  {c.title or ''}{damaged}"
+        )
 
 
 @history.command()
@@ -59,12 +81,12 @@ def show(conversation_id: str) -> None:
     """
     from ..export import to_markdown
 
-    with _store() as store:
+    with _store(readonly=True) as store:
         click.echo(to_markdown(store, store.get_conversation(conversation_id)), nl=False)
 
 
 @history.command()
-@click.argument("words", nargs=-1, required=True, metavar="TEXT...")
+@click.argument("words", nargs=-1, required=True, metavar="TEXT...", type=UTF8)
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, for scripts.")
 def search(words: tuple[str, ...], limit: int, as_json: bool) -> None:
@@ -75,7 +97,7 @@ def search(words: tuple[str, ...], limit: int, as_json: bool) -> None:
     """
     from dataclasses import asdict
 
-    with _store() as store:
+    with _store(readonly=True) as store:
         hits = store.search(" ".join(words), limit=limit)
     if as_json:
         _echo_json([asdict(h) for h in hits])
@@ -106,9 +128,9 @@ def export(conversation_id: str, fmt: str, output: Path | None) -> None:
 
     ID is a conversation id from `history list`, or a unique prefix of 4+ characters.
     """
-    from ..export import to_json, to_markdown
+    from ..export import to_json, to_markdown, write_atomically
 
-    with _store() as store:
+    with _store(readonly=True) as store:
         conversation = store.get_conversation(conversation_id)
         if fmt == "md":
             text = to_markdown(store, conversation)
@@ -118,9 +140,9 @@ def export(conversation_id: str, fmt: str, output: Path | None) -> None:
         click.echo(text, nl=False)
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        write_atomically(output, text)
     except OSError as e:
-        raise ApertusError(f"cannot write {output}: {e.strerror or e}") from None
+        raise ApertusError(f"cannot write {output}: {e.strerror or e} (nothing changed)") from None
     click.echo(f"exported {conversation.id} to {output}", err=True)
 
 
@@ -134,6 +156,8 @@ def rm(conversation_id: str, yes: bool) -> None:
     """
     with _store() as store:
         c = store.get_conversation(conversation_id)
+        if not yes and sys.stdin is None:  # started with stdin closed (`<&-`): no one to ask
+            raise ApertusError("nothing deleted: stdin is closed, so nobody can confirm (--yes)")
         question = f"Delete conversation {c.id} ({c.title or 'untitled'})?"
         try:
             confirmed = yes or click.confirm(question, default=False, err=True)
@@ -149,7 +173,7 @@ def rm(conversation_id: str, yes: bool) -> None:
 
 @history.command()
 @click.argument("conversation_id", metavar="ID")
-@click.argument("title")
+@click.argument("title", type=UTF8)
 def rename(conversation_id: str, title: str) -> None:
     """Give conversation ID a new TITLE.
 

@@ -94,6 +94,10 @@ def remove(model: str, yes: bool) -> None:
     from ..hub import remove as delete
 
     repo, path, size = cached_repo(model)  # not downloaded: say so before asking anything
+    if not yes and sys.stdin is None:  # started with stdin closed (`<&-`): no one to ask
+        click.echo("apertus-mlx: nothing deleted (stdin is closed: nobody can confirm; --yes)",
+                   err=True)  # fmt: skip
+        sys.exit(1)
     if not yes:
         try:
             confirmed = click.confirm(f"Delete {repo} ({size / 1e9:.2f} GB, {path})?")
