@@ -141,6 +141,7 @@ class Case:
     stdin: bytes | None = None
     env: dict[str, str] = field(default_factory=dict)
     setup: Callable[[Path, Path], None] | None = None  # (tmp, good checkpoint)
+    stdin_closed: bool = False  # started with `<&-` (a process case)
 
 
 def _checkpoint_cases() -> dict[str, Case]:
@@ -214,6 +215,16 @@ def _cache_with(repo: str, commit: str = "a" * 40) -> Callable[[Path, Path], Non
     return setup
 
 
+def _conversation(tmp: Path, good: Path) -> None:
+    """A saved conversation with the id `abcd1234` in {tmp}/home."""
+    from apertus_mlx.store import Store
+
+    with Store.open(tmp / "home" / "history.db") as store:
+        c = store.create_conversation(title="kept")
+        store._db.execute("UPDATE conversations SET id = 'abcd1234' WHERE id = ?", (c.id,))
+
+
+HOME = {"APERTUS_MLX_HOME": "{tmp}/home"}
 BIG_SEED = str(2**70)
 CASES: dict[str, Case] = {
     # -- generate: arguments, stdin, stdout --------------------------------------------------
@@ -349,12 +360,90 @@ CASES: dict[str, Case] = {
         stdin=b"",
         setup=_cache_with("org/model"),
     ),  # fmt: skip
+    "rm-stdin-closed": Case(
+        ("rm", "org/model"),
+        1,
+        "nothing deleted",
+        process=True,
+        stdin_closed=True,
+        setup=_cache_with("org/model"),
+    ),  # fmt: skip
+    # -- history ---------------------------------------------------------------------------------
+    "history-rm-stdin-closed": Case(
+        ("history", "rm", "abcd1234"),
+        1,
+        "nothing deleted",
+        process=True,
+        stdin_closed=True,
+        env=HOME,
+        setup=_conversation,
+    ),  # fmt: skip
+    "history-search-argv-not-utf8": Case(
+        ("history", "search", "gr\udcfcezi"), 2, "is not valid UTF-8", process=True, env=HOME
+    ),
+    "history-rename-argv-not-utf8": Case(
+        ("history", "rename", "abcd1234", "Gr\udcfcezi"),
+        2,
+        "is not valid UTF-8",
+        process=True,
+        env=HOME,
+        setup=_conversation,
+    ),  # fmt: skip
+    # -- filter ----------------------------------------------------------------------------------
+    "filter-install-dev-zero": Case(
+        ("filter", "install", "/dev/zero"), 2, "/dev/zero is not a regular file", env=HOME
+    ),
+    "filter-install-fifo": Case(
+        ("filter", "install", "{tmp}/fifo"),
+        2,
+        "is not a regular file",
+        env=HOME,
+        setup=lambda tmp, good: os.mkfifo(tmp / "fifo"),
+    ),  # fmt: skip
+    "filter-install-deep-json": Case(
+        ("filter", "install", "{tmp}/f.json"),
+        2,
+        "nested too deeply",
+        env=HOME,
+        setup=lambda tmp, good: (tmp / "f.json").write_text(
+            '{"version": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        ),
+    ),  # fmt: skip
+    "filter-install-lone-surrogate": Case(
+        ("filter", "install", "{tmp}/f.json"),
+        2,
+        "lone surrogate",
+        env=HOME,
+        setup=lambda tmp, good: _filter_file(tmp / "f.json", patterns=["\ud800"]),
+    ),  # fmt: skip
+    "filter-install-look-behind": Case(
+        ("filter", "install", "{tmp}/f.json"),
+        2,
+        "patterns[0] uses look-behind",
+        env=HOME,
+        setup=lambda tmp, good: _filter_file(tmp / "f.json", patterns=["(?<=a)b"]),
+    ),  # fmt: skip
+    "filter-install-backreference": Case(
+        ("filter", "install", "{tmp}/f.json"),
+        2,
+        "patterns[0] uses a backreference",
+        env=HOME,
+        setup=lambda tmp, good: _filter_file(tmp / "f.json", patterns=["(a+)\\1"]),
+    ),  # fmt: skip
     "no-such-command": Case(("frobnicate",), 2, "No such command"),
 }
 
 
 assert not CASES.keys() & _checkpoint_cases().keys()
 CASES.update(_checkpoint_cases())
+
+
+def _filter_file(path: Path, **fields) -> None:
+    """A valid output filter file with `fields` replaced (a lone surrogate is written as JSON
+    writes it, `"\\ud800"`)."""
+    doc = {"version": "1", "published": "2026-01-01", "algorithm": "sha256",
+           "normalization": "nfkc-casefold-words", "max_words": 1, "entries": []}  # fmt: skip
+    path.write_text(json.dumps({**doc, **fields}))
 
 
 def fake_repo(cache: Path, repo: str, commit: str) -> Path:
@@ -397,6 +486,9 @@ def _run_in_process(args: list[str], env: dict[str, str], monkeypatch, capsys):
 
 def _run_process(case: Case, args: list[str], env: dict[str, str]):
     kwargs = {}
+    if case.stdin_closed:
+        kwargs["stdin"] = subprocess.DEVNULL
+        kwargs["preexec_fn"] = lambda: os.close(0)
     if case.message == "standard output is closed":
         kwargs["stdout"] = subprocess.DEVNULL
         kwargs["preexec_fn"] = lambda: os.close(1)
@@ -411,7 +503,7 @@ def _run_process(case: Case, args: list[str], env: dict[str, str]):
             "apertus_mlx",
             *[a.encode("utf-8", "surrogateescape") for a in args],
         ],
-        input=case.stdin if case.stdin is not None else b"",
+        input=None if case.stdin_closed else case.stdin if case.stdin is not None else b"",
         stderr=subprocess.PIPE,
         env={**os.environ, **env},
         timeout=60,

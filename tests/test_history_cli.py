@@ -167,7 +167,7 @@ def test_an_unusable_store_still_shows_the_answer(tmp_path, tiny_model_dir):
     one_line_error(out, 1, "history not saved: cannot create the history directory")
     result = json.loads(out.stdout)
     assert result["text"] == plain.stdout.rstrip("\n") and result["conversation_id"] is None
-    one_line_error(cli("history", "list", env=env), 1, "cannot create the history directory")
+    one_line_error(cli("history", "list", env=env), 1, "history directory")
     continued = cli("generate", "hi", "--continue", "abcd", env=env)  # nothing to continue from
     one_line_error(continued, 1, "cannot create the history directory")
 
@@ -259,3 +259,129 @@ def test_ctrl_c_saves_the_answer_as_interrupted(home, endless_model):
     shown = (first + rest).removesuffix("\n")
     assert shown and answer.content.startswith(shown)  # and what was generated, shown or not
     assert answer.answer_tokens == len(answer.tokens) > 0
+
+
+def _saved_conversations(home, tiny_model_dir, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        out = cli("generate", f"Frage {i}", "-m", str(tiny_model_dir), "--temp", "0", "-n", "4",
+                  "--save")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        ids.append(out.stderr.split("saved as ")[1].split()[0])
+    return ids
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("UPDATE conversations SET settings = '{oops' WHERE id = ?", "settings are not JSON"),
+        ("UPDATE messages SET tokens = x'010203' WHERE conversation_id = ?", "token ids"),
+    ],
+)
+def test_one_damaged_row_is_shown_as_damaged_and_nothing_else_fails(
+    home, tiny_model_dir, tmp_path, damage, reason
+):
+    """Non-JSON settings or an odd-length token blob in one row made `history list` (of every
+    conversation), `show`, `export` and `--continue` all fail with an internal error."""
+    good, bad = _saved_conversations(home, tiny_model_dir, 2)
+    db = sqlite3.connect(home / "history.db", isolation_level=None)
+    db.execute(damage, (bad,))
+    db.close()
+
+    listing = cli("history", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert good in listing.stdout and bad in listing.stdout
+    if "conversations" in damage:  # the list shows conversations; a message's damage: `show`
+        (bad_line,) = [line for line in listing.stdout.splitlines() if bad in line]
+        assert f"[damaged: {reason}]" in bad_line
+        as_json = {c["id"]: c for c in json.loads(cli("history", "list", "--json").stdout)}
+        assert as_json[bad]["damaged"] == reason and as_json[good]["damaged"] is None
+    assert listing.stdout.count("damaged") == ("conversations" in damage)
+
+    shown = cli("history", "show", bad)
+    assert shown.returncode == 0 and "## User\n\nFrage" in shown.stdout
+    assert f"damaged: {reason}" in shown.stdout
+    assert cli("history", "export", bad, "--format", "json").returncode == 0
+    turn = cli("generate", "Und weiter?", "--continue", bad, "--json")
+    assert turn.returncode == 0, turn.stderr
+    assert json.loads(turn.stdout)["conversation_id"] == bad
+    with Store.open(home / "history.db") as store:  # the new turn is stored under it
+        assert [m.role for m in store.branch(bad)] == ["user", "assistant"] * 2
+
+
+def test_reads_do_not_wait_for_a_writer(home, tiny_model_dir):
+    """Another process holds a write transaction (a chat storing an answer): `history list`
+    and `search` failed after 5 s with "database is locked"; they read what is committed."""
+    (cid,) = _saved_conversations(home, tiny_model_dir, 1)
+    writer = sqlite3.connect(home / "history.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE conversations SET title = 'uncommitted'")
+    try:
+        listing = cli("history", "list")
+        assert listing.returncode == 0 and cid in listing.stdout, listing.stderr
+        assert "uncommitted" not in listing.stdout
+        found = cli("history", "search", "Frage")
+        assert found.returncode == 0 and cid in found.stdout, found.stderr
+        assert cli("history", "show", cid).returncode == 0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def read_only(directory) -> list[str]:
+    """A command prefix that runs a process with `directory` read-only for it: a read-only
+    bind mount in a private mount namespace (root, who ignores file modes), else chmod."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return []
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("root without mount namespaces: cannot make a directory read-only")
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, "sh", str(directory)]
+
+
+def test_reads_work_in_a_read_only_directory(home, tiny_model_dir):
+    """They failed with "attempt to write a readonly database" (the open migrated)."""
+    (cid,) = _saved_conversations(home, tiny_model_dir, 1)
+    prefix = read_only(home)
+    try:
+        for args in (("list",), ("search", "Frage"), ("show", cid), ("export", cid)):
+            out = subprocess.run(
+                [*prefix, sys.executable, "-m", "apertus_mlx", "history", *args],
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+            )  # fmt: skip
+            assert out.returncode == 0 and cid in out.stdout + out.stderr, (args, out.stderr)
+            assert out.stderr == "" or args == ("export", cid)
+        writing = subprocess.run(
+            [*prefix, sys.executable, "-m", "apertus_mlx", "history", "rename", cid, "x"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        one_line_error(writing, 1, "history database")
+    finally:
+        home.chmod(0o700)
+
+
+def test_a_failed_export_leaves_the_old_file_and_no_new_one(home, tiny_model_dir, tmp_path):
+    """RLIMIT_FSIZE stands in for a disk that fills mid-write: the export used to truncate the
+    old file and leave part of the new export in it (or an empty new file)."""
+    (cid,) = _saved_conversations(home, tiny_model_dir, 1)
+    with Store.open(home / "history.db") as store:
+        store.add_message(cid, "user", "lang " * 40_000)  # a 200 KB export
+    old = tmp_path / "existing.md"
+    old.write_text("the old export\n" * 6000)  # 90 KB
+    before = old.read_bytes()
+    new = tmp_path / "new.md"
+
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+
+    for target in (old, new):
+        out = cli("history", "export", cid, "-o", str(target), preexec_fn=limit_writes)
+        one_line_error(out, 1, f"cannot write {target}")
+    assert old.read_bytes() == before and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.md", "home"]  # no debris
+    done = cli("history", "export", cid, "-o", str(old))
+    assert done.returncode == 0 and old.read_text().startswith("# Frage 0")
