@@ -60,25 +60,45 @@ def cli() -> None:
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as if SIGTERM had ended the process
-_terminated = False
+# SIGHUP: the terminal or ssh session closed. It ends a command as SIGTERM does (exit 129)
+# instead of killing it where it stands, which left a conversion's lock and partial folder
+# and a streamed answer marked incomplete without its cache.
+TERMINATING = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+_terminated_by: int | None = None
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends a command the way Ctrl+C does: a partial answer is kept and flushed, a
-    half-written conversion is removed; the exit status then says SIGTERM."""
-    global _terminated
-    _terminated = True
+def _on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP end a command the way Ctrl+C does: a partial answer is kept and
+    flushed, a half-written conversion is removed; the exit status then names the signal."""
+    note_termination(signum)
     raise KeyboardInterrupt
+
+
+def note_termination(signum: int) -> None:
+    """Signal `signum` ends this run: `main` exits with 128 + signum, whatever else fails while
+    the command winds down. For commands with handlers of their own (the chat)."""
+    global _terminated_by
+    _terminated_by = signum
 
 
 def main() -> None:
     """Entry point: typed errors become one line on stderr and an exit status, not a traceback."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in TERMINATING:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps a hangup ignored
+            signal.signal(sig, _on_terminate)
     try:
         _main()
     except SystemExit as e:
-        if _terminated and e.code not in (0, None):
-            sys.exit(EXIT_TERMINATED)
+        if _terminated_by is not None and e.code not in (0, None):
+            sys.exit(128 + _terminated_by)
+        raise
+    except BaseException:
+        # After a hangup stderr may be gone too: whatever failed while ending, the status says
+        # the signal ended it.
+        if _terminated_by is not None:
+            sys.exit(128 + _terminated_by)
         raise
 
 

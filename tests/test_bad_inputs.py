@@ -472,14 +472,15 @@ def _run_in_process(args: list[str], env: dict[str, str], monkeypatch, capsys):
         if key == "HF_HUB_CACHE":  # read by huggingface_hub at import
             monkeypatch.setattr(constants, "HF_HUB_CACHE", value)
     monkeypatch.setattr(sys, "argv", ["apertus-mlx", *args])
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         main()
         code = 0
     except SystemExit as e:
         code = e.code
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():  # main() installs its own
+            signal.signal(sig, handler)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -3,6 +3,11 @@ start without it."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+
 import click
 
 from . import model_option
@@ -51,4 +56,48 @@ def chat(model_name, system, temperature, top_p, max_tokens) -> None:  # fmt: sk
             **{k: v for k, v in dict(system=system, temperature=temperature, top_p=top_p,
                                      max_tokens=max_tokens).items() if v is not None}
         )  # fmt: skip
-    ChatApp(model_name, settings).run()
+    app = ChatApp(model_name, settings)
+    with quit_on_termination(app) as received:
+        app.run()
+    if received:
+        sys.exit(128 + received[0])
+
+
+@contextlib.contextmanager
+def quit_on_termination(app) -> Iterator[list[int]]:
+    """While the app runs, SIGTERM and SIGHUP (a closed terminal or ssh session) quit it as
+    ctrl+q does: the answer stops and is stored as interrupted, the model thread finishes and
+    parks, Textual restores the terminal; the command then exits 128 + the signal.
+
+    The CLI's own handlers raise KeyboardInterrupt, which inside Textual's event loop tears it
+    down with the model thread still in MLX: the process aborted at exit, the answer stayed
+    "incomplete" and, on a hangup, the terminal stayed on the alternate screen. Before the
+    loop runs (or after), those handlers apply as usual.
+    """
+    import asyncio
+
+    from ..cli import TERMINATING, note_termination
+
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in TERMINATING}
+
+    def on_signal(signum: int, frame: object) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the app is not running (yet): end as any command does
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            return
+        note_termination(signum)
+        received.append(signum)
+        loop.call_soon_threadsafe(app.exit)
+
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # `nohup` keeps a hangup ignored
+            signal.signal(sig, on_signal)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
