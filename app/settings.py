@@ -19,6 +19,7 @@ from typing import Any
 from apertus_mlx.errors import UsageError
 
 CONFIG_NAME = "config.json"
+MAX_CONFIG_BYTES = 1 << 20  # ours is a few hundred bytes; a larger file is not one we wrote
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
@@ -124,14 +125,27 @@ class AppConfig:
         UsageError (the app reports it and starts on defaults, leaving the file alone)."""
         path = cls.path()
         try:
-            data = json.loads(path.read_text("utf-8"))
+            with path.open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             return cls()
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UsageError(f"cannot read {path}: larger than {MAX_CONFIG_BYTES:,} bytes")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:  # not UTF-8, not JSON
             raise UsageError(f"cannot read {path}: {e}") from None
+        except RecursionError:  # nested deeper than the parser's stack: not ours
+            raise UsageError(f"cannot read {path}: the JSON is nested too deeply") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: expected a JSON object")
+        if not isinstance(data.get("last_model"), (str, type(None))):
+            raise UsageError(f"{path}: last_model must be a model name")
         try:
             return cls(data.get("last_model"), ChatSettings.from_dict(data.get("defaults")))
-        except (UsageError, TypeError, AttributeError) as e:
+        except (UsageError, TypeError, AttributeError, ValueError) as e:
             raise UsageError(f"{path}: {e}") from None
 
     def save(self) -> None:
