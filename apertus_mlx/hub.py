@@ -5,9 +5,10 @@ Resolution never touches the network: `apertus-mlx download` is the one command 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -157,7 +158,8 @@ def download(
         kwargs = {}
         if progress is not None or cancel is not None:
             kwargs["tqdm_class"] = progress_class(progress or (lambda done, total: None), cancel)
-        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, **kwargs))
+        with _hub_warnings_quiet():
+            return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, **kwargs))
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its terms on huggingface.co, then `hf auth login`"
@@ -201,6 +203,9 @@ def _cached_repos() -> frozenset:
 
 
 def _check_cache_dir() -> None:
+    """Before any request: the cache must be a directory we can write (its nearest existing
+    folder, when it is still to be created). Otherwise huggingface_hub starts anyway, prints
+    its own "Ignored error" lines and progress bars, and fails at the first file."""
     from huggingface_hub import constants
 
     cache = Path(constants.HF_HUB_CACHE)
@@ -208,6 +213,27 @@ def _check_cache_dir() -> None:
         raise CacheError(
             f"the Hugging Face cache {cache} is a file, not a directory (HF_HUB_CACHE)"
         )
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise CacheError(
+            f"cannot download into the Hugging Face cache {cache}: {existing} is read-only "
+            "(set HF_HOME or HF_HUB_CACHE to a writable folder)"
+        )
+
+
+@contextlib.contextmanager
+def _hub_warnings_quiet() -> Iterator[None]:
+    """huggingface_hub logs what it works around ("Ignored error while writing ...") on
+    stderr; we report what matters in one line of our own, and in the chat its lines would
+    land on the screen. Its errors still show."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(max(level, hub_logging.ERROR))
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 def cached_models() -> dict[str, tuple[Path, int]]:

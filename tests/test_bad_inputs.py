@@ -591,3 +591,28 @@ def test_two_conversions_into_one_directory(tiny_model_dir, tmp_path, monkeypatc
             capsys,
         )
     assert code == 1 and "another conversion is writing" in err and not out.exists()
+
+
+def test_download_into_a_read_only_cache_is_our_one_line_only(tiny_model_dir, tmp_path):
+    """huggingface_hub printed two "Ignored error while writing ..." lines and a progress bar
+    before our line; now nothing is requested and ours is the only line."""
+    from tests.hub_server import FakeHub
+    from tests.test_history_cli import read_only
+
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with FakeHub({"org/tiny": tiny_model_dir}) as hub:
+        env.update(HF_HOME=str(hf_home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+        try:
+            out = subprocess.run(
+                [*read_only(hf_home), sys.executable, "-m", "apertus_mlx", "download", "org/tiny"],
+                capture_output=True, text=True, timeout=60, env=env,
+            )  # fmt: skip
+        finally:
+            hf_home.chmod(0o755)
+        assert hub.requests == []
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("apertus-mlx: error: cannot download into the Hugging Face cache")
+    assert "is read-only" in out.stderr
