@@ -187,15 +187,18 @@ def _check_text(doc, name: str) -> None:
 
 
 def _header(path: Path, line: bytes) -> dict:
+    """The installed header. Unreadable: damaged, install again. Readable but refused (a
+    pattern that an older version, matching with Python's `re`, accepted): that reason."""
     damaged = f"{path}: the installed filter is damaged; install it again"
     try:
         doc = _load_json(line, str(path))
+    except FilterFormatError:
+        raise FilterFormatError(damaged) from None
+    try:
         meta = _check_meta(doc, str(path))
         meta["entries"] = int(doc["entries"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise FilterFormatError(damaged) from None
-    except FilterFormatError as e:
-        raise FilterFormatError(f"{damaged} ({e})") from None
     return meta
 
 

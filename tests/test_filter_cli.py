@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import date
 
 import pytest
 
@@ -127,6 +128,22 @@ def test_status_of_a_truncated_filter_says_it_is_unusable(home, tmp_path):
         assert out.returncode == 1 and out.stdout == "", out.stdout
         assert out.stderr.count("\n") == 1 and "entries" not in out.stderr
         assert "unusable" in out.stderr and "truncated; install it again" in out.stderr
+
+
+def test_a_pattern_installed_by_an_older_version_is_named_by_status_and_generate(
+    tiny_model_dir, home, tmp_path
+):
+    """Installed before patterns ran on RE2: a look-behind is refused with that reason, by
+    `status` and `generate` alike (not "damaged": installing the same file again would fail)."""
+    from apertus_mlx.filter_format import FilterData, write_compiled
+
+    old = FilterData("old", date(2026, 1, 1), 1, b"", patterns=(r"(?<=\+)\d+",))
+    write_compiled(old, home / "output-filter.bin")
+    status = cli("filter", "status")
+    assert status.returncode == 1 and "patterns[0] uses look-behind" in status.stderr
+    out = cli("generate", "hi", "-m", str(tiny_model_dir), "-n", "2")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "patterns[0] uses look-behind" in out.stderr and "--no-output-filter" in out.stderr
 
 
 def test_install_refuses_what_is_not_a_regular_file_at_once(home, tmp_path):
