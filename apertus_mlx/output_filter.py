@@ -17,6 +17,7 @@ equals `apply` of the whole text, and no chunk shows part of a match removed lat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import signal
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+from .errors import FilterFormatError
 from .filter_format import (
     DIGEST_SIZE,
     INSTALLED_NAME,
@@ -106,6 +108,11 @@ class OutputFilter:
         self._patterns = [
             compile_pattern(p, f"the filter's patterns[{i}]") for i, p in enumerate(data.patterns)
         ]
+        self._any_pattern = None  # all of them as one alternation: one RE2 call a position
+        if len(data.patterns) > 1:
+            with contextlib.suppress(FilterFormatError):  # too large together: one at a time
+                either = "|".join(f"(?:{p})" for p in data.patterns)
+                self._any_pattern = compile_pattern(either, "the filter's patterns")
         self._default: FilterStream | None = None
 
     @classmethod
@@ -153,7 +160,7 @@ class FilterStream:
 
     def __init__(self, f: OutputFilter):
         self._words = _WordStage(f)
-        self._patterns = _PatternStage(f._patterns) if f._patterns else None
+        self._patterns = _PatternStage(f._patterns, f._any_pattern) if f._patterns else None
 
     @property
     def removed(self) -> int:
@@ -282,10 +289,16 @@ class _PatternStage:
     only (with up to as many before it as context), so a decision never depends on how the
     text was cut; the price is that the last PATTERN_WINDOW characters wait for more text or
     the end. The first pattern with a non-empty match there wins.
+
+    `any_pattern`, the patterns as one alternation `(?:p1)|(?:p2)|...`, finds the same match
+    in one call: RE2's alternation is leftmost-first, so at a position the first pattern in
+    file order that matches wins, as in the loop. Only when that match is empty (a pattern
+    that can match nothing) are the patterns tried one by one for a later, non-empty one.
     """
 
-    def __init__(self, patterns: list):
+    def __init__(self, patterns: list, any_pattern=None):
         self._patterns = patterns
+        self._any = any_pattern
         # _buf[0] is a sentinel, so `^` never matches wherever the buffer was trimmed
         self._buf = _SENTINEL
         self._pos = 1  # first undecided character of _buf; before it: context only
@@ -294,8 +307,11 @@ class _PatternStage:
     def feed(self, text: str, final: bool = False) -> str:
         buf, pos, w = self._buf + text, self._pos, PATTERN_WINDOW
         n, start, out = len(buf), pos, []
+        seen = buf  # what the patterns see: a lone surrogate (undecodable input) is no text
+        if not buf.isascii() and _SURROGATES.search(buf):  # RE2 takes UTF-8 only
+            seen = _SURROGATES.sub("\ufffd", buf)  # one for one: offsets stay
         while pos < n and (final or n - pos >= w):
-            end = self._match(buf, pos, min(n, pos + w))
+            end = self._match(seen, pos, min(n, pos + w))
             if end:
                 out.append(buf[start:pos])
                 out.append(MARKER)
@@ -316,12 +332,14 @@ class _PatternStage:
         cost time quadratic in its length."""
         lo = max(0, pos - PATTERN_WINDOW)
         window, at = buf[lo:endpos], pos - lo
+        if self._any is not None:
+            m = self._any.match(window, at)
+            if m is None:
+                return 0
+            if m.end() > at:
+                return lo + m.end()
         for rx in self._patterns:
-            try:
-                m = rx.match(window, at)
-            except UnicodeEncodeError:  # a lone surrogate (undecodable input): not text
-                window = _SURROGATES.sub("\ufffd", window)  # one for one: offsets stay
-                m = rx.match(window, at)
+            m = rx.match(window, at)
             if m and m.end() > at:
                 return lo + m.end()
         return 0

@@ -2,6 +2,7 @@
 
     python -m benchmarks.filter_bench            # 1,000,000 entries, max_words 4
     python -m benchmarks.filter_bench --entries 100000 --json
+    python -m benchmarks.filter_bench --entries 1000 --patterns 4   # local patterns (RE2)
 
 Builds a filter of random digests (plus a few real phrases so matches happen), installs it
 in the compiled form under a temporary directory, and streams a long answer through it in
@@ -23,6 +24,15 @@ from apertus_mlx.filter_format import parse_json, read_filter, write_compiled
 from apertus_mlx.output_filter import OutputFilter, phrase_digest
 
 DECODE_MS_PER_TOKEN = 400.0  # 0.5B shape, CPU backend, this machine class
+# Local patterns as a user might write them (e-mail, Swiss phone, IBAN, AHV number); the last
+# backtracks exponentially in Python's `re` and costs what any pattern costs in RE2.
+PATTERNS = [
+    r"[\w.+-]+@[\w-]+\.[a-z]{2,}",
+    r"\+41(?: ?\d){9}\b",
+    r"(?i)CH\d{2}(?: ?[0-9A-Z]{4}){4}",
+    r"756\.\d{4}\.\d{4}\.\d{2}",
+    r"(\w+\s?)+@",
+]
 WORDS = [
     "the",
     "of",
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--max-words", type=int, default=4)
     p.add_argument("--words", type=int, default=20_000, help="length of the streamed answer")
+    p.add_argument("--patterns", type=int, default=0, help=f"local patterns, 0-{len(PATTERNS)}")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             "normalization": "nfkc-casefold-words",
             "max_words": args.max_words,
             "entries": entries,
+            "patterns": PATTERNS[: args.patterns],
         }
         src.write_text(json.dumps(doc))
         t0 = time.perf_counter()
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "entries": data.entries,
         "max_words": args.max_words,
+        "patterns": args.patterns,
         "json_parse_s": round(json_s, 3),
         "installed_load_s": round(load_s, 4),
         "tokens": len(chunks),
@@ -103,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"filter of {data.entries:,} entries, max_words {args.max_words}")
+    print(
+        f"filter of {data.entries:,} entries, max_words {args.max_words}, "
+        f"{args.patterns} local patterns"
+    )
     print(f"  validate + sort the published JSON (filter install): {json_s:.2f} s")
     print(f"  load the installed filter (each generate / chat):    {load_s * 1e3:.1f} ms")
     print(

@@ -185,6 +185,27 @@ def test_patterns_that_backtrack_for_ages_in_re_are_linear_here(pattern, text, e
     assert make([], patterns=[pattern]).apply(text) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet="ab1 @x", max_size=2 * PATTERN_WINDOW),
+    # patterns that match at the same places with different lengths, so order decides
+    st.lists(
+        st.sampled_from(["a", "ab", "a+", "a+b?", "(?i)AB+", "a|ab", "x*", "b*$", r"\bab\b"]),
+        min_size=2,
+        max_size=4,
+        unique=True,
+    ),
+)
+def test_the_patterns_as_one_alternation_match_as_the_patterns_one_by_one(text, patterns):
+    """One RE2 call a position (the alternation) finds what trying each pattern in file
+    order finds, empty matches included (they fall back to the loop)."""
+    f = make([], patterns=patterns)
+    assert f._any_pattern is not None
+    one_by_one = make([], patterns=patterns)
+    one_by_one._any_pattern = None
+    assert f.apply(text) == one_by_one.apply(text)
+
+
 def test_a_lone_surrogate_in_the_text_does_not_stop_the_patterns():
     f = make([], patterns=[r"\d{4}"])
     assert f.apply("bad \udcff byte, 1999") == f"bad \udcff byte, {MARKER}"
