@@ -718,7 +718,10 @@ class Store:
             " ORDER BY score, updated DESC LIMIT ?",
             (query, query, limit),
         )
-        return [SearchHit(r["cid"], r["title"], r["mid"], r["role"], r["snip"]) for r in rows]
+        return [
+            SearchHit(r["cid"], _Row(r).text("title"), r["mid"], r["role"], _Row(r).text("snip"))
+            for r in rows
+        ]
 
 
 def _stats_dict(stats: Any) -> dict[str, Any]:

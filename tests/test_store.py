@@ -595,6 +595,8 @@ def test_a_damaged_row_is_shown_as_damaged_and_the_rest_reads_as_usual(tmp_path,
         for m in messages:  # what stands in for a damaged value is the schema's own kind
             assert m.tokens is None or m.tokens == [5, 6, 7]
             assert isinstance(m.content, str) and m.content.encode("utf-8")
+        for hit in store.search("hi") + store.search("answer"):  # printable, whatever was stored
+            assert hit.snippet.encode("utf-8") and (hit.title or "").encode("utf-8")
 
 
 def test_parents_that_loop_end_the_branch_instead_of_hanging(tmp_path):
