@@ -183,7 +183,10 @@ def test_sighup_quits_the_chat_like_ctrl_q_and_restores_the_terminal(endless_mod
         os.kill(int(tmux("display", "-p", "-t", session, "#{pane_pid}")), signal.SIGHUP)
         wait_for(lambda: tmux("display", "-p", "-t", session, "#{pane_dead}") == "1", "exit")
         status = tmux("display", "-p", "-t", session, "#{pane_dead_status}")
-        assert status == str(EXIT_HANGUP), tmux("capture-pane", "-p", "-t", session)
+        died = tmux("display", "-p", "-t", session, "#{pane_dead_signal}")
+        assert status == str(EXIT_HANGUP), f"signal {died}: " + tmux(
+            "capture-pane", "-p", "-t", session
+        )
         assert tmux("display", "-p", "-t", session, "#{alternate_on}") == "0"
     finally:
         tmux("kill-session", "-t", session)

@@ -4,6 +4,8 @@ start without it."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -11,6 +13,10 @@ from collections.abc import Iterator
 import click
 
 from . import model_option
+
+# The app quits in a second or two; these are for one that is stuck (see _watch_the_way_out).
+STUCK_AFTER_SIGNAL_S = 30.0
+AFTER_HANGUP_S = 8.0
 
 
 @click.command()
@@ -90,6 +96,8 @@ def quit_on_termination(app) -> Iterator[list[int]]:
                 handler(signum, frame)
             return
         note_termination(signum)
+        if not received:
+            _watch_the_way_out(128 + signum)
         received.append(signum)
         loop.call_soon_threadsafe(app.exit)
 
@@ -101,3 +109,49 @@ def quit_on_termination(app) -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _terminal_gone() -> bool:
+    """True once our terminal hung up (its window or ssh session closed): every operation on
+    it then fails with EIO."""
+    import termios
+
+    for fd in (2, 1, 0):  # not `os.isatty`: it says False for a terminal that hung up
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as e:  # ENOTTY: not a terminal, EBADF: closed
+            if e.args and e.args[0] == errno.EIO:
+                return True
+    return False
+
+
+def _watch_the_way_out(status: int) -> None:
+    """While the app quits: once the terminal is gone, its last screens go to /dev/null, and
+    the process ends with `status` AFTER_HANGUP_S later if the app is still running; with a
+    terminal, it ends STUCK_AFTER_SIGNAL_S after the signal if the app is stuck.
+
+    A hangup may close the terminal before or after the signal arrives (tmux signals first,
+    the kernel closes first), so this watches rather than checks once. Textual's writer thread
+    dies on the first EIO and its bounded queue then blocks the event loop for good (the
+    common case under load). The answer and its cache are written before that point (the
+    app's unmount stops the answer and waits for the model thread), so ending then loses
+    nothing.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        deadline = time.monotonic() + STUCK_AFTER_SIGNAL_S
+        while time.monotonic() < deadline:
+            if _terminal_gone():
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
+                deadline = min(deadline, time.monotonic() + AFTER_HANGUP_S)
+                break
+            time.sleep(0.1)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        os._exit(status)
+
+    threading.Thread(target=watch, name="quit-watchdog", daemon=True).start()
