@@ -76,9 +76,9 @@ def quit_on_termination(app) -> Iterator[list[int]]:
     parks, Textual restores the terminal; the command then exits 128 + the signal.
 
     The CLI's own handlers raise KeyboardInterrupt, which inside Textual's event loop tears it
-    down with the model thread still in MLX: the process aborted at exit, the answer stayed
-    "incomplete" and, on a hangup, the terminal stayed on the alternate screen. Before the
-    loop runs (or after), those handlers apply as usual.
+    down with the model thread still in MLX: the process aborted at exit ("terminate called
+    without an active exception"), the answer stayed "incomplete" and no cache was saved.
+    Before the loop runs (or after), those handlers apply as usual.
     """
     import asyncio
 
