@@ -8,7 +8,7 @@ update. The forward pass reads like transformers' `modeling_apertus.py`:
 
 The same code serves a whole sequence (no cache), a prompt chunk, one decoded token and a
 block of drafted tokens to verify: with a cache it reads and writes `KVBuffers`, whose
-position is an array, so `generate.Forward` can compile it once per shape. How norms, RoPE and
+position is an array, so `forward.Forward` can compile it once per shape. How norms, RoPE and
 xIELU run (Metal kernels, `mx.fast`, or plain operations that `mx.compile` fuses on the CPU)
 was decided once, in the `Plan` the modules are built with.
 """
@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVBuffers, KVCache, attention
+from .cache import KVBuffers, KVCache
 from .config import GenerationConfig, ModelArgs
 from .kernels import (
     norm_rope,
@@ -147,7 +147,7 @@ class Attention(nn.Module):
         self.fused = plan.fuse_qkv
         dims, bias = args.hidden_size, args.attention_bias
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if self.fused:  # one matmul instead of three; see loading.fuse_qkv
+        if self.fused:  # one matmul instead of three: the loader concatenates them (fusion.py)
             self.qkv_proj = nn.Linear(dims, q_size + 2 * kv_size, bias=bias)
         else:
             self.q_proj = nn.Linear(dims, q_size, bias=bias)
@@ -171,9 +171,10 @@ class Attention(nn.Module):
         q = rotate(q.reshape(B, L, self.n_heads, -1), self.q_norm)
         k = rotate(k.reshape(B, L, self.n_kv_heads, -1), self.k_norm)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if kv is not None:
-            k, v = kv.write(layer, k, v)  # every position so far, and the unused tail (masked)
-        out = attention(q, k, v, self.scale, mask)
+        if kv is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:  # k, v stored at the pass's position; attention over every position so far
+            out = kv.attend(layer, q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
