@@ -25,6 +25,8 @@ _TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning")
 # Keys inside structured content that templates compare against, so they stay as they are.
 _STRUCTURAL_KEYS = ("type", "role", "name")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_MAX_RUNS = 8192  # encoded runs of template text remembered (a few MB at most)
+_MAX_RUN_CHARS = 1 << 16  # longer runs are encoded each time
 
 
 def _read_json(path: Path) -> dict:
@@ -137,6 +139,7 @@ class Tokenizer:
         self._special_starts = "".join(sorted({t[0] for t in specials if t}))
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._bytes_cache: dict[int, bytes] = {}
+        self._runs: dict[str, list[int]] = {}  # see `_encode_run`
 
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token: str | None = _token_text(config.get("bos_token"))
@@ -218,19 +221,72 @@ class Tokenizer:
         strings (all the template's own), and each run between them gets its characters
         back and is encoded as plain text: for ordinary input the ids equal transformers'.
         """
+        kw = dict(enable_thinking=enable_thinking, tools=tools, **kwargs)
+        return self.template_ids(messages, add_generation_prompt, **kw)[1]
+
+    def template_ids(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        slots: dict[str, list[int]] | None = None,
+        enable_thinking: bool = False,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[int]]:
+        """(rendered text, ids) as `apply_chat_template`, where each string of `slots` that
+        the rendering contains becomes the ids given for it instead of being encoded.
+
+        A slot stands for a past answer as the tokens the model produced (`prompt.py`); its
+        string must not occur in the messages otherwise. When the slot's ids end with the
+        special token the template writes right after it (the model ended its turn itself),
+        they stand for that token too.
+        """
         messages = _normalize(messages)
         stand_ins = _free_chars(messages, len(self._special_starts))
         hide = str.maketrans(dict(zip(self._special_starts, stand_ins)))
         unhide = str.maketrans(dict(zip(stand_ins, self._special_starts)))
         escaped = [_escape(m, hide) for m in messages]
         rendered = self._render(escaped, add_generation_prompt, enable_thinking, tools, kwargs)
+        slots = slots or {}
+        pattern = self._special_re
+        if slots:
+            pattern = re.compile(
+                "|".join(map(re.escape, sorted(slots, key=len, reverse=True)))
+                + (f"|{self._special_re.pattern}" if self._special_re else "")
+            )
         ids: list[int] = []
         pos = 0
-        for m in self._special_re.finditer(rendered) if self._special_re else ():
-            ids += self.encode(rendered[pos : m.start()].translate(unhide))
-            ids.append(self._tok.token_to_id(m.group()))
+        after_slot: list[int] = []  # the ids of a slot just written
+        for m in pattern.finditer(rendered) if pattern else ():
+            text = m.group()
+            run = rendered[pos : m.start()].translate(unhide)  # split first: user text
+            if run:  # never holds a special string, whatever it spelled before hiding
+                ids += self._encode_run(run)
+                after_slot = []
+            if text in slots:
+                after_slot = list(slots[text])
+                ids += after_slot
+            else:
+                special = self._tok.token_to_id(text)
+                if not (after_slot and after_slot[-1] == special and m.start() == pos):
+                    ids.append(special)
+                after_slot = []
             pos = m.end()
-        return ids + self.encode(rendered[pos:].translate(unhide))
+        ids += self._encode_run(rendered[pos:].translate(unhide))
+        return rendered.translate(unhide), ids
+
+    def _encode_run(self, text: str) -> list[int]:
+        """`encode(text)`, remembered: a conversation's earlier turns, rendered again for the
+        next one, are the same runs of text, so each turn encodes only what is new."""
+        if len(text) > _MAX_RUN_CHARS:
+            return self.encode(text)
+        ids = self._runs.get(text)
+        if ids is None:
+            if len(self._runs) >= _MAX_RUNS:
+                self._runs.clear()
+            ids = self._runs[text] = self.encode(text)
+        return list(ids)
 
     def _render(self, messages, add_generation_prompt, enable_thinking, tools, kwargs) -> str:
         context = {
@@ -282,7 +338,7 @@ def _normalize(messages: list[dict]) -> list[dict]:
 
 def _free_chars(messages: list[dict], n: int) -> str:
     """`n` private-use characters that no message contains."""
-    used = json.dumps(messages, ensure_ascii=False, default=str)
+    used = set(json.dumps(messages, ensure_ascii=False, default=str))
     free = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)
     return "".join(next(free) for _ in range(n))
 
