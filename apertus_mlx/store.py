@@ -19,6 +19,7 @@ Every failure of SQLite or the file system is raised as `StoreError` with one re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -36,6 +37,7 @@ from .store_schema import migrate, rollback
 
 DB_NAME = "history.db"
 FLUSH_INTERVAL_S = 1.0  # an answer reaches the disk at least this often while it streams
+STREAMING_SILENCE_S = 10 * FLUSH_INTERVAL_S  # unfinished and silent longer: its writer is gone
 FINISH_REASONS = ("stop", "length", "interrupted", "error")
 ROLES = ("user", "assistant", "system")
 ID_CHARS = 8  # conversation ids: 8 lowercase hex digits
@@ -80,6 +82,14 @@ class Message:
     finish_reason: str | None  # None while the answer streams (or if its writer was killed)
     stats: dict[str, Any] | None
     created_at: float
+    written_at: float | None = None  # an answer's last write while it streamed
+
+    def streaming(self, now: float | None = None) -> bool:
+        """An unfinished answer still being written (by this process or another one)."""
+        if self.role != "assistant" or self.finish_reason is not None:
+            return False
+        last = self.written_at or self.created_at
+        return (now or time.time()) - last < STREAMING_SILENCE_S
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,7 @@ def _message(row: sqlite3.Row) -> Message:
         finish_reason=row["finish_reason"],
         stats=json.loads(row["stats"]) if row["stats"] else None,
         created_at=row["created_at"],
+        written_at=row["written_at"],
     )
 
 
@@ -211,6 +222,8 @@ class Store:
             )
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA foreign_keys = ON")
+            # A deleted conversation is overwritten, not only unlinked from the b-tree.
+            db.execute("PRAGMA secure_delete = ON")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             migrate(db)
@@ -360,16 +373,28 @@ class Store:
         return self.update_conversation(conversation_id, title=title)
 
     def delete(self, conversation_id: str) -> Conversation:
-        """Delete a conversation, all its messages and its saved KV cache; return what was
-        deleted."""
-        from .saved_caches import SavedCaches
-
+        """Delete a conversation's rows: all its messages and their search entries; return
+        what was deleted. Its saved KV cache is not the store's: see
+        `saved_caches.delete_conversation`, which deletes both."""
         conversation = self.get_conversation(conversation_id)
-        self._write(
-            lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
-        )
-        SavedCaches(self.path.parent / "caches").remove(conversation.id)
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
+            # FTS5 only marks deleted entries; merging drops their terms from the index.
+            db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
+            db.execute("INSERT INTO titles_fts(titles_fts) VALUES ('optimize')")
+
+        self._write(delete)
+        # Old page images stay in the WAL until a checkpoint: write them back now (readers may
+        # hold the WAL; then the next checkpoint overwrites it).
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return conversation
+
+    def exists(self, conversation_id: str) -> bool:
+        """Whether the conversation (an exact id) is still there: a turn asks before it
+        saves anything beside the rows."""
+        return bool(self._read("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
 
     # -- messages
 
@@ -456,9 +481,9 @@ class Store:
         now = time.time()
         cur = db.execute(
             "INSERT INTO messages (conversation_id, parent_id, role, content, tokens, settings,"
-            " seed, prompt_tokens, answer_tokens, tokens_per_s, finish_reason, stats, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, parent_id, *row, now),
+            " seed, prompt_tokens, answer_tokens, tokens_per_s, finish_reason, stats, created_at,"
+            " written_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, parent_id, *row, now, now),
         )
         mid = cur.lastrowid
         new_title = title_from(row[1]) if title is None and row[0] == "user" else title
@@ -479,13 +504,17 @@ class Store:
         conversation = self.get_conversation(conversation_id)
         if conversation.current_leaf is None:
             return []
+        return self.path_to(conversation.current_leaf)
+
+    def path_to(self, message_id: int) -> list[Message]:
+        """The messages from the root to `message_id`, in order (empty if there is none)."""
         rows = self._read(
             "WITH RECURSIVE path(id, depth) AS ("
             " SELECT ?, 0 UNION ALL"
             " SELECT m.parent_id, path.depth + 1 FROM messages m JOIN path ON m.id = path.id"
             " WHERE m.parent_id IS NOT NULL)"
             " SELECT messages.* FROM path JOIN messages USING (id) ORDER BY path.depth DESC",
-            (conversation.current_leaf,),
+            (message_id,),
         )
         return [_message(r) for r in rows]
 
@@ -609,6 +638,7 @@ class AnswerWriter:
         self.conversation_id = conversation_id
         self.interval = interval
         self.error: StoreError | None = None
+        self.deleted = False  # the answer's row is gone: nothing more is written
         self.flushes = 0  # successful writes, for tests and measurements
         self._on_error = on_error
         self._parts: list[str] = []
@@ -667,23 +697,36 @@ class AnswerWriter:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self._dirty:
-                self._save(None, None)
+            self._save(None, None)  # with nothing new, a heartbeat: the answer is alive
 
     def _save(self, finish_reason: str | None, stats: dict[str, Any] | None) -> bool:
         with self._write_lock:
+            if self.deleted:
+                return True  # nothing to keep up to date
             with self._buffer_lock:
-                if not self._dirty and finish_reason is None:
-                    return self.error is None
+                changed = self._dirty or finish_reason is not None
                 text, blob = "".join(self._parts), encode_tokens(self._tokens)
                 self._dirty = False
             now = time.time()
 
             def write(db: sqlite3.Connection) -> None:
-                db.execute(
-                    "UPDATE messages SET content = ?, tokens = ? WHERE id = ?",
-                    (text, blob, self.message_id),
-                )
+                if changed:
+                    cur = db.execute(
+                        "UPDATE messages SET content = ?, tokens = ?, written_at = ? WHERE id = ?",
+                        (text, blob, now, self.message_id),
+                    )
+                else:  # nothing new: only say the answer is still being written
+                    cur = db.execute(
+                        "UPDATE messages SET written_at = ? WHERE id = ?", (now, self.message_id)
+                    )
+                if cur.rowcount == 0:  # its conversation was deleted, here or elsewhere
+                    self.deleted = True
+                    return
+                if not changed:
+                    return
+                if cur.rowcount == 0:  # its conversation was deleted, here or elsewhere
+                    self.deleted = True
+                    return
                 if finish_reason is not None:
                     s = stats or {}
                     db.execute(
@@ -713,5 +756,5 @@ class AnswerWriter:
                     self._on_error(e)
                 return False
             self.error = None
-            self.flushes += 1
+            self.flushes += changed
             return True
