@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import UsageError
-from .stream import Chunk, Thought, ThoughtEnd, ToolCall
+from .stream import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
 from .tools import check_name, content_text, normalize_call, raw_arguments
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -115,7 +115,9 @@ def assistant_message(events: Iterable[Any]) -> dict:
     blocks: list[dict] = []
     for event in events:
         last = blocks[-1] if blocks else None
-        if isinstance(event, Thought):
+        if isinstance(event, ThoughtStart):
+            blocks.append({"type": "thoughts", "text": ""})
+        elif isinstance(event, Thought):
             if last is not None and last["type"] == "thoughts":
                 last["text"] += event.text
             else:

@@ -34,6 +34,11 @@ class Thought:
 
 
 @dataclass(frozen=True)
+class ThoughtStart:
+    """The deliberation opened (`<|inner_prefix|>`)."""
+
+
+@dataclass(frozen=True)
 class ThoughtEnd:
     """The deliberation closed (`<|inner_suffix|>`): a UI folds the thought block here."""
 
@@ -68,7 +73,7 @@ class FormatWarning:
     message: str
 
 
-FormatEvent = Thought | ThoughtEnd | Chunk | ToolCall | FormatWarning
+FormatEvent = Thought | ThoughtStart | ThoughtEnd | Chunk | ToolCall | FormatWarning
 
 
 @dataclass(frozen=True)
@@ -201,11 +206,16 @@ class FormatParser:
                 return self._close_call(_before(text, TOOLS_SUFFIX))
             self._call.append(text)
             return []
-        if token is None or token < 0 or token not in (
-            c.inner_prefix,
-            c.inner_suffix,
-            c.tools_prefix,
-            c.tools_suffix,
+        if (
+            token is None
+            or token < 0
+            or token
+            not in (
+                c.inner_prefix,
+                c.inner_suffix,
+                c.tools_prefix,
+                c.tools_suffix,
+            )
         ):
             return self._text(text)
         if token == c.tools_prefix:
@@ -214,7 +224,9 @@ class FormatParser:
             return events
         if token == c.inner_prefix:
             events = self._text(_before(text, INNER_PREFIX))
-            self.in_thought = True
+            if not self.in_thought:
+                self.in_thought = True
+                events.append(ThoughtStart())
             return events
         if token == c.inner_suffix:
             events = self._text(_before(text, INNER_SUFFIX))
