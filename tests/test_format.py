@@ -377,6 +377,11 @@ def test_the_output_filter_applies_to_thoughts_and_answers_alike():
         Chunk("Ask [removed]."),
         ToolCall("", "now", "{}"),
     ]
+    # each kind is its own text: a name split across a thought and an answer is not one
+    assert merged(filter_events([Thought("Anna"), Chunk(" Muster")], f)) == [
+        Thought("Anna"),
+        Chunk(" Muster"),
+    ]
 
 
 # --- answers kept as blocks -----------------------------------------------------------------

@@ -193,6 +193,9 @@ class FormatParser:
         if control is None:
             control = ControlIds.from_tokenizer(tokenizer)
         self.control = control
+        self._controls = {i for i in vars(control).values() if i is not None} - {
+            control.assistant_start
+        }
         self.tool_names = frozenset(t["name"] for t in tools or ())
         self.in_thought = in_thought
         self._call_id = call_id
@@ -206,17 +209,7 @@ class FormatParser:
                 return self._close_call(_before(text, TOOLS_SUFFIX))
             self._call.append(text)
             return []
-        if (
-            token is None
-            or token < 0
-            or token
-            not in (
-                c.inner_prefix,
-                c.inner_suffix,
-                c.tools_prefix,
-                c.tools_suffix,
-            )
-        ):
+        if token not in self._controls:
             return self._text(text)
         if token == c.tools_prefix:
             events = self._text(_before(text, TOOLS_PREFIX))
