@@ -18,6 +18,7 @@ was cut short.
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,11 +248,10 @@ class GrammarProcessor:
         self._next_check = 0  # remaining budget at which to estimate the way to finish again
         self._need: int | None = None  # tokens the shortest way to finish takes
         self.closed_early = False  # the shortest way to finish was written for want of budget
-        self.mask_seconds = 0.0  # time spent on the grammar, for the benchmark
+        self.mask_seconds = 0.0  # time spent on the grammar (not waiting for the model)
+        self.endgame_steps = 0  # steps near the end of the budget (see `_endgame`)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        import time
-
         mx.async_eval(logits)  # the forward pass runs while the mask is computed
         n = tokens.shape[0]
         new = [] if self._start is None else tokens[self._seen :].tolist()
@@ -268,22 +268,32 @@ class GrammarProcessor:
             self._plan(remaining, first)
         if self._need is not None and remaining <= self._need + ENDGAME:
             allowed = self._endgame(logits, remaining)
+            self.endgame_steps += 1
         else:
             allowed = mx.array(self._allowed(self.matcher))
         self.mask_seconds += time.perf_counter() - started
         return mx.where(allowed, logits, -mx.inf)
 
     def _endgame(self, logits: mx.array, remaining: int) -> mx.array:
-        """Near the end of the budget: the model's likeliest allowed tokens after which the
-        shortest way to finish still fits, else the shortest way itself."""
+        """Near the end of the budget: of the model's likeliest allowed tokens (up to 99% of
+        the probability, at most ENDGAME_CANDIDATES), those after which the shortest way to
+        finish still fits, else the shortest way itself."""
         ids = np.arange(logits.shape[-1])
         allowed = ids[self._allowed(self.matcher)]
-        scores = np.array(logits.reshape(-1).astype(mx.float32))[allowed]
-        fitting = []
-        for token in allowed[np.argsort(-scores)[:ENDGAME_CANDIDATES]].tolist():
+        waited = time.perf_counter()
+        scores = np.array(logits.reshape(-1).astype(mx.float32))[allowed]  # waits for the model
+        self.mask_seconds -= time.perf_counter() - waited
+        order = np.argsort(-scores)[:ENDGAME_CANDIDATES]
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= np.exp(scores - scores[order[0]]).sum()
+        fitting, covered = [], 0.0
+        for token, p in zip(allowed[order].tolist(), probs.tolist()):
             need = 0 if token == self._end else self._closing_length(after=token)
             if need is not None and need <= remaining - 1:
                 fitting.append(token)
+            covered += p
+            if covered >= 0.99:  # the rest would hardly ever be drawn
+                break
         if not fitting:
             forced = self._closing_token(self.matcher, self._strings)
             if forced is None:  # nothing finishes in time: the answer will be cut
