@@ -139,7 +139,7 @@ def test_a_budget_below_the_shortest_answer_is_a_usage_error(loaded):
         ({"type": "object", "not": {"type": "string"}}, "not"),
         ({"type": "string", "pattern": "(?=a)b"}, "look-around"),
         ({"type": "string", "format": "weird"}, "weird"),
-        ({"$ref": "https://example.com/schema.json"}, ""),
+        ({"$ref": "https://example.com/schema.json"}, "not present in a registry"),
         ("not a schema", "JSON object"),
     ],
 )
