@@ -5,23 +5,34 @@ Standard library only, so the tokenizer can use it without slowing `apertus-mlx 
 """
 
 from .messages import assistant_message, normalize_messages, openai_fields
-from .stream import (
-    Chunk,
-    ControlIds,
-    FormatEvent,
-    FormatParser,
-    FormatWarning,
-    Thought,
-    ThoughtEnd,
-    ThoughtStart,
-    ToolCall,
-    end_tokens,
-    filter_events,
-    parse_generation,
-    split_calls,
-    thought_open,
-)
 from .tools import RawJSON, normalize_call, normalize_tools, tool_names
+
+# The parser and its events load on first use: rendering a prompt needs only the rest.
+_STREAM = {
+    "Chunk",
+    "ControlIds",
+    "FormatEvent",
+    "FormatParser",
+    "FormatWarning",
+    "Thought",
+    "ThoughtEnd",
+    "ThoughtStart",
+    "ToolCall",
+    "end_tokens",
+    "filter_events",
+    "parse_generation",
+    "split_calls",
+    "thought_open",
+}
+
+
+def __getattr__(name: str):
+    if name in _STREAM:
+        from . import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Chunk",

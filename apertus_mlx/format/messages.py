@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import UsageError
-from .stream import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
 from .tools import check_name, content_text, normalize_call, raw_arguments
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -112,6 +111,8 @@ def assistant_message(events: Iterable[Any]) -> dict:
     followed), calls of one list stay one `tool_calls` block. Text that was a malformed call
     is kept as text. Warnings and other events are not part of the message.
     """
+    from .stream import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
+
     blocks: list[dict] = []
     for event in events:
         last = blocks[-1] if blocks else None
