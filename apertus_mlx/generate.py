@@ -168,6 +168,7 @@ def generate(
     stop_event: threading.Event | None = None,
     draft: Draft | None = None,
     forward: Forward | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -178,8 +179,14 @@ def generate(
     distribution of answers, faster when the draft often guesses the model's next tokens.
     Pass the model's `Forward` to reuse its compiled graphs across calls (a chat session
     does); without one, this call compiles its own (tens of milliseconds).
+    `logits_processors` run after the sampling settings' own (e.g. a grammar's mask from
+    `constrained.Constraint.processor`); they follow one answer token by token, so they do
+    not combine with a draft.
     """
     params = params or SamplingParams()
+    if draft is not None and logits_processors:
+        raise UsageError("constrained output does not work with a draft model")
+    processors = [*make_logits_processors(params), *logits_processors]
     cache = cache if cache is not None else model.make_cache()
     cached = cache.offset
     prompt = check_prompt(prompt_ids, model, cached, max_tokens)
@@ -194,7 +201,7 @@ def generate(
             forward,
             cache,
             sampler=make_sampler(params),
-            logits_processors=make_logits_processors(params),
+            logits_processors=processors,
             max_tokens=max_tokens,
             stop=stop,
             progress=progress,

@@ -18,10 +18,11 @@ from tokenizers import decoders
 
 from apertus_mlx.chat_template import APERTUS_TEMPLATE, compile_template, render_limited
 from apertus_mlx.errors import TokenizerError
+from apertus_mlx.format import RawJSON, normalize_messages, normalize_tools
 
 _TURN_END = "<|assistant_end|>"
 # Message fields whose strings are the user's text (never template syntax).
-_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning")
+_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning", "tool_calls")
 # Keys inside structured content that templates compare against, so they stay as they are.
 _STRUCTURAL_KEYS = ("type", "role", "name")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -164,6 +165,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def tokenizer_json(self) -> str:
+        """tokenizer.json as text (what a grammar engine builds its token trie from)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -201,7 +206,7 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """The prompt text the chat template makes of `messages`."""
-        messages = _normalize(messages)
+        messages, tools = _normalize(messages), normalize_tools(tools)
         return self._render(messages, add_generation_prompt, enable_thinking, tools, kwargs)
 
     def apply_chat_template(
@@ -220,6 +225,7 @@ class Tokenizer:
         special string can then begin inside user text. The rendering is split on special
         strings (all the template's own), and each run between them gets its characters
         back and is encoded as plain text: for ordinary input the ids equal transformers'.
+        Tool declarations and call arguments are the client's text too, and hidden alike.
         """
         kw = dict(enable_thinking=enable_thinking, tools=tools, **kwargs)
         return self.template_ids(messages, add_generation_prompt, **kw)[1]
@@ -242,11 +248,12 @@ class Tokenizer:
         special token the template writes right after it (the model ended its turn itself),
         they stand for that token too.
         """
-        messages = _normalize(messages)
-        stand_ins = _free_chars(messages, len(self._special_starts))
+        messages, tools = _normalize(messages), normalize_tools(tools)
+        stand_ins = _free_chars([messages, tools], len(self._special_starts))
         hide = str.maketrans(dict(zip(self._special_starts, stand_ins)))
         unhide = str.maketrans(dict(zip(stand_ins, self._special_starts)))
         escaped = [_escape(m, hide) for m in messages]
+        tools = _escape_tree(tools, hide)
         rendered = self._render(escaped, add_generation_prompt, enable_thinking, tools, kwargs)
         slots = slots or {}
         pattern = self._special_re
@@ -289,6 +296,11 @@ class Tokenizer:
         return list(ids)
 
     def _render(self, messages, add_generation_prompt, enable_thinking, tools, kwargs) -> str:
+        if messages and messages[-1].get("role") == "tool":
+            # Tool results sit inside the assistant turn that called: the model continues that
+            # turn, as the template renders it in history, instead of reading the second
+            # `<|assistant_start|>` the 2509 template would append (see docs/format.md).
+            add_generation_prompt = False
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -325,7 +337,9 @@ class Tokenizer:
 
 
 def _normalize(messages: list[dict]) -> list[dict]:
-    """What transformers does before rendering: drop None fields, alias reasoning field names."""
+    """What transformers does before rendering (drop None fields, alias reasoning field
+    names), then Apertus's own normalisation (`format.normalize_messages`: deliberation as
+    blocks, tool calls and results as the template reads them)."""
     out = []
     for message in messages:
         message = {k: v for k, v in message.items() if v is not None}
@@ -333,7 +347,7 @@ def _normalize(messages: list[dict]) -> list[dict]:
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
-    return out
+    return normalize_messages(out)
 
 
 def _free_chars(messages: list[dict], n: int) -> str:
@@ -346,13 +360,28 @@ def _free_chars(messages: list[dict], n: int) -> str:
 def _escape(value: Any, table: dict[int, str], key: str | None = None) -> Any:
     """`value` with `table` applied to every user text inside a message."""
     if isinstance(value, str):
-        return value if key in _STRUCTURAL_KEYS else value.translate(table)
+        if key in _STRUCTURAL_KEYS:
+            return value
+        text = value.translate(table)
+        return RawJSON(text) if isinstance(value, RawJSON) else text
     if isinstance(value, dict):
         if key is None:  # the message itself: only its text fields are user text
             return {k: _escape(v, table, k) if k in _TEXT_FIELDS else v for k, v in value.items()}
         return {k: _escape(v, table, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_escape(v, table, "") for v in value]
+    return value
+
+
+def _escape_tree(value: Any, table: dict[int, str], key: str | None = None) -> Any:
+    """`table` applied to every string of tool declarations, property names included, but
+    `type` values, which the template compares (names are checked to need no hiding)."""
+    if isinstance(value, str):
+        return value if key == "type" else value.translate(table)
+    if isinstance(value, dict):
+        return {k.translate(table): _escape_tree(v, table, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_tree(v, table, key if key == "type" else None) for v in value]
     return value
 
 
