@@ -131,6 +131,10 @@ class Done:
     text: str
     stats: Stats
     tokens: list[int] = field(default_factory=list)
+    # Set by a turn that parses Apertus's format (`turn.py`): the deliberation apart from
+    # the answer `text`, and the calls made (`format.ToolCall`s).
+    reasoning: str | None = None
+    tool_calls: list = field(default_factory=list)
 
 
 Event = Chunk | Done

@@ -83,6 +83,9 @@ class Message:
     stats: dict[str, Any] | None
     created_at: float
     written_at: float | None = None  # an answer's last write while it streamed
+    # An answer's blocks as the chat template reads them (thoughts, tool_calls, response);
+    # None when it is plain text.
+    parts: list[dict] | None = None
 
     def streaming(self, now: float | None = None) -> bool:
         """An unfinished answer still being written (by this process or another one)."""
@@ -176,6 +179,7 @@ def _message(row: sqlite3.Row) -> Message:
         stats=json.loads(row["stats"]) if row["stats"] else None,
         created_at=row["created_at"],
         written_at=row["written_at"],
+        parts=json.loads(row["parts"]) if row["parts"] else None,
     )
 
 
@@ -639,6 +643,7 @@ class AnswerWriter:
         self.interval = interval
         self.error: StoreError | None = None
         self.deleted = False  # the answer's row is gone: nothing more is written
+        self._parts_json: str | None = None
         self.flushes = 0  # successful writes, for tests and measurements
         self._on_error = on_error
         self._parts: list[str] = []
@@ -677,10 +682,13 @@ class AnswerWriter:
         stats: Any = None,
         tokens: Iterable[int] | None = None,
         text: str | None = None,
+        parts: list[dict] | None = None,
     ) -> StoreError | None:
         """Write the whole answer with its finish reason and stats (a `generate.Stats` or a
         dict). tokens, text: the final answer, when the caller has it (`generate`'s `Done`);
-        it replaces what was streamed. Returns the write error, or None when it is saved."""
+        it replaces what was streamed; parts: its blocks, when it deliberated or called
+        tools. Returns the write error, or None when it is saved."""
+        self._parts_json = _json(parts) if parts else None
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}")
         with self._buffer_lock:
@@ -731,13 +739,14 @@ class AnswerWriter:
                     s = stats or {}
                     db.execute(
                         "UPDATE messages SET finish_reason = ?, prompt_tokens = ?,"
-                        " answer_tokens = ?, tokens_per_s = ?, stats = ? WHERE id = ?",
+                        " answer_tokens = ?, tokens_per_s = ?, stats = ?, parts = ? WHERE id = ?",
                         (
                             finish_reason,
                             s.get("prompt_tokens"),
                             s.get("generated_tokens"),
                             s.get("decode_tps"),
                             _json(s or None),
+                            self._parts_json,
                             self.message_id,
                         ),
                     )

@@ -53,6 +53,11 @@ class TurnRequest:
     messages: list[dict] | None = None
     prompt_ids: list[int] | None = None
     best_effort_store: bool = False  # answer even if the store cannot be written (say so after)
+    # Apertus's tools (OpenAI or flat JSON schemas); tool_choice "auto" (default), "none" (not
+    # offered), "required" or a function's name (both enforced by a grammar).
+    tools: list[dict] | None = None
+    tool_choice: str | None = None
+    json_schema: dict | None = None  # the answer must be JSON following it (a grammar)
 
     @classmethod
     def new(cls, text: str, settings: TurnSettings, **kw: Any) -> TurnRequest:
@@ -77,10 +82,10 @@ class TurnRequest:
         return cls("again", conversation_id=conversation_id, parent=user_message_id, **kw)
 
     @classmethod
-    def chat(cls, messages: list[dict], settings: TurnSettings) -> TurnRequest:
-        """A conversation the caller carries (system/user/assistant messages; assistant ones
-        may carry the `tokens` they were generated as): nothing is stored."""
-        return cls("messages", messages=messages, settings=settings)
+    def chat(cls, messages: list[dict], settings: TurnSettings, **kw: Any) -> TurnRequest:
+        """A conversation the caller carries (system/user/assistant/tool messages; assistant
+        ones may carry the `tokens` they were generated as): nothing is stored."""
+        return cls("messages", messages=messages, settings=settings, **kw)
 
     @classmethod
     def raw(cls, prompt_ids: list[int], settings: TurnSettings) -> TurnRequest:
@@ -107,7 +112,9 @@ class Note:
     text: str
 
 
-Event = Started | Chunk | Done | Note
+# Besides these, a turn yields `format` events: `Chunk` (answer text), `ThoughtStart`,
+# `Thought`, `ThoughtEnd` and `ToolCall`, and `generate.Done` last (text: the answer alone).
+Event = Started | Note | Done | Any
 
 
 class TurnService:
@@ -151,22 +158,21 @@ class TurnService:
         self.caches.forget(conversation_id)
         return delete_conversation(self.store, conversation_id, self.saved)
 
-    def prompt(self, messages: list[dict], settings: TurnSettings) -> tuple[ConversationIds, int]:
+    def prompt(
+        self, messages: list[dict], settings: TurnSettings, tools: list[dict] | None = None
+    ) -> tuple[ConversationIds, int]:
         """The token-exact prompt of `messages`, its oldest turns left out where it would not
         leave the answer its reserve of the window; (prompt, how many messages were left out).
         UsageError when even the last message alone does not fit."""
         built: dict[int, ConversationIds] = {}
+        template = {"enable_thinking": settings.thinking, "tools": tools}
 
         def count(kept: list[dict]) -> int:
-            built[len(kept)] = conversation_ids(
-                self.tokenizer, kept, enable_thinking=settings.thinking
-            )
+            built[len(kept)] = conversation_ids(self.tokenizer, kept, **template)
             return len(built[len(kept)].ids)
 
         kept, dropped = fit_window(messages, count, self.window, self.reserve(settings))
-        prompt = built.get(len(kept)) or conversation_ids(
-            self.tokenizer, kept, enable_thinking=settings.thinking
-        )
+        prompt = built.get(len(kept)) or conversation_ids(self.tokenizer, kept, **template)
         self.check_fits(len(prompt.ids))
         return prompt, dropped
 
@@ -198,6 +204,7 @@ class Turn:
         self.deleted = False  # the conversation was deleted while this turn ran
         self.prompt: ConversationIds | None = None
         self.settings: TurnSettings | None = None  # as resolved for this turn
+        self.message: dict | None = None  # the answer as blocks, when it thought or called
         self.max_tokens = DEFAULT_MAX_TOKENS  # the answer's limit
         self.events: Iterator[Event] = self._run()
 
@@ -211,15 +218,18 @@ class Turn:
         conversation, path = self._read(store)
         settings = self.settings = self._settings(conversation)
         messages = self._messages(conversation, settings, path)
+        tools = _offered(r)
         if r.kind == "raw":
             ids = [int(i) for i in r.prompt_ids or ()]
             s.check_fits(len(ids))
             self.prompt, dropped = ConversationIds(ids, True), 0
         else:
-            self.prompt, dropped = s.prompt(messages, settings)
-        params = settings.params(s.model.generation)  # refused here, before anything is written
+            self.prompt, dropped = s.prompt(messages, settings, tools)
+        # Everything that can refuse the turn, before anything is written:
+        params = settings.params(s.model.generation)
         f = s.output_filter()  # a damaged filter too: no answer goes out unfiltered
         limit = self.max_tokens = settings.max_tokens or DEFAULT_MAX_TOKENS
+        shape = _Shape.of(s, r, settings, tools, self.prompt.ids, limit)
         record = settings.record(params, limit, s.model_id, s.revision)
         writer, user_id = None, None
         if store is not None:
@@ -230,7 +240,7 @@ class Turn:
         cache, note = self._cache(key)
         if note:
             yield Note(note)
-        yield from self._generate(settings, params, limit, cache, writer, f)
+        yield from self._generate(settings, params, limit, cache, writer, f, shape)
         yield from self._keep(cache, key, writer)
 
     def _read(self, store: Store | None) -> tuple[Conversation | None, list]:
@@ -268,10 +278,11 @@ class Turn:
             return [dict(m) for m in r.messages or ()]
         messages = [{"role": "system", "content": settings.system}] if settings.system else []
         messages += [
-            {"role": m.role, "content": m.content, "tokens": m.tokens}
+            {"role": m.role, "content": {"blocks": m.parts} if m.parts else m.content,
+             "tokens": m.tokens}
             for m in path
             if m.role in ("user", "assistant")
-        ]
+        ]  # fmt: skip
         if r.text is not None:
             messages.append({"role": "user", "content": r.text})
         return messages
@@ -326,67 +337,115 @@ class Turn:
                 cache.keep_prefix(self.prompt.ids)
         return (cache if cache is not None else like), note
 
-    def _generate(self, settings, params, limit, cache, writer, f) -> Iterator[Event]:
-        """Generation through the output filter, streamed into the store; a KeyboardInterrupt
-        thrown in here (`generate.wind_down`) is handed on to generation."""
+    def _generate(self, settings, params, limit, cache, writer, f, shape) -> Iterator[Event]:
+        """Generation, read as Apertus's format (thoughts, calls, answer text) through the
+        output filter, streamed into the store. A KeyboardInterrupt thrown in here
+        (`generate.wind_down`) stops the answer as the stop event would: it ends with `Done`."""
+        from . import format as fmt
+
         s = self.service
-        events = None
+        interrupted = threading.Event()
+        outer = self.stop
+
+        class Stop:  # what generate asks after every token
+            @staticmethod
+            def is_set() -> bool:
+                return interrupted.is_set() or (outer is not None and outer.is_set())
+
+        raw = generate(
+            s.model,
+            s.tokenizer,
+            self.prompt.ids,
+            params=params,
+            max_tokens=limit,
+            stop_strings=settings.stop,
+            end_tokens=shape.end_tokens,
+            cache=cache,
+            stop_event=Stop,
+            draft=None if shape.processors else s.draft,
+            forward=s.forward,
+            logits_processors=shape.processors,
+        )
+        removed = _Removals(f) if f is not None else None
+        events = self._tokens_to_store(raw, writer, stream_ids=f is None)
+        if shape.parser is None:  # a raw completion: the text as it is
+            events = (fmt.Chunk(e.text) if isinstance(e, Chunk) else e for e in events)
+        else:
+            events = fmt.parse_generation(events, shape.parser)
+        if removed is not None:
+            events = fmt.filter_events(events, removed)
+        kept: list = []  # the answer's events, for the message to keep
         done: Done | None = None
         try:
-            events = generate(
-                s.model,
-                s.tokenizer,
-                self.prompt.ids,
-                params=params,
-                max_tokens=limit,
-                stop_strings=settings.stop,
-                cache=cache,
-                stop_event=self.stop,
-                draft=s.draft,
-                forward=s.forward,
-            )
-            if f is not None:
-                from .output_filter import filtered
-
-                events = filtered(events, f)
-            thrown: BaseException | None = None
             while True:
                 try:
-                    event = events.throw(thrown) if thrown is not None else next(events)
+                    event = next(events)
                 except StopIteration:
                     break
-                thrown = None
-                if isinstance(event, Chunk) and writer is not None:
-                    # a filtered chunk's token is -1 (its id could decode to what the filter
-                    # removes later), which the writer skips
-                    writer.append(event.text, event.token)
-                elif isinstance(event, Done):
-                    event.stats.history_rerendered = not self.prompt.token_exact
-                    done = event
-                    if writer is not None:
-                        self._finish(writer, event.stats.finish_reason, event)
+                if isinstance(event, Done):
+                    done = self._done(event, kept, removed, shape, cache, writer)
+                    event = done
+                elif isinstance(event, fmt.FormatWarning):
+                    event = Note(event.message)
+                else:
+                    kept.append(event)
+                    if isinstance(event, fmt.Chunk) and writer is not None:
+                        writer.append(event.text)
                 try:
                     yield event
-                except KeyboardInterrupt as e:
-                    thrown = e
+                except KeyboardInterrupt:
+                    interrupted.set()  # generation sees it at its next token and ends
         finally:
-            if events is not None:
-                events.close()
+            raw.close()
             if writer is not None and done is None:  # an error, or the consumer went away
                 self._finish(writer, "error")
         if self.store_error is not None and writer is not None:
             yield Note(f"the answer could not be saved: {self.store_error}")
         if self.deleted:
             yield Note("the conversation was deleted while answering: the answer was not saved")
-        if done is not None and done.stats.generated_tokens and not done.tokens:
+        for processor in shape.processors:
+            if getattr(processor, "closed_early", False):
+                yield Note("the answer was closed early to stay within its token limit")
+
+    def _tokens_to_store(self, events, writer, stream_ids: bool):
+        """`generate`'s events, each token id streamed into the store as it comes (not with a
+        filter: an id could spell what the filter removes later)."""
+        for event in events:
+            if stream_ids and writer is not None and isinstance(event, Chunk):
+                writer.append("", event.token)
+            yield event
+
+    def _done(self, done: Done, kept: list, removed, shape, cache, writer) -> Done:
+        """The turn's `Done`: the answer text alone, its deliberation and calls apart; the
+        token ids only if the filter removed nothing (they would spell what it removed); the
+        answer written to the store."""
+        from . import format as fmt
+
+        text = "".join(e.text for e in kept if isinstance(e, fmt.Chunk))
+        thoughts = [e.text for e in kept if isinstance(e, fmt.Thought)]
+        calls = [e for e in kept if isinstance(e, fmt.ToolCall)]
+        tokens = [] if removed is not None and removed.count else done.tokens
+        done = Done(text, done.stats, tokens, "".join(thoughts) if thoughts else None, calls)
+        done.stats.history_rerendered = not self.prompt.token_exact
+        structured = any(isinstance(e, fmt.ThoughtStart | fmt.ToolCall) for e in kept)
+        self.message = fmt.assistant_message(kept) if structured else None
+        if not tokens and done.stats.generated_tokens:
             # The filter removed part of the answer: its keys and values would keep it.
             cache.truncate(len(self.prompt.ids))
+        if writer is not None:
+            parts = self.message["content"]["blocks"] if self.message else None
+            self._finish(writer, done.stats.finish_reason, done, parts)
+        return done
 
-    def _finish(self, writer: AnswerWriter, reason: str, done: Done | None = None) -> None:
+    def _finish(
+        self, writer: AnswerWriter, reason: str, done: Done | None = None, parts=None
+    ) -> None:
         if done is None:
             error = writer.finish(reason)
         else:
-            error = writer.finish(reason, done.stats, tokens=done.tokens, text=done.text)
+            error = writer.finish(
+                reason, done.stats, tokens=done.tokens, text=done.text, parts=parts
+            )
         self.store_error = error or self.store_error
         self.deleted = writer.deleted
 
@@ -411,3 +470,71 @@ class Turn:
                     s.saved.remove(key)
         except ApertusError as e:  # only the speed-up of the next turn is lost
             yield Note(str(e))
+
+
+def _offered(request: TurnRequest) -> list[dict] | None:
+    """The tools the model is told about (none with tool_choice "none"), normalized."""
+    from .format import normalize_tools
+
+    if not request.tools or request.tool_choice == "none":
+        return None
+    return normalize_tools(request.tools)
+
+
+@dataclass
+class _Shape:
+    """How this turn's answer is read and held to its form: the format parser, the end
+    tokens, and the grammar's logits processor when the answer must be JSON or a call."""
+
+    parser: Any
+    end_tokens: tuple[int, ...]
+    processors: list
+
+    @classmethod
+    def of(cls, s: TurnService, r: TurnRequest, settings, tools, prompt, limit) -> _Shape:
+        from . import format as fmt
+
+        base = s.model.generation.eos_token_ids
+        if r.kind == "raw":
+            return cls(None, tuple(base), [])
+        control = fmt.ControlIds.from_tokenizer(s.tokenizer)
+        ends = fmt.end_tokens(s.tokenizer, base, tools_offered=bool(tools))
+        parser = fmt.FormatParser(
+            s.tokenizer, tools, control=control, in_thought=fmt.thought_open(prompt, control)
+        )
+        choice = r.tool_choice
+        if not (tools and choice not in (None, "auto", "none")) and r.json_schema is None:
+            return cls(parser, ends, [])
+        from . import constrained
+
+        if tools and choice not in (None, "auto", "none"):
+            name = None if choice == "required" else choice
+            if name is not None and name not in fmt.tool_names(tools):
+                raise UsageError(f"tool_choice names {name!r}, which is not among the tools")
+            grammar = constrained.tool_call_grammar(
+                tools, control, name=name, thinking=settings.thinking
+            )
+        else:
+            grammar = constrained.json_schema_grammar(
+                r.json_schema, control, thinking=settings.thinking
+            )
+        constraint = constrained.Constraint.build(grammar, s.model, s.tokenizer, end_tokens=ends)
+        return cls(parser, ends, [constraint.processor(limit)])
+
+
+class _Removals:
+    """The output filter, counting what its streams removed: token ids that could spell
+    removed text are not kept."""
+
+    def __init__(self, f: OutputFilter):
+        self._filter = f
+        self._streams: list = []
+
+    def stream(self):
+        stream = self._filter.stream()
+        self._streams.append(stream)
+        return stream
+
+    @property
+    def count(self) -> int:
+        return sum(s.removed for s in self._streams)

@@ -82,6 +82,14 @@ class AnswerChunk(TurnMessage):
         self.text = text
 
 
+class AnswerThought(TurnMessage):
+    """Deliberation text of the answer (it comes before the answer's own text)."""
+
+    def __init__(self, job: int, text: str) -> None:
+        super().__init__(job)
+        self.text = text
+
+
 class TurnNote(TurnMessage):
     """One line the user should hear (a saved cache was damaged, the chat was deleted...)."""
 
@@ -236,7 +244,8 @@ class ModelWorker:
                 self._stops.pop(job, None)
 
     def _answer(self, job: int, request: TurnRequest, stop: threading.Event) -> None:
-        from apertus_mlx.generate import Chunk, Done
+        from apertus_mlx.format import Chunk, Thought
+        from apertus_mlx.generate import Done
         from apertus_mlx.turn import Note, Started
 
         turn = self._service.start(request, stop)
@@ -248,6 +257,9 @@ class ModelWorker:
                     if event.text:
                         text += event.text
                         self._post(AnswerChunk(job, event.text))
+                elif isinstance(event, Thought):
+                    if event.text:
+                        self._post(AnswerThought(job, event.text))
                 elif isinstance(event, Done):
                     stats = event.stats
                 elif isinstance(event, Note):

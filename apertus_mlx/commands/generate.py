@@ -115,6 +115,18 @@ def format_stats(stats, backend: str) -> str:
     show_default=True,
     help="Tokens the draft model proposes per verification pass.",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False),
+    help="Offer these tools: a JSON list of tool schemas (OpenAI's or flat); calls print as JSON.",
+)
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=click.Path(dir_okay=False),
+    help="The answer is JSON following this JSON schema, always (constrained decoding).",
+)
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
@@ -143,6 +155,8 @@ def generate(
     kv_bits,
     draft_model,
     num_draft_tokens,
+    tools_file,
+    schema_file,
     stats,
     as_json,
     no_output_filter,
@@ -156,7 +170,8 @@ def generate(
     --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
-    from ..generate import Chunk, Done, wind_down
+    from ..format import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
+    from ..generate import Done, wind_down
     from ..hub import model_identity
     from ..settings import TurnSettings
     from ..turn import Note, Started, TurnRequest, TurnService
@@ -172,6 +187,11 @@ def generate(
     stored = save or continue_id is not None
     if stored and no_chat_template:
         raise UsageError("--save and --continue keep chats: drop --no-chat-template")
+    tools = _json_file(tools_file, "--tools", list) if tools_file else None
+    schema = _json_file(schema_file, "--json-schema", dict) if schema_file else None
+    if (tools or schema) and no_chat_template:
+        raise UsageError("--tools and --json-schema need the chat template: drop "
+                         "--no-chat-template")  # fmt: skip
     the_filter = output_filter(disabled=no_output_filter)
     store = saved = store_error = None
     if stored:
@@ -188,25 +208,35 @@ def generate(
     service = TurnService(model, tokenizer, model_id=model_id, revision=revision, store=store,
                           saved=saved, output_filter=lambda: the_filter, draft=draft,
                           kv_bits=kv_bits and int(kv_bits))  # fmt: skip
+    shape = dict(tools=tools, json_schema=schema)
     if no_chat_template:
         request = TurnRequest.raw(tokenizer.encode(text, add_special_tokens=True), settings)
     elif continue_id is not None:
-        request = TurnRequest.follow(continue_id, text, overrides=flags, best_effort_store=True)
+        request = TurnRequest.follow(continue_id, text, overrides=flags, best_effort_store=True,
+                                     **shape)  # fmt: skip
     elif save and store is not None:
-        request = TurnRequest.new(text, settings, best_effort_store=True)
+        request = TurnRequest.new(text, settings, best_effort_store=True, **shape)
     else:
         messages = [{"role": "system", "content": settings.system}] if settings.system else []
-        request = TurnRequest.chat([*messages, {"role": "user", "content": text}], settings)
+        request = TurnRequest.chat([*messages, {"role": "user", "content": text}], settings,
+                                   **shape)  # fmt: skip
     turn = service.start(request)
     done: Done | None = None
+    thinking = _ThoughtsOnStderr(enabled=not as_json)
 
     def consume(events) -> None:
         nonlocal done
         for event in events:
             if isinstance(event, Chunk) and not as_json:
+                thinking.close()
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, ThoughtStart | Thought | ThoughtEnd):
+                thinking.show(event)
+            elif isinstance(event, ToolCall) and not as_json:
+                thinking.close()
             elif isinstance(event, Done):
+                thinking.close()
                 done = event
             elif isinstance(event, Note):
                 click.echo(f"apertus-mlx: warning: {event.text}", err=True)
@@ -228,7 +258,10 @@ def generate(
         sys.stderr.close()
         sys.exit(0)
     s = done.stats
+    calls = [_call_json(c) for c in done.tool_calls]
     if not as_json:
+        if calls:
+            sys.stdout.write(("\n" if done.text else "") + json.dumps(calls, ensure_ascii=False))
         sys.stdout.write("\n")
         sys.stdout.flush()
     cid = turn.conversation_id if stored else None
@@ -237,6 +270,10 @@ def generate(
         click.echo(f"saved as {cid}", err=True)
     if as_json:
         extra = {"conversation_id": cid} if stored else {}
+        if done.reasoning is not None or settings.thinking:
+            extra["reasoning"] = done.reasoning
+        if tools is not None:
+            extra["tool_calls"] = calls
         click.echo(
             json.dumps(
                 {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **extra},
@@ -279,3 +316,53 @@ def _open_history(continue_id: str | None, model_name: str | None):
         if source is not ParameterSource.COMMANDLINE:  # from the environment, or none
             model_name = conversation.model or model_name
     return store, saved, None, model_name
+
+
+def _json_file(path: str, flag: str, kind: type):
+    """The JSON in `path` (a list or an object, as `kind`); one line if it is not."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{flag}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise UsageError(
+            f"{flag}: {path} must hold a JSON {kind.__name__.replace('dict', 'object')}"
+        )
+    return data
+
+
+def _call_json(call) -> dict:
+    """A tool call in OpenAI's shape, as `--json` and the server give it."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+
+
+class _ThoughtsOnStderr:
+    """The model's deliberation on stderr, dimmed and marked, apart from the answer on
+    stdout (nothing when stdout is JSON)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.open = False
+        self.style = sys.stderr.isatty()
+
+    def show(self, event) -> None:
+        from ..format import Thought, ThoughtEnd
+
+        if isinstance(event, ThoughtEnd):
+            self.close()
+        if not (self.enabled and isinstance(event, Thought) and event.text):
+            return
+        if not self.open:
+            click.echo(click.style("[thinking] ", dim=self.style), err=True, nl=False)
+            self.open = True
+        click.echo(click.style(event.text, dim=self.style), err=True, nl=False)
+
+    def close(self) -> None:
+        if self.open:
+            click.echo(click.style(" [/thinking]", dim=self.style), err=True)
+            self.open = False
