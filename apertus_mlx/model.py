@@ -10,7 +10,8 @@ The same code serves a whole sequence (no cache), a prompt chunk, one decoded to
 block of drafted tokens to verify: with a cache it reads and writes `KVBuffers`, whose
 position is an array, so `generate.Forward` can compile it once per shape. How norms, RoPE and
 xIELU run (Metal kernels, `mx.fast`, or plain operations that `mx.compile` fuses on the CPU)
-was decided once, in the `Plan` the modules are built with.
+was decided once, in the `Plan` the modules are built with; so was whether a decoding step's
+quantized projections may try our Metal kernels (`kernels/linear.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from .cache import KVBuffers, KVCache, attention
 from .config import GenerationConfig, ModelArgs
 from .kernels import fast_norm_rope, norm_rope, rope_tables, xielu, xielu_compiled
+from .kernels.linear import Linear, qkv_norm_rope, up_xielu
 from .plan import Plan
 
 XIELU_BETA = 0.5
@@ -154,12 +156,12 @@ class Attention(nn.Module):
         dims, bias = args.hidden_size, args.attention_bias
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.fused:  # one matmul instead of three; see fusion.fuse_qkv
-            self.qkv_proj = nn.Linear(dims, q_size + 2 * kv_size, bias=bias)
+            self.qkv_proj = Linear(dims, q_size + 2 * kv_size, bias, plan)
         else:
-            self.q_proj = nn.Linear(dims, q_size, bias=bias)
-            self.k_proj = nn.Linear(dims, kv_size, bias=bias)
-            self.v_proj = nn.Linear(dims, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, dims, bias=bias)
+            self.q_proj = Linear(dims, q_size, bias, plan)
+            self.k_proj = Linear(dims, kv_size, bias, plan)
+            self.v_proj = Linear(dims, kv_size, bias, plan)
+        self.o_proj = Linear(q_size, dims, bias, plan)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
 
@@ -177,6 +179,11 @@ class Attention(nn.Module):
         """q, k, v (B, heads, L, head_dim); q and k RMS-normed per head and rotated."""
         B, L, _ = x.shape
         if self.fused:
+            heads = (self.n_heads, self.n_kv_heads)
+            # A decoding step on Metal: one kernel for all of it, where that checks out and wins.
+            fused = qkv_norm_rope(self.qkv_proj, x, self.q_norm, self.k_norm, rotate, *heads)
+            if fused is not None:
+                return fused
             q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             qkv = self.qkv_proj(x)
             q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
@@ -190,12 +197,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, False, plan)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, False, plan)
         self.act_fn = XIELU(plan)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+        # act_fn(up_proj(x)); one kernel on a decoding step where that checks out and wins
+        return self.down_proj(up_xielu(self.up_proj, self.act_fn, x))
 
 
 class DecoderLayer(nn.Module):
@@ -279,7 +287,7 @@ class Model(nn.Module):
         self.plan = plan
         self.model = ApertusModel(args, plan)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, False, plan)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
         """Logits of every position; with a cache, continue it (it then holds `inputs` too)."""

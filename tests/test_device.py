@@ -100,6 +100,7 @@ def test_the_plan_reads_the_device_and_the_switch_once(monkeypatch):
     plan = make_plan(mx.bfloat16, environ={"APERTUS_MLX_NO_METAL_KERNELS": "1"})
     assert asked == ["metal"] and plan.on_gpu and plan.fast_ops and not plan.metal_kernels
     assert plan.kernels_off() == "APERTUS_MLX_NO_METAL_KERNELS=1"
+    assert "qmv mlx (APERTUS_MLX_NO_METAL_KERNELS=1)" in plan.describe()
     on = make_plan(mx.bfloat16, environ={"APERTUS_MLX_NO_METAL_KERNELS": "0"})
     assert on.metal_kernels and on.kernels_off() is None and on.dtype == mx.bfloat16
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)

@@ -1,7 +1,8 @@
 """Fused operations: a Metal kernel where the plan allows it, MLX's own path elsewhere.
 
-`xielu.py` and `qk_rope.py` hold element-wise and per-head kernels; both share `metal.py`'s
-self-checked kernel object. `describe_kernels` says which paths a plan runs.
+`xielu.py` and `qk_rope.py` hold element-wise and per-head kernels, `qmv.py` the quantized
+matrix-vector kernels of decoding steps and `linear.py` the projections that use them; all
+share `metal.py`'s self-checked kernel object. `describe_kernels` says which paths a plan runs.
 """
 
 from __future__ import annotations
@@ -36,5 +37,22 @@ __all__ = [
 
 
 def describe_kernels(plan: Plan) -> str:
-    """For `--stats`: "xielu metal, qk-norm+rope metal" under `plan`."""
-    return f"xielu {xielu_backend(plan)}, qk-norm+rope {qk_rope_backend(plan)}"
+    """For `--stats`: "xielu metal, qk-norm+rope metal, qmv metal 1.18x, ..." under `plan`.
+
+    The quantized kernels say what their timing chose ("metal 1.18x", "mlx (metal 0.93x)") or
+    "mlx (failed its self-check)"; "qmv not run" before any decoding step on quantized weights.
+    """
+    from .qmv import KERNELS
+
+    parts = [f"xielu {xielu_backend(plan)}", f"qk-norm+rope {qk_rope_backend(plan)}"]
+    off = plan.kernels_off()
+    if off is not None:
+        return ", ".join([*parts, f"qmv mlx ({off})"])
+    quantized = []
+    for kernel in KERNELS:
+        summary = plan.kernels.summary(kernel.label)
+        if kernel.disabled is not None:
+            quantized.append(f"{kernel.label} mlx (failed its self-check)")
+        elif summary is not None:
+            quantized.append(f"{kernel.label} {summary}")
+    return ", ".join([*parts, *(quantized or ["qmv not run"])])
