@@ -27,7 +27,7 @@ import numpy as np
 from .cache import KVBuffers, KVCache, attention
 from .config import GenerationConfig, ModelArgs
 from .kernels import fast_norm_rope, norm_rope, rope_tables, xielu, xielu_compiled
-from .kernels.linear import Linear, qkv_norm_rope, up_xielu
+from .kernels.linear import projection, qkv_norm_rope, up_xielu
 from .plan import Plan
 
 XIELU_BETA = 0.5
@@ -156,12 +156,12 @@ class Attention(nn.Module):
         dims, bias = args.hidden_size, args.attention_bias
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.fused:  # one matmul instead of three; see fusion.fuse_qkv
-            self.qkv_proj = Linear(dims, q_size + 2 * kv_size, bias, plan)
+            self.qkv_proj = projection(dims, q_size + 2 * kv_size, bias, plan)
         else:
-            self.q_proj = Linear(dims, q_size, bias, plan)
-            self.k_proj = Linear(dims, kv_size, bias, plan)
-            self.v_proj = Linear(dims, kv_size, bias, plan)
-        self.o_proj = Linear(q_size, dims, bias, plan)
+            self.q_proj = projection(dims, q_size, bias, plan)
+            self.k_proj = projection(dims, kv_size, bias, plan)
+            self.v_proj = projection(dims, kv_size, bias, plan)
+        self.o_proj = projection(q_size, dims, bias, plan)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
 
@@ -197,8 +197,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
-        self.up_proj = Linear(args.hidden_size, args.intermediate_size, False, plan)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, False, plan)
+        self.up_proj = projection(args.hidden_size, args.intermediate_size, False, plan)
+        self.down_proj = projection(args.intermediate_size, args.hidden_size, False, plan)
         self.act_fn = XIELU(plan)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -287,7 +287,7 @@ class Model(nn.Module):
         self.plan = plan
         self.model = ApertusModel(args, plan)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, False, plan)
+            self.lm_head = projection(args.hidden_size, args.vocab_size, False, plan)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
         """Logits of every position; with a cache, continue it (it then holds `inputs` too)."""

@@ -526,6 +526,7 @@ def _timed(monkeypatch, ours_s: float, theirs_s: float) -> list:
 def test_cpu_plan_keeps_mlx_layers(fresh_state, monkeypatch):
     for kernel in ALL:
         monkeypatch.setattr(kernel, "_make", lambda: pytest.fail("a kernel was built on the CPU"))
+    assert type(linear.projection(256, 8, False, cpu_plan())) is nn.Linear
     layer = _quantized(256, 8, 4, 64, cpu_plan())
     assert type(layer) is nn.QuantizedLinear
     x = mx.ones((1, 256))

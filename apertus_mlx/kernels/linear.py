@@ -1,7 +1,8 @@
 """Projections whose decoding steps may run our quantized Metal kernels (`qmv.py`).
 
-The model builds its projections as `Linear`, an `nn.Linear` that knows the plan; loading
-quantizes them (`nn.quantize` calls `to_quantized`) into `QuantizedLinear`, MLX's own layer
+The model builds its projections with `projection`: where the plan allows our kernels, as
+`Linear`, an `nn.Linear` that knows the plan (elsewhere MLX's own layers). Loading quantizes
+them (`nn.quantize` calls `to_quantized`) into `QuantizedLinear`, MLX's own layer
 and weights, whose call on 1..8 rows runs `qmv.QMV` instead of `mx.quantized_matmul` where
 - the plan allows our Metal kernels (decided once, at load),
 - the layer is affine with bits and group size the kernel serves, and the dtypes fit,
@@ -29,6 +30,13 @@ from .xielu import xielu
 
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 PROBE_BYTES = 64 << 20  # largest packed weight a timing probe allocates (fewer inputs if need be)
+
+
+def projection(input_dims: int, output_dims: int, bias: bool, plan: Plan) -> nn.Linear:
+    """The model's linear layer: ours where the plan allows kernels, else MLX's own."""
+    if plan.metal_kernels:
+        return Linear(input_dims, output_dims, bias, plan)
+    return nn.Linear(input_dims, output_dims, bias=bias)
 
 
 class Linear(nn.Linear):
@@ -76,6 +84,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             and self.bits in qmv.BITS
             and self.group_size in qmv.GROUPS
             and 1 <= rows <= qmv.MAX_ROWS
+            and x.shape[-1] * self.bits == self["weight"].shape[-1] * 32
             and x.dtype in FLOATS
             and (scales == x.dtype or x.dtype == mx.float32)  # else MLX's result is wider
         )
@@ -89,9 +98,10 @@ class QuantizedLinear(nn.QuantizedLinear):
     ) -> bool:
         """Does `kernel` compute this call: it fits, checks out and is faster on this shape?
 
-        `probe(layer, x, plan, *variant)` returns (ours, theirs), thunks that run the kernel and
+        `probe(layer, x, *variant)` returns (ours, theirs), thunks that run the kernel and
         MLX's path on fresh arrays of this call's shapes (the weights may be tracers of an
-        `mx.compile`d forward, which cannot be evaluated while tracing).
+        `mx.compile`d forward, which cannot be evaluated while tracing); it is called only the
+        first time this shape is timed.
         """
         if not self.fits(x):
             return False
@@ -99,9 +109,8 @@ class QuantizedLinear(nn.QuantizedLinear):
         instance = (self["scales"].dtype, self.bits, self.group_size, rows, *variant)
         if not kernel.usable(x.dtype, *instance):
             return False
-        ours, theirs = probe(self, x, *variant)
         key = (x.dtype, *instance, self["weight"].shape[0], x.shape[-1])
-        return kernel.faster(key, ours, theirs, self.plan.kernels)
+        return kernel.faster(key, lambda: probe(self, x, *variant), self.plan.kernels)
 
 
 def _probe_arrays(

@@ -145,17 +145,17 @@ class SelfCheckedKernel:
     def faster(
         self,
         key: Hashable,
-        ours: Callable[[], Any],
-        theirs: Callable[[], Any],
+        probe: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
         record: KernelRecord,
     ) -> bool:
-        """Is the kernel at least `MIN_SPEEDUP` times as fast as MLX's path, on probes of the
-        shape `key` stands for? Timed once per key; the outcome is noted in `record`."""
+        """Is the kernel at least `MIN_SPEEDUP` times as fast as MLX's path on the shape `key`
+        stands for? `probe()` gives (ours, theirs), thunks running each on fresh arrays of that
+        shape; it is called only to time, once per key. The outcome is noted in `record`."""
         if self.disabled is not None:
             return False
         if key not in self._timed:
             try:
-                self._timed[key] = time_both(ours, theirs)
+                self._timed[key] = time_both(*probe())
             except Exception as error:
                 self._disable(failure(error))
                 return False
