@@ -211,8 +211,8 @@ def test_values_straddling_words(bits):
     # The same text without the second word of a straddling chunk reads them wrong.
     broken = qmv.QMV_SOURCE.replace("if (shift + VPT * BITS > 32) {", "if (false) {")
     assert broken != qmv.QMV_SOURCE
-    instance = [_instance_of(_qmv_launch(x, n, bits, 64, BF16))]
-    got = _qmv_gpp(x, w, s, b, bits, 64, source=broken, instances=instance)
+    instances = [_instance_of(_qmv_launch(x, n, width, 64, BF16)) for width in (3, 6)]
+    got = _qmv_gpp(x, w, s, b, bits, 64, source=broken, instances=instances)
     assert _fails(got, x, w, s, b, bits, 64) > 0.5
 
 
@@ -405,8 +405,7 @@ SEMANTICS = SimpleNamespace(
     out[4 * i] = ladder;
     out[4 * i + 1] = total;
     out[4 * i + 2] = down;
-    out[4 * i + 3] = other + static_cast<float>(simdgroup_index_in_threadgroup) * 0.0f
-        + static_cast<float>(thread_index_in_simdgroup) * 0.0f;
+    out[4 * i + 3] = other;
 """,
 )
 
