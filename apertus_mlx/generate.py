@@ -76,7 +76,7 @@ def generate_step(
         progress.read, progress.seconds = n, time.perf_counter() - started
 
     started = time.perf_counter()
-    with mx.stream(generation_stream()):
+    with mx.stream(generation_stream(forward.model.plan)):
         logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
         if logits is None:
             return

@@ -199,7 +199,7 @@ def speculative_generate_step(
     draft.reuse(seq)
     fresh = len(seq) - cache.offset  # prompt tokens this call reads into the model
     try:
-        with mx.stream(generation_stream()):
+        with mx.stream(generation_stream(forward.model.plan)):
             if not read(forward, seq[cache.offset : -1], cache, count):
                 return
             if not read(draft_forward, seq[draft.cache.offset : -1], draft.cache, lambda n: 0):
