@@ -25,7 +25,7 @@ from tests.checkpoints import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def _tokenizer_build(tmp_path_factory) -> tuple[Path, int]:
-    from tests.fixture_tokenizer import build_tokenizer
+    from fixtures.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     return out, build_tokenizer(out)
