@@ -225,3 +225,118 @@ def test_cli_overlong_message_writes_nothing(home, tiny_model_dir):  # noqa: F81
     assert out.returncode == 2 and "too long" in out.stderr
     shown = json.loads(cli("history", "export", cid, "-f", "json").stdout)
     assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
+
+
+def test_history_rm_while_continue_streams_leaves_nothing(home, endless_model):  # noqa: F811
+    """`history rm` in another process while `generate --continue` streams: once the answer
+    ends, nothing of the conversation is on disk (rows, search index, cache file)."""
+    import os
+    import subprocess
+    import sys
+
+    first = cli("generate", "Zebrafink Quokka?", "-m", str(endless_model), "--temp", "0",
+                "-n", "4", "--save", "--json")  # fmt: skip
+    cid = json.loads(first.stdout)["conversation_id"]
+    assert (home / "caches" / f"{cid}.safetensors").is_file()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apertus_mlx", "generate", "Mehr!", "--continue", cid, "-n", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )  # fmt: skip
+    try:
+        proc.stdout.read(1)  # the answer is streaming
+        assert cli("history", "rm", cid, "--yes").returncode == 0
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "deleted while answering" in err and "saved as" not in err
+    assert json.loads(cli("history", "list", "--json").stdout) == []
+    assert json.loads(cli("history", "search", "Zebrafink", "--json").stdout) == []
+    assert not list((home / "caches").glob("*"))
+    raw = b"".join(p.read_bytes() for p in home.glob("history.db*"))
+    assert b"Zebrafink" not in raw and cid.encode() not in raw
+
+
+def test_three_concurrent_continues_answer_under_their_own_questions(home, endless_model):  # noqa: F811
+    """Three `generate --continue SAME` streaming at once: each answer under its own question,
+    nothing lost (issue: two processes, one conversation)."""
+    import subprocess
+    import sys
+
+    out = cli("generate", "Grüezi", "-m", str(endless_model), "--save", "--temp", "0", "-n",
+              "3", "--json")  # fmt: skip
+    cid = json.loads(out.stdout)["conversation_id"]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "apertus_mlx",
+                "generate",
+                f"Frage {i}",
+                "--continue",
+                cid,
+                "-n",
+                "150",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    with Store.open(home / "history.db") as store:
+        messages = store.messages(cid)
+        questions = {
+            m.id: m for m in messages if m.role == "user" and m.content.startswith("Frage")
+        }
+        assert len(questions) == 3
+        for q in questions.values():
+            answers = store.children(q.id)
+            assert len(answers) == 1 and answers[0].finish_reason in ("stop", "length")
+            assert answers[0].content  # nothing lost
+        # no question follows another's question, or an answer still being written then
+        for q in questions.values():
+            parent = store.message(q.parent_id)
+            assert parent.role == "assistant" and parent.written_at <= q.created_at
+
+
+def test_two_writers_interleaved_keep_every_answer_under_its_question(tiny, tmp_path_factory):
+    """Two turns on one conversation (two processes' services on one database), their steps
+    interleaved at random: every answer sits under its own question, complete."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.booleans(), min_size=4, max_size=40))
+    def check(order: list[bool]) -> None:
+        root = tmp_path_factory.mktemp("writers")
+        a = service(tiny, root, saved=None)
+        b = service(tiny, root, saved=None, store=Store.open(root / "history.db"))
+        first, _, _ = run(a, TurnRequest.new("Grüezi!", GREEDY))
+        cid = first.conversation_id
+        turns = [s.start(TurnRequest.follow(cid, f"Frage {n}")) for n, s in ((0, a), (1, b))]
+        streams = [t.events for t in turns]
+        done: list[Done | None] = [None, None]
+        for pick in [*map(int, order), 0, 1] * 20:
+            if done[pick] is None:
+                for event in streams[pick]:
+                    if isinstance(event, Done):
+                        done[pick] = event
+                    break  # one event per step
+        for stream in streams:  # what follows Done (keeping the cache) runs too
+            list(stream)
+        store = a.store
+        for n, turn in enumerate(turns):
+            answer = store.message(turn.answer_message_id)
+            question = store.message(answer.parent_id)
+            assert question.content == f"Frage {n}" and answer.finish_reason is not None
+            assert answer.content == done[n].text
+            parent = store.message(question.parent_id)
+            assert parent.role == "assistant" and parent.written_at <= question.created_at
+
+    check()
