@@ -14,6 +14,7 @@ conversation (`delete_conversation`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -100,7 +101,8 @@ class SavedCaches:
             reason = getattr(e, "strerror", None) or " ".join(str(e).split())
             raise StoreError(f"KV cache not saved in {self.directory}: {reason}") from None
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a directory that is not one, say
+                partial.unlink(missing_ok=True)
         self.evict(keep=file)
 
     def load(self, key: str, like: KVCache, ident: dict[str, str]) -> Loaded:

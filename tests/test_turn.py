@@ -340,3 +340,29 @@ def test_two_writers_interleaved_keep_every_answer_under_its_question(tiny, tmp_
             assert parent.role == "assistant" and parent.written_at <= question.created_at
 
     check()
+
+
+def test_a_cache_that_cannot_be_saved_is_a_warning_and_a_full_disk_one_line(home, tiny_model_dir):  # noqa: F811
+    """The saved-cache folder unusable: the answer is saved, one warning line. A full disk:
+    one error line naming the history, exit 1, never an internal error."""
+    import resource
+
+    model = str(tiny_model_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "caches").write_text("not a folder")
+    out = cli("generate", "Grüezi", "-m", model, "-n", "4", "--save")
+    assert out.returncode == 0, out.stderr
+    assert "warning: KV cache not saved" in out.stderr and "saved as" in out.stderr
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    (home / "caches").unlink()
+    for f in home.glob("history.db*"):
+        f.unlink()
+    out = cli("generate", "Grüezi", "-m", model, "-n", "4", "--save", preexec_fn=small_files)
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "history not saved" in errors[0], out.stderr
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
