@@ -105,16 +105,17 @@ def ours_step_ops(forward, prompt: list[int]) -> Counter[str]:
     # The measured run's first decode step has this capacity: compile for the same shapes.
     cache.reserve(len(prompt) + 1)
     y = mx.argmax(logits, axis=-1)
-    mx.eval(y, *cache.state())
+    mx.eval(y, *cache.arrays())
     logits = forward(y[:, None], cache)
-    prims = graph_primitives([logits, *cache.state()])
-    mx.eval(logits, *cache.state())
+    prims = graph_primitives([logits, *cache.arrays()])
+    mx.eval(logits, *cache.arrays())
     return prims
 
 
 def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
     """Load with apertus-mlx, warm up, then time `generate_step` (greedy), as for mlx-lm."""
-    from .generate import Forward, generate_step
+    from .forward import Forward
+    from .generate import generate_step
     from .loading import load_model
     from .sampling import SamplingParams, make_sampler
 
@@ -311,7 +312,8 @@ def bench_speculative(
     A first run of each, untimed, compiles every shape the timed ones use (the verification
     block, the draft's one- and two-token steps, the shorter last rounds).
     """
-    from .generate import Forward, generate_step
+    from .forward import Forward
+    from .generate import generate_step
     from .sampling import SamplingParams, make_sampler
     from .speculative import Draft, DraftCounts, speculative_generate_step
 
@@ -326,7 +328,7 @@ def bench_speculative(
     draft = Draft(draft_model, num_draft_tokens)
 
     def speculative(counts: DraftCounts) -> Iterator[tuple[int, mx.array]]:
-        draft.cache, draft.ids = draft_model.make_cache(), []  # a cold start, compiled graphs
+        draft.cache = draft_model.make_cache()  # a cold start, compiled graphs
         return speculative_generate_step(
             prompt,
             forward,

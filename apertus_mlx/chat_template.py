@@ -26,6 +26,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TokenizerError
+from .format.tools import RawJSON
 
 RENDER_SECONDS = 5.0  # per rendering; the real Apertus template needs about a millisecond
 MAX_LOOP_ITERATIONS = 1_000_000  # over all loops of one rendering
@@ -199,7 +200,10 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Same as transformers' filter: Jinja's own escapes HTML characters.
+    # Same as transformers' filter: Jinja's own escapes HTML characters. Call arguments are
+    # RawJSON, JSON already: written as they are, never encoded a second time.
+    if isinstance(x, RawJSON):
+        return str(x)
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )

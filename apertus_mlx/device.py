@@ -4,7 +4,8 @@ On a Mac, macOS may page a large model's weights out of GPU memory between token
 wired-memory limit covers them; `wired_limit` raises it for the duration of a generation
 (to the device's recommended working set) and puts the old value back. Generation runs on a
 stream of its own so that it never queues behind other work of the process. Neither applies
-to the CPU backend, where both are no-ops.
+to the CPU backend, where both are no-ops. Whether MLX computes on Metal is the plan's answer
+(`Plan.on_gpu`), not asked again here.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_reduce
 
+from .plan import Plan
+
 logger = logging.getLogger("apertus_mlx")
 
 
-def on_metal() -> bool:
-    return mx.metal.is_available() and mx.default_device() == mx.gpu
+def generation_stream(plan: Plan) -> Any:
+    """The stream generation runs on (the model's plan says whether a GPU computes): one per
+    thread (a chat's model thread has its own)."""
+    return _stream(plan.on_gpu)
 
 
 @functools.cache
-def generation_stream():
-    """The stream generation runs on: one per thread (a chat's model thread has its own)."""
-    if not on_metal():
+def _stream(on_gpu: bool) -> Any:
+    if not on_gpu:
         return mx.default_device()  # as a stream context: the calling thread's default stream
     return mx.new_thread_local_stream(mx.default_device())
 
@@ -39,7 +44,7 @@ def model_bytes(model) -> int:
 @contextmanager
 def wired_limit(model) -> Iterator[None]:
     """Keep the model's weights wired while generating (Metal only); restore the limit after."""
-    if not on_metal():
+    if not model.plan.on_gpu:
         yield
         return
     size = model_bytes(model)
@@ -58,5 +63,5 @@ def wired_limit(model) -> Iterator[None]:
     try:
         yield
     finally:
-        mx.synchronize(generation_stream())
+        mx.synchronize(generation_stream(model.plan))
         mx.set_wired_limit(old)

@@ -6,18 +6,15 @@
 `generate_step` deals in token ids only: prompt in, (token, log-probabilities) out, with the
 sampler and logits processors passed in as callables; speculative decoding and benchmarks plug
 in there. `generate` adds text on top: end tokens, the streaming detokenizer, stop strings,
-events and stats. Both run the model through `Forward`: its one forward pass over the KV
-cache, compiled once per shape.
+events and stats. Both run the model through `forward.Forward`: its one forward pass over the
+KV cache, compiled once per shape, with the prompt read in stoppable chunks.
 
 Decoding samples step n+1 before step n's token reaches Python (`mx.async_eval`), so
-detokenizing and printing overlap with the model's work. The prompt is read in chunks sized
-from the measured speed, so a stop request (the stop event, Ctrl+C) lands within about
-`PREFILL_BUDGET_S` even while a long prompt is being read, on a fast Mac and on a slow CPU.
+detokenizing and printing overlap with the model's work.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -26,154 +23,20 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .cache import KVBuffers, KVCache
+from .cache import KVCache
 from .device import generation_stream, wired_limit
 from .errors import UsageError
+from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .sampling import LogitsProcessor, SamplingParams, make_logits_processors, make_sampler
 from .stopping import StopStrings
 
 if TYPE_CHECKING:
     from .speculative import Draft
 
-DEFAULT_MAX_TOKENS = 4096  # a real answer fits; mlx-lm's 100-256 cuts answers mid-sentence
-PREFILL_BUDGET_S = 0.4  # the longest one layer of a prompt chunk should take: a stop's delay
-MAX_CHUNK = 512  # prompt tokens per chunk at most: memory for one chunk of activations
-FIRST_CHUNK = 8  # prompt tokens at least in a first chunk, before the speed is measured
-# Floating-point operations per second assumed of a device before its speed is measured: low
-# enough that a first chunk rarely overruns (it starts over smaller if it does).
-ASSUMED_FLOPS = {"cpu": 5e9, "gpu": 2e12}
-
-
-class Forward:
-    """The model's forward pass over a KV cache, compiled once per input shape.
-
-    The weights are inputs of the compiled graphs (`mx.compile(..., inputs=model.state)`), not
-    constants captured in them, so updating the model (new weights, an adapter) is seen by the
-    next call. Shapes change only when the cache grows a bucket (`KVCache.step`), so decoding
-    compiles rarely. `prefill` reads prompt chunks with the same pass, uncompiled: chunk
-    lengths vary, and at those sizes the matmuls, not the dispatch, take the time.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self._compiled = mx.compile(self._pure, inputs=model.state)
-        self.tokens_per_s: float | None = None  # prompt reading speed, once measured
-
-    def _pure(self, inputs, position, keys, values):
-        kv = KVBuffers(list(keys), list(values), position)
-        hidden = self.model.model(inputs, kv)
-        return hidden, kv.keys, kv.values
-
-    def _compiled_pass(self, inputs: mx.array, kv: KVBuffers) -> mx.array:
-        hidden, kv.keys, kv.values = self._compiled(inputs, kv.position, kv.keys, kv.values)
-        return hidden
-
-    def __call__(self, inputs: mx.array, cache: KVCache) -> mx.array:
-        """Logits (B, L, vocab) of the next token after each of `inputs` (B, L)."""
-        return self.model.logits(cache.run(self._compiled_pass, inputs))
-
-    def prefill(
-        self,
-        ids: Sequence[int],
-        cache: KVCache,
-        stop: Callable[[], bool] = lambda: False,
-        progress: Callable[[int], None] = lambda n: None,
-    ) -> mx.array | None:
-        """Read `ids` into the cache; the logits (1, vocab) after the last one.
-
-        Chunks are sized from the measured speed. One that should take longer than
-        `PREFILL_BUDGET_S` is evaluated layer by layer, with `stop()` asked after every layer
-        (sizing by layer rather than by chunk keeps chunks long enough for full-speed matmuls
-        on a slow CPU, where one token through every layer can take longer than the budget);
-        a quicker one runs as one graph and is asked after. The first chunk is sized from a
-        cautious guess (`ASSUMED_FLOPS`) and starts over smaller if its first layer alone
-        overruns the budget. A stop
-        returns None with the cache holding the chunks read whole. `progress(n)` hears how
-        many tokens are in so far.
-        """
-        layers = len(self.model.layers)
-        done = 0
-        while done < len(ids):
-            size = min(self._chunk_size(layers), len(ids) - done)
-            by_layer = size > self._rate() * PREFILL_BUDGET_S
-            start = time.perf_counter()
-            watch = _LayerWatch(stop, start, probing=self.tokens_per_s is None)
-            forward = functools.partial(self.model.model, after_layer=watch if by_layer else None)
-            try:
-                hidden = cache.run(forward, mx.array([ids[done : done + size]]))
-                mx.eval(cache.state())
-            except _Stopped:
-                return None
-            except _TooSlow as slow:  # a first layer this slow: per token, per layer
-                self.tokens_per_s = size / (slow.seconds * layers)
-                continue
-            if not by_layer and stop():
-                return None
-            done += size
-            self._measure(size, time.perf_counter() - start)
-            progress(done)
-        return self.model.logits(hidden[:, -1, :])
-
-    def _rate(self) -> float:
-        """Prompt tokens per second: as measured, else a cautious guess from the model's size
-        and the device."""
-        if self.tokens_per_s is not None:
-            return self.tokens_per_s
-        a = self.model.args
-        attention = (2 * a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
-        flops = 2 * a.num_hidden_layers * a.hidden_size * (attention + 2 * a.intermediate_size)
-        return ASSUMED_FLOPS["gpu" if self.model.plan.on_gpu else "cpu"] / flops
-
-    def _chunk_size(self, layers: int) -> int:
-        smallest = 1 if self.tokens_per_s is not None else FIRST_CHUNK
-        return max(smallest, min(MAX_CHUNK, int(self._rate() * PREFILL_BUDGET_S * layers)))
-
-    def _measure(self, tokens: int, seconds: float) -> None:
-        if tokens < FIRST_CHUNK:  # fixed costs dominate: it would understate the speed
-            return
-        rate = tokens / max(seconds, 1e-6)
-        # Grow at most 4x per chunk: a short first chunk is dominated by fixed costs.
-        if self.tokens_per_s is not None:
-            rate = min(rate, 4 * self.tokens_per_s)
-        self.tokens_per_s = rate
-
-
-class _LayerWatch:
-    """`after_layer` for a prompt chunk read layer by layer: evaluates, asks `stop()`, and on
-    a first chunk of unknown speed gives up early when one layer overruns the budget."""
-
-    def __init__(self, stop: Callable[[], bool], start: float, probing: bool):
-        self.stop, self.start, self.probing = stop, start, probing
-
-    def __call__(self, h: mx.array) -> None:
-        mx.eval(h)
-        if self.stop():
-            raise _Stopped
-        if self.probing:
-            seconds = time.perf_counter() - self.start
-            if seconds > 2 * PREFILL_BUDGET_S:
-                raise _TooSlow(seconds)
-            self.probing = False
-
-
-class _TooSlow(Exception):
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-
-class _Stopped(Exception):
-    """Raised between two layers of a prompt chunk when a stop was requested."""
+__all__ = ["DEFAULT_MAX_TOKENS", "Chunk", "Done", "Event", "Forward", "Stats", "generate"]
 
 
 # --- the token layer ----------------------------------------------------------------------
-
-
-@dataclass
-class PromptProgress:
-    """How much of the prompt the model has read, for truthful stats after a stop."""
-
-    read: int = 0
-    seconds: float = 0.0
 
 
 def generate_step(
@@ -213,7 +76,7 @@ def generate_step(
         progress.read, progress.seconds = n, time.perf_counter() - started
 
     started = time.perf_counter()
-    with mx.stream(generation_stream()):
+    with mx.stream(generation_stream(forward.model.plan)):
         logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
         if logits is None:
             return
@@ -268,6 +131,10 @@ class Done:
     text: str
     stats: Stats
     tokens: list[int] = field(default_factory=list)
+    # Set by a turn that parses Apertus's format (`turn.py`): the deliberation apart from
+    # the answer `text`, and the calls made (`format.ToolCall`s).
+    reasoning: str | None = None
+    tool_calls: list = field(default_factory=list)
 
 
 Event = Chunk | Done
@@ -305,6 +172,7 @@ def generate(
     stop_event: threading.Event | None = None,
     draft: Draft | None = None,
     forward: Forward | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -315,8 +183,14 @@ def generate(
     distribution of answers, faster when the draft often guesses the model's next tokens.
     Pass the model's `Forward` to reuse its compiled graphs across calls (a chat session
     does); without one, this call compiles its own (tens of milliseconds).
+    `logits_processors` run after the sampling settings' own (e.g. a grammar's mask from
+    `constrained.Constraint.processor`); they follow one answer token by token, so they do
+    not combine with a draft.
     """
     params = params or SamplingParams()
+    if draft is not None and logits_processors:
+        raise UsageError("constrained output does not work with a draft model")
+    processors = [*make_logits_processors(params), *logits_processors]
     cache = cache if cache is not None else model.make_cache()
     cached = cache.offset
     prompt = check_prompt(prompt_ids, model, cached, max_tokens)
@@ -331,7 +205,7 @@ def generate(
             forward,
             cache,
             sampler=make_sampler(params),
-            logits_processors=make_logits_processors(params),
+            logits_processors=processors,
             max_tokens=max_tokens,
             stop=stop,
             progress=progress,

@@ -101,6 +101,17 @@ def resolve_model(name: str | Path) -> Path:
         ) from None
 
 
+def model_identity(name: str | Path) -> tuple[str, str | None]:
+    """(model, revision) to record with an answer: a directory as its absolute path (no
+    revision; symlinks kept, the user may re-point them); a hub model as its repo id and the
+    snapshot hash it runs from."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return os.path.abspath(path), None
+    snapshot = resolve_model(name)
+    return repo_for(str(name)), snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
 def progress_class(report: Callable[[int, int], None], cancel: threading.Event | None = None):
     """A tqdm class for `snapshot_download(tqdm_class=...)` that calls report(done, total) in
     bytes instead of drawing, and stops the download (DownloadCancelled) once `cancel` is set.

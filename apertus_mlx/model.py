@@ -8,9 +8,10 @@ update. The forward pass reads like transformers' `modeling_apertus.py`:
 
 The same code serves a whole sequence (no cache), a prompt chunk, one decoded token and a
 block of drafted tokens to verify: with a cache it reads and writes `KVBuffers`, whose
-position is an array, so `generate.Forward` can compile it once per shape. How norms, RoPE and
+position is an array, so `forward.Forward` can compile it once per shape. How norms, RoPE and
 xIELU run (Metal kernels, `mx.fast`, or plain operations that `mx.compile` fuses on the CPU)
-was decided once, in the `Plan` the modules are built with.
+was decided once, in the `Plan` the modules are built with; so was whether a decoding step's
+quantized projections may try our Metal kernels (`kernels/linear.py`).
 """
 
 from __future__ import annotations
@@ -23,16 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVBuffers, KVCache, attention
+from .cache import KVBuffers, KVCache
 from .config import GenerationConfig, ModelArgs
-from .kernels import (
-    norm_rope,
-    qk_norm_rope,
-    qk_rope_kernel_usable,
-    rope_tables,
-    xielu,
-    xielu_compiled,
-)
+from .kernels import fast_norm_rope, norm_rope, rope_tables, xielu, xielu_compiled
+from .kernels.linear import projection, qkv_norm_rope, up_xielu
 from .plan import Plan
 
 XIELU_BETA = 0.5
@@ -88,28 +83,36 @@ class RoPE(nn.Module):
         super().__init__()
         self._inv_freq = mx.array(rope_inv_freq(args))
         self._wavelengths = 1.0 / self._inv_freq  # what mx.fast.rope calls `freqs`
-        self.fast = plan.fast_ops
-        self.metal_kernel = plan.metal_kernels
+        self.plan = plan
 
-    def rotation(self, length: int, position: int | mx.array) -> Any:
-        """A function (x (B, L, heads, D), norm) -> normed, rotated (B, heads, L, D)."""
+    def rotation(self, length: int, position: int | mx.array) -> Rotation:
+        return Rotation(self.plan, length, position, self._inv_freq, self._wavelengths)
+
+
+class Rotation:
+    """(x (B, L, heads, D), norm) -> normed, rotated (B, heads, L, D), for one forward pass.
+
+    Keeps the positions and frequencies, which the fused q/k/v kernel also takes.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        length: int,
+        position: int | mx.array,
+        inv_freq: mx.array,
+        wavelengths: mx.array,
+    ):
+        self.plan, self.position, self.inv_freq = plan, position, inv_freq
+        self.fast, self.wavelengths = plan.fast_ops, wavelengths
         if not self.fast:
-            cos, sin = rope_tables(length, position, self._inv_freq)
-            return lambda x, norm: norm_rope(x, norm.weight, norm.eps, cos, sin)
-        return lambda x, norm: self._fast(x, norm, position)
+            self.tables = rope_tables(length, position, inv_freq)
 
-    def _fast(self, x: mx.array, norm: RMSNorm, position: int | mx.array) -> mx.array:
-        if self.metal_kernel and qk_rope_kernel_usable(x, norm.weight):
-            return qk_norm_rope(x, norm.weight, norm.eps, position, self._inv_freq)
-        return mx.fast.rope(
-            norm(x).transpose(0, 2, 1, 3),
-            x.shape[-1],
-            traditional=False,
-            base=None,
-            scale=1.0,
-            offset=position,
-            freqs=self._wavelengths,
-        )
+    def __call__(self, x: mx.array, norm: RMSNorm) -> mx.array:
+        if not self.fast:
+            return norm_rope(x, norm.weight, norm.eps, *self.tables)
+        tables = self.position, self.inv_freq, self.wavelengths
+        return fast_norm_rope(x, norm.weight, norm.eps, *tables, self.plan)
 
 
 class XIELU(nn.Module):
@@ -121,20 +124,25 @@ class XIELU(nn.Module):
     softplus fuse into the element-wise kernel where `mx.compile` runs it.
     """
 
-    def __init__(self, metal_kernel: bool):
+    def __init__(self, plan: Plan):
         super().__init__()
-        self._kernel = xielu if metal_kernel else xielu_compiled  # the kernel self-checks
+        self.plan = plan
         self.alpha_p = mx.array(math.log(math.expm1(0.8)))
         self.alpha_n = mx.array(math.log(math.expm1(0.8 - XIELU_BETA)))
         self.beta = mx.array(XIELU_BETA)
         self.eps = mx.array(XIELU_EPS)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def constants(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """a_p, a_n, beta, eps as 0-d float32 arrays."""
         f32 = mx.float32
         beta, eps = self.beta.astype(f32), self.eps.astype(f32)
         a_p = nn.softplus(self.alpha_p.astype(f32))
-        a_n = beta + nn.softplus(self.alpha_n.astype(f32))
-        return self._kernel(x, a_p, a_n, beta, eps)
+        return a_p, beta + nn.softplus(self.alpha_n.astype(f32)), beta, eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.plan.metal_kernels:  # the kernel where it checks out
+            return xielu(x, *self.constants(), self.plan)
+        return xielu_compiled(x, *self.constants())
 
 
 class Attention(nn.Module):
@@ -147,13 +155,13 @@ class Attention(nn.Module):
         self.fused = plan.fuse_qkv
         dims, bias = args.hidden_size, args.attention_bias
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if self.fused:  # one matmul instead of three; see loading.fuse_qkv
-            self.qkv_proj = nn.Linear(dims, q_size + 2 * kv_size, bias=bias)
+        if self.fused:  # one matmul instead of three: the loader concatenates them (fusion.py)
+            self.qkv_proj = projection(dims, q_size + 2 * kv_size, bias, plan)
         else:
-            self.q_proj = nn.Linear(dims, q_size, bias=bias)
-            self.k_proj = nn.Linear(dims, kv_size, bias=bias)
-            self.v_proj = nn.Linear(dims, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, dims, bias=bias)
+            self.q_proj = projection(dims, q_size, bias, plan)
+            self.k_proj = projection(dims, kv_size, bias, plan)
+            self.v_proj = projection(dims, kv_size, bias, plan)
+        self.o_proj = projection(q_size, dims, bias, plan)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, plan.fast_ops)
 
@@ -161,31 +169,42 @@ class Attention(nn.Module):
         self, x: mx.array, mask: Any, kv: KVBuffers | None, layer: int, rotate: Any
     ) -> mx.array:
         B, L, _ = x.shape
+        q, k, v = self.project(x, rotate)
+        if kv is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:  # k, v stored at the pass's position; attention over every position so far
+            out = kv.attend(layer, q, k, v, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def project(self, x: mx.array, rotate: Rotation) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v (B, heads, L, head_dim); q and k RMS-normed per head and rotated."""
+        B, L, _ = x.shape
         if self.fused:
+            heads = (self.n_heads, self.n_kv_heads)
+            # A decoding step on Metal: one kernel for all of it, where that checks out and wins.
+            fused = qkv_norm_rope(self.qkv_proj, x, self.q_norm, self.k_norm, rotate, *heads)
+            if fused is not None:
+                return fused
             q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             qkv = self.qkv_proj(x)
             q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # (B, heads, L, head_dim): RMS-normed per head (q, k) and rotated
         q = rotate(q.reshape(B, L, self.n_heads, -1), self.q_norm)
         k = rotate(k.reshape(B, L, self.n_kv_heads, -1), self.k_norm)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if kv is not None:
-            k, v = kv.write(layer, k, v)  # every position so far, and the unused tail (masked)
-        out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return q, k, v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, plan: Plan):
         super().__init__()
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.act_fn = XIELU(plan.metal_kernels)
+        self.up_proj = projection(args.hidden_size, args.intermediate_size, False, plan)
+        self.down_proj = projection(args.intermediate_size, args.hidden_size, False, plan)
+        self.act_fn = XIELU(plan)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+        # act_fn(up_proj(x)); one kernel on a decoding step where that checks out and wins
+        return self.down_proj(up_xielu(self.up_proj, self.act_fn, x))
 
 
 class DecoderLayer(nn.Module):
@@ -269,7 +288,7 @@ class Model(nn.Module):
         self.plan = plan
         self.model = ApertusModel(args, plan)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = projection(args.hidden_size, args.vocab_size, False, plan)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
         """Logits of every position; with a cache, continue it (it then holds `inputs` too)."""

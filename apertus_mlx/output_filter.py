@@ -463,3 +463,33 @@ def reminder(today: date | None = None) -> str | None:
             f"to refresh it every six months: {how}"
         )
     return None
+
+
+class InstalledFilter:
+    """The installed filter as it is now: read again once the file is replaced or removed, so a
+    long-running chat or server applies the filter the user just installed.
+
+    Calling it gives the filter (None when none is installed); a file that cannot be read
+    raises FilterInstallError: no answer goes out unfiltered by accident.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or installed_path()
+        self._loaded: tuple[int, OutputFilter] | None = None  # (file mtime, filter)
+
+    def __call__(self) -> OutputFilter | None:
+        from .errors import FilterFormatError, FilterInstallError
+
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except OSError:
+            self._loaded = None
+            return None
+        if self._loaded is None or self._loaded[0] != stamp:
+            try:
+                self._loaded = (stamp, OutputFilter.from_file(self.path))
+            except FilterFormatError as e:
+                raise FilterInstallError(
+                    f"{e} (fix it with `apertus-mlx filter install FILE` or `filter rm`)"
+                ) from None
+        return self._loaded[1]

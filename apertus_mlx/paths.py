@@ -29,8 +29,13 @@ def data_dir() -> Path:
     return user_data_path(APP_NAME, appauthor=False)
 
 
+def caches_dir() -> Path:
+    """Saved KV caches of conversations (`saved_caches`): the one place that says where."""
+    return data_dir() / "caches"
+
+
 def config_dir() -> Path:
-    """Settings (config.toml). Not created here."""
+    """The chat's settings (config.json). Not created here."""
     home = _home()
     if home is not None:
         return home

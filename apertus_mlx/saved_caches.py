@@ -1,54 +1,83 @@
 """KV caches saved beside conversations, so reopening one does not read its history again.
 
 A conversation's cache is written after each answer as one safetensors file (the filled part
-of every layer's keys and values, the token ids they stand for, and what produced them) under
-`paths.data_dir()/caches`. It is used only by the same model, revision and compute dtype, and
-only as far as its tokens are a prefix of the new prompt: a template whose output changed, an
-edited message or another branch simply reuse less. The directory is kept within a disk budget
-by dropping the least recently used files.
+of every layer's keys and values with the token ids they stand for: `KVCache.state` and
+`meta_state`, plus what produced them) under `paths.caches_dir()`. It is used only by the same
+model, revision, compute dtype, shape and buffer layout (plain, or quantized to the same bits),
+and only as far as its tokens are a prefix of the new prompt: a template whose output changed,
+an edited message or another branch simply reuse less. A file that cannot be read is deleted
+and reported; the directory is kept within a disk budget by dropping the least recently used.
+
+The files hold token ids, from which a conversation's text can be rebuilt: they go with their
+conversation (`delete_conversation`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
+from .errors import StoreError, UsageError
 
-from .cache import KVCache
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .store import Conversation, Store
 
-DEFAULT_BUDGET_BYTES = 4 << 30
+DEFAULT_BUDGET_GB = 4.0
 BUDGET_ENV = "APERTUS_MLX_CACHE_BUDGET_GB"
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PARTIAL = ".partial-"
 
 
-def identity(model, model_id: str, revision: str | None) -> dict[str, str]:
-    """What a saved cache must match to be reused by `model`."""
+def identity(model, model_id: str, revision: str | None, bits: int | None = None) -> dict[str, str]:
+    """What a saved cache must match to be reused by `model` with a cache of `bits` bits."""
     a = model.args
     return {
         "model": model_id,
         "revision": revision or "",
         "dtype": str(model.plan.dtype),
         "shape": f"{a.num_hidden_layers}x{a.num_key_value_heads}x{a.head_dim}",
+        "kv_bits": str(bits or ""),
     }
 
 
 def budget_bytes() -> int:
+    """The disk budget from `APERTUS_MLX_CACHE_BUDGET_GB` (default 4); a value that is not a
+    finite number >= 0 is a UsageError, said before anything is written."""
     value = os.environ.get(BUDGET_ENV)
+    if value is None or not value.strip():
+        return int(DEFAULT_BUDGET_GB * (1 << 30))
     try:
-        return int(float(value) * (1 << 30)) if value else DEFAULT_BUDGET_BYTES
+        gb = float(value)
     except ValueError:
-        return DEFAULT_BUDGET_BYTES
+        gb = math.nan
+    if not math.isfinite(gb) or gb < 0 or gb > 1 << 20:
+        raise UsageError(
+            f"{BUDGET_ENV} must be a number of gigabytes between 0 and {1 << 20}, got {value!r}"
+        )
+    return int(gb * (1 << 30))
+
+
+@dataclass
+class Loaded:
+    """What `SavedCaches.load` found: the cache (None if none usable) and, when a file was
+    there but could not be used, one line saying why (it has been removed)."""
+
+    cache: KVCache | None
+    note: str | None = None
 
 
 class SavedCaches:
     def __init__(self, directory: str | Path | None = None, budget: int | None = None):
         if directory is None:
-            from .paths import data_dir
+            from .paths import caches_dir
 
-            directory = data_dir() / "caches"
+            directory = caches_dir()
         self.directory = Path(directory)
         self.budget = budget_bytes() if budget is None else budget
 
@@ -57,72 +86,84 @@ class SavedCaches:
             raise ValueError(f"not a cache key: {key!r}")
         return self.directory / f"{key}.safetensors"
 
-    def save(self, key: str, cache: KVCache, tokens: list[int], ident: dict[str, str]) -> None:
-        """Write the cache's first `len(tokens)` positions; raises OSError if it cannot."""
-        n = min(len(tokens), cache.offset)
-        arrays = {}
-        for i, buffers in enumerate(zip(cache.keys, cache.values)):
-            for name, buffer in zip(("keys", "values"), buffers):
-                parts = buffer if isinstance(buffer, tuple) else (buffer,)
-                for j, part in enumerate(parts):  # a quantized buffer has three
-                    arrays[f"{i}.{name}.{j}"] = part[..., :n, :]
-        meta = {**ident, "tokens": json.dumps(tokens[:n]), "kv_bits": str(cache.bits or "")}
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def save(self, key: str, cache: KVCache, ident: dict[str, str]) -> None:
+        """Write the cache's filled positions and their tokens; StoreError (one line) if the
+        directory or the disk refuses."""
+        import mlx.core as mx
+
         file = self._file(key)
-        partial = file.with_suffix(f".partial-{os.getpid()}.safetensors")
+        partial = file.with_name(f"{key}{_PARTIAL}{os.getpid()}.safetensors")
         try:
-            mx.save_safetensors(str(partial), arrays, metadata=meta)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mx.save_safetensors(str(partial), cache.state, metadata={**ident, **cache.meta_state})
             partial.replace(file)  # a reader never sees half a file
+        except (OSError, RuntimeError) as e:  # MLX reports a failed open as RuntimeError
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())
+            raise StoreError(f"KV cache not saved in {self.directory}: {reason}") from None
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a directory that is not one, say
+                partial.unlink(missing_ok=True)
         self.evict(keep=file)
 
-    def load(self, key: str, model, ident: dict[str, str]) -> tuple[KVCache, list[int]] | None:
-        """The saved cache and its tokens, if there is one for this very model."""
+    def load(self, key: str, like: KVCache, ident: dict[str, str]) -> Loaded:
+        """The saved cache for `key` if it was made for this very model and layout (`like`,
+        an empty cache of the model, gives the shapes). A damaged file, or one made by
+        another model or layout, is removed and reported: the next save replaces it anyway."""
+        import mlx.core as mx
+
+        from .cache import KVCache
+
         file = self._file(key)
+        if not file.is_file():
+            return Loaded(None)
         try:
             arrays, meta = mx.load(str(file), return_metadata=True)
-            tokens = [int(t) for t in json.loads(meta["tokens"])]
-        except (OSError, RuntimeError, ValueError, KeyError):
-            return None
-        if any(meta.get(k) != v for k, v in ident.items()):
-            return None
-        bits = int(meta["kv_bits"]) if meta.get("kv_bits") else None
-        cache = model.make_cache(bits=bits)
-        parts = 3 if bits else 1
-        if not tokens or len(arrays) != 2 * parts * cache.num_layers:
-            return None
-        cache.reserve(len(tokens))
-        start = mx.array([0], dtype=mx.int32)
-        for i in range(cache.num_layers):
-            for buffers in (cache.keys, cache.values):
-                name = "keys" if buffers is cache.keys else "values"
-                saved = tuple(arrays.get(f"{i}.{name}.{j}") for j in range(parts))
-                empty = buffers[i] if bits else (buffers[i],)
-                if any(
-                    a is None or a.shape[2] != len(tokens) or a.dtype != e.dtype
-                    for a, e in zip(saved, empty)
-                ):
-                    return None
-                filled = tuple(
-                    mx.slice_update(e, a, start, axes=(2,)) for e, a in zip(empty, saved)
-                )
-                buffers[i] = filled if bits else filled[0]
-        cache.offset = len(tokens)
-        mx.eval(cache.state())
+            cache = KVCache.from_state(arrays, meta)
+        except (OSError, RuntimeError, ValueError) as e:
+            file.unlink(missing_ok=True)
+            reason = " ".join(str(e).split()) or type(e).__name__
+            return Loaded(None, f"the saved KV cache was damaged ({reason}): removed")
+        differs = [k for k, v in ident.items() if meta.get(k) != v]
+        if differs or not cache.fits(like):
+            file.unlink(missing_ok=True)
+            what = ", ".join(differs) or "shape"
+            return Loaded(None, f"the saved KV cache was made with another {what}: removed")
+        mx.eval(cache.arrays())
         os.utime(file)  # recently used
-        return cache, tokens
+        return Loaded(cache)
 
     def remove(self, key: str) -> None:
         self._file(key).unlink(missing_ok=True)
+        for partial in self.directory.glob(f"{key}{_PARTIAL}*.safetensors"):
+            partial.unlink(missing_ok=True)
 
     def evict(self, keep: Path | None = None) -> None:
         """Drop the least recently used files until the directory fits the budget."""
-        files = sorted(self.directory.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
-        total = sum(f.stat().st_size for f in files)
-        for f in files:
+
+        def stamped(f: Path) -> tuple[float, int, Path] | None:
+            try:
+                st = f.stat()
+            except OSError:  # removed meanwhile by another process
+                return None
+            return st.st_mtime, st.st_size, f
+
+        files = sorted(s for f in self.directory.glob("*.safetensors") if (s := stamped(f)))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in files:
             if total <= self.budget:
                 break
             if f != keep:
-                total -= f.stat().st_size
+                total -= size
                 f.unlink(missing_ok=True)
+
+
+def delete_conversation(
+    store: Store, conversation_id: str, caches: SavedCaches | None = None
+) -> Conversation:
+    """Delete a conversation for good: its rows (messages, search index), then its saved KV
+    cache (in `caches`, by default the usual place). In this order, a process still answering
+    it, which saves its cache and then checks that the conversation exists (`turn`), never
+    leaves a file behind."""
+    conversation = store.delete(conversation_id)
+    (caches or SavedCaches(budget=0)).remove(conversation.id)
+    return conversation

@@ -16,7 +16,7 @@ argmax, and the output is the model's greedy output (up to float rounding in nea
 a k-token block is not bit-identical to k single-token passes).
 
 Rejected positions are trimmed from both caches (`KVCache.trim`). The draft keeps its own
-cache and the ids in it across calls, so a chat's next turn reads only what is new.
+cache, which knows its tokens, across calls, so a chat's next turn reads only what is new.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .device import generation_stream
 from .errors import DraftMismatchError, UsageError
-from .generate import DEFAULT_MAX_TOKENS, Forward, PromptProgress
+from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .sampling import LogitsProcessor, SamplingParams, make_distribution
 
 # Drafted tokens per round. With acceptance a, a round yields (1 - a^(k+1)) / (1 - a) tokens
@@ -53,8 +53,7 @@ class Draft:
         self.model = model
         self.forward = Forward(model)  # compiled once, for every call with this draft
         self.num_tokens = num_tokens
-        self.cache = model.make_cache()
-        self.ids: list[int] = []  # the tokens whose keys/values `cache` holds
+        self.cache = model.make_cache()  # it knows the tokens it holds
 
     def check(self, model) -> None:
         """Refuse a target whose logits do not index the same vocabulary as the draft's."""
@@ -67,7 +66,7 @@ class Draft:
 
     def reuse(self, prompt: Sequence[int]) -> None:
         """Keep the longest cached prefix of `prompt` (all of it but the last token at most)."""
-        self.ids = self.ids[: self.cache.keep_prefix(self.ids, prompt)]
+        self.cache.keep_prefix(prompt)
 
 
 def check_tokenizers(draft_tokenizer, tokenizer) -> None:
@@ -200,7 +199,7 @@ def speculative_generate_step(
     draft.reuse(seq)
     fresh = len(seq) - cache.offset  # prompt tokens this call reads into the model
     try:
-        with mx.stream(generation_stream()):
+        with mx.stream(generation_stream(forward.model.plan)):
             if not read(forward, seq[cache.offset : -1], cache, count):
                 return
             if not read(draft_forward, seq[draft.cache.offset : -1], draft.cache, lambda n: 0):
@@ -247,4 +246,3 @@ def speculative_generate_step(
         keep = len(seq) - 1
         cache.truncate(min(cache.offset, keep))
         draft.cache.truncate(min(draft.cache.offset, keep))
-        draft.ids = seq[: draft.cache.offset]

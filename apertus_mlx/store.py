@@ -19,6 +19,7 @@ Every failure of SQLite or the file system is raised as `StoreError` with one re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ from .store_schema import SCHEMA_VERSION, check_version, migrate, rollback
 
 DB_NAME = "history.db"
 FLUSH_INTERVAL_S = 1.0  # an answer reaches the disk at least this often while it streams
+STREAMING_SILENCE_S = 10 * FLUSH_INTERVAL_S  # unfinished and silent longer: its writer is gone
 FINISH_REASONS = ("stop", "length", "interrupted", "error")
 ROLES = ("user", "assistant", "system")
 ID_CHARS = 8  # conversation ids: 8 lowercase hex digits
@@ -82,7 +84,18 @@ class Message:
     finish_reason: str | None  # None while the answer streams (or if its writer was killed)
     stats: dict[str, Any] | None
     created_at: float
+    written_at: float | None = None  # an answer's last write while it streamed
+    # An answer's blocks as the chat template reads them (thoughts, tool_calls, response);
+    # None when it is plain text.
+    parts: list[dict] | None = None
     damaged: str | None = None  # what could not be read from its row (shown, never fatal)
+
+    def streaming(self, now: float | None = None) -> bool:
+        """An unfinished answer still being written (by this process or another one)."""
+        if self.role != "assistant" or self.finish_reason is not None:
+            return False
+        last = self.written_at or self.created_at
+        return (now or time.time()) - last < STREAMING_SILENCE_S
 
 
 @dataclass(frozen=True)
@@ -179,7 +192,8 @@ class _Row:
         self.problems.append(f"{key} is not a {'whole ' if kind is int else ''}number")
         return default
 
-    def json_object(self, key: str, default: Any) -> Any:
+    def json_value(self, key: str, kind: type, default: Any) -> Any:
+        """The column's JSON, when it is a `kind` (dict, list); else `default`, noted."""
         raw = self.row[key]
         if raw is None or raw == "":
             return default
@@ -188,10 +202,18 @@ class _Row:
         except (ValueError, TypeError, RecursionError):
             self.problems.append(f"{key} are not JSON")
             return default
-        if not isinstance(value, dict):
-            self.problems.append(f"{key} are not a JSON object")
+        if not isinstance(value, kind):
+            self.problems.append(f"{key} are not a JSON {'object' if kind is dict else 'list'}")
             return default
         return value
+
+    def parts(self) -> list[dict] | None:
+        """An answer's blocks: a list of objects, or None (the text stands in for them)."""
+        parts = self.json_value("parts", list, None)
+        if parts is not None and not all(isinstance(p, dict) for p in parts):
+            self.problems.append("parts are not a list of objects")
+            return None
+        return parts
 
     def tokens(self) -> list[int] | None:
         blob = self.row["tokens"]
@@ -217,7 +239,7 @@ def _conversation(row: sqlite3.Row) -> Conversation:
         model=r.text("model"),
         revision=r.text("revision"),
         system=r.text("system"),
-        settings=r.json_object("settings", {}),
+        settings=r.json_value("settings", dict, {}),
         thinking=bool(r.number("thinking", int, 0)),
         current_leaf=r.number("current_leaf", int),
         created_at=r.number("created_at", float, 0.0),
@@ -242,14 +264,16 @@ def _message(row: sqlite3.Row) -> Message:
         role=role,
         content=r.text("content", ""),
         tokens=r.tokens(),
-        settings=r.json_object("settings", None),
+        settings=r.json_value("settings", dict, None),
         seed=r.number("seed", int),
         prompt_tokens=r.number("prompt_tokens", int),
         answer_tokens=r.number("answer_tokens", int),
         tokens_per_s=r.number("tokens_per_s", float),
         finish_reason=finish_reason,
-        stats=r.json_object("stats", None),
+        stats=r.json_value("stats", dict, None),
         created_at=r.number("created_at", float, 0.0),
+        written_at=r.number("written_at", float),
+        parts=r.parts(),
         damaged=r.damaged(),
     )
 
@@ -304,6 +328,8 @@ class Store:
             db.row_factory = sqlite3.Row
             db.text_factory = _decode_text
             db.execute("PRAGMA foreign_keys = ON")
+            # A deleted conversation is overwritten, not only unlinked from the b-tree.
+            db.execute("PRAGMA secure_delete = ON")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             migrate(db)
@@ -515,16 +541,28 @@ class Store:
         return self.update_conversation(conversation_id, title=title)
 
     def delete(self, conversation_id: str) -> Conversation:
-        """Delete a conversation, all its messages and its saved KV cache; return what was
-        deleted."""
-        from .saved_caches import SavedCaches
-
+        """Delete a conversation's rows: all its messages and their search entries; return
+        what was deleted. Its saved KV cache is not the store's: see
+        `saved_caches.delete_conversation`, which deletes both."""
         conversation = self.get_conversation(conversation_id)
-        self._write(
-            lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
-        )
-        SavedCaches(self.path.parent / "caches").remove(conversation.id)
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation.id,))
+            # FTS5 only marks deleted entries; merging drops their terms from the index.
+            db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
+            db.execute("INSERT INTO titles_fts(titles_fts) VALUES ('optimize')")
+
+        self._write(delete)
+        # Old page images stay in the WAL until a checkpoint: write them back now (readers may
+        # hold the WAL; then the next checkpoint overwrites it).
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return conversation
+
+    def exists(self, conversation_id: str) -> bool:
+        """Whether the conversation (an exact id) is still there: a turn asks before it
+        saves anything beside the rows."""
+        return bool(self._read("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
 
     # -- messages
 
@@ -611,9 +649,9 @@ class Store:
         now = time.time()
         cur = db.execute(
             "INSERT INTO messages (conversation_id, parent_id, role, content, tokens, settings,"
-            " seed, prompt_tokens, answer_tokens, tokens_per_s, finish_reason, stats, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, parent_id, *row, now),
+            " seed, prompt_tokens, answer_tokens, tokens_per_s, finish_reason, stats, created_at,"
+            " written_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, parent_id, *row, now, now),
         )
         mid = cur.lastrowid
         new_title = title_from(row[1]) if title is None and row[0] == "user" else title
@@ -634,17 +672,22 @@ class Store:
         conversation = self.get_conversation(conversation_id)
         if conversation.current_leaf is None:
             return []
-        # A damaged row could make the parents a loop: no branch is longer than the
-        # conversation's message count, and only the conversation's own messages are on it.
+        return self.path_to(conversation.current_leaf)
+
+    def path_to(self, message_id: int) -> list[Message]:
+        """The messages from the root to `message_id`, in order (empty if there is none)."""
+        # A damaged row could make the parents a loop: no path is longer than its
+        # conversation's message count, and only that conversation's messages are on it.
         rows = self._read(
-            "WITH RECURSIVE path(id, depth) AS ("
+            "WITH conv(id) AS (SELECT conversation_id FROM messages WHERE id = ?),"
+            " path(id, depth) AS ("
             " SELECT ?, 0 UNION ALL"
             " SELECT m.parent_id, path.depth + 1 FROM messages m JOIN path ON m.id = path.id"
-            " WHERE m.parent_id IS NOT NULL"
-            "  AND path.depth + 1 < (SELECT count(*) FROM messages WHERE conversation_id = ?))"
+            " WHERE m.parent_id IS NOT NULL AND path.depth + 1 <"
+            "  (SELECT count(*) FROM messages WHERE conversation_id = (SELECT id FROM conv)))"
             " SELECT messages.* FROM path JOIN messages USING (id)"
-            " WHERE messages.conversation_id = ? ORDER BY path.depth DESC",
-            (conversation.current_leaf, conversation.id, conversation.id),
+            " WHERE messages.conversation_id = (SELECT id FROM conv) ORDER BY path.depth DESC",
+            (message_id, message_id),
         )
         return [_message(r) for r in rows]
 
@@ -773,6 +816,8 @@ class AnswerWriter:
         self.conversation_id = conversation_id
         self.interval = interval
         self.error: StoreError | None = None
+        self.deleted = False  # the answer's row is gone: nothing more is written
+        self._parts_json: str | None = None
         self.flushes = 0  # successful writes, for tests and measurements
         self._on_error = on_error
         self._parts: list[str] = []
@@ -811,10 +856,13 @@ class AnswerWriter:
         stats: Any = None,
         tokens: Iterable[int] | None = None,
         text: str | None = None,
+        parts: list[dict] | None = None,
     ) -> StoreError | None:
         """Write the whole answer with its finish reason and stats (a `generate.Stats` or a
         dict). tokens, text: the final answer, when the caller has it (`generate`'s `Done`);
-        it replaces what was streamed. Returns the write error, or None when it is saved."""
+        it replaces what was streamed; parts: its blocks, when it deliberated or called
+        tools. Returns the write error, or None when it is saved."""
+        self._parts_json = _json(parts) if parts else None
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}")
         with self._buffer_lock:
@@ -831,34 +879,48 @@ class AnswerWriter:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self._dirty:
-                self._save(None, None)
+            self._save(None, None)  # with nothing new, a heartbeat: the answer is alive
 
     def _save(self, finish_reason: str | None, stats: dict[str, Any] | None) -> bool:
         with self._write_lock:
+            if self.deleted:
+                return True  # nothing to keep up to date
             with self._buffer_lock:
-                if not self._dirty and finish_reason is None:
-                    return self.error is None
+                changed = self._dirty or finish_reason is not None
                 text, blob = "".join(self._parts), encode_tokens(self._tokens)
                 self._dirty = False
             now = time.time()
 
             def write(db: sqlite3.Connection) -> None:
-                db.execute(
-                    "UPDATE messages SET content = ?, tokens = ? WHERE id = ?",
-                    (text, blob, self.message_id),
-                )
+                if changed:
+                    cur = db.execute(
+                        "UPDATE messages SET content = ?, tokens = ?, written_at = ? WHERE id = ?",
+                        (text, blob, now, self.message_id),
+                    )
+                else:  # nothing new: only say the answer is still being written
+                    cur = db.execute(
+                        "UPDATE messages SET written_at = ? WHERE id = ?", (now, self.message_id)
+                    )
+                if cur.rowcount == 0:  # its conversation was deleted, here or elsewhere
+                    self.deleted = True
+                    return
+                if not changed:
+                    return
+                if cur.rowcount == 0:  # its conversation was deleted, here or elsewhere
+                    self.deleted = True
+                    return
                 if finish_reason is not None:
                     s = stats or {}
                     db.execute(
                         "UPDATE messages SET finish_reason = ?, prompt_tokens = ?,"
-                        " answer_tokens = ?, tokens_per_s = ?, stats = ? WHERE id = ?",
+                        " answer_tokens = ?, tokens_per_s = ?, stats = ?, parts = ? WHERE id = ?",
                         (
                             finish_reason,
                             s.get("prompt_tokens"),
                             s.get("generated_tokens"),
                             s.get("decode_tps"),
                             _json(s or None),
+                            self._parts_json,
                             self.message_id,
                         ),
                     )
@@ -877,5 +939,5 @@ class AnswerWriter:
                     self._on_error(e)
                 return False
             self.error = None
-            self.flushes += 1
+            self.flushes += changed
             return True

@@ -95,11 +95,26 @@ def _m3_title_search(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO titles_fts(id, title) SELECT id, title FROM conversations")
 
 
+def _m4_answer_heartbeat(db: sqlite3.Connection) -> None:
+    """When a streaming answer was last written: an unfinished answer written to seconds ago
+    is being generated (another turn branches beside it); one long silent was cut off."""
+    db.execute("ALTER TABLE messages ADD COLUMN written_at REAL")
+    db.execute("UPDATE messages SET written_at = created_at")
+
+
+def _m5_answer_parts(db: sqlite3.Connection) -> None:
+    """An answer's parts as the chat template reads them (deliberation, tool calls, the
+    response), as JSON: `content` keeps the answer text alone, for showing and searching."""
+    db.execute("ALTER TABLE messages ADD COLUMN parts TEXT")
+
+
 # Ordered; entry i takes the schema from version i to i + 1. Only ever append.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m1_tables,
     _m2_message_search,
     _m3_title_search,
+    _m4_answer_heartbeat,
+    _m5_answer_parts,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

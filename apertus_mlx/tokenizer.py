@@ -18,13 +18,16 @@ from tokenizers import decoders
 
 from apertus_mlx.chat_template import APERTUS_TEMPLATE, compile_template, render_limited
 from apertus_mlx.errors import TokenizerError
+from apertus_mlx.format import RawJSON, normalize_messages, normalize_tools
 
 _TURN_END = "<|assistant_end|>"
 # Message fields whose strings are the user's text (never template syntax).
-_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning")
+_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning", "tool_calls")
 # Keys inside structured content that templates compare against, so they stay as they are.
 _STRUCTURAL_KEYS = ("type", "role", "name")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_MAX_RUNS = 8192  # encoded runs of template text remembered (a few MB at most)
+_MAX_RUN_CHARS = 1 << 16  # longer runs are encoded each time
 
 
 def _read_json(path: Path) -> dict:
@@ -137,6 +140,7 @@ class Tokenizer:
         self._special_starts = "".join(sorted({t[0] for t in specials if t}))
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._bytes_cache: dict[int, bytes] = {}
+        self._runs: dict[str, list[int]] = {}  # see `_encode_run`
 
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token: str | None = _token_text(config.get("bos_token"))
@@ -160,6 +164,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def tokenizer_json(self) -> str:
+        """tokenizer.json as text (what a grammar engine builds its token trie from)."""
+        return self._tok.to_str()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -198,7 +206,7 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """The prompt text the chat template makes of `messages`."""
-        messages = _normalize(messages)
+        messages, tools = _normalize(messages), normalize_tools(tools)
         return self._render(messages, add_generation_prompt, enable_thinking, tools, kwargs)
 
     def apply_chat_template(
@@ -217,22 +225,82 @@ class Tokenizer:
         special string can then begin inside user text. The rendering is split on special
         strings (all the template's own), and each run between them gets its characters
         back and is encoded as plain text: for ordinary input the ids equal transformers'.
+        Tool declarations and call arguments are the client's text too, and hidden alike.
         """
-        messages = _normalize(messages)
-        stand_ins = _free_chars(messages, len(self._special_starts))
+        kw = dict(enable_thinking=enable_thinking, tools=tools, **kwargs)
+        return self.template_ids(messages, add_generation_prompt, **kw)[1]
+
+    def template_ids(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        slots: dict[str, list[int]] | None = None,
+        enable_thinking: bool = False,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[int]]:
+        """(rendered text, ids) as `apply_chat_template`, where each string of `slots` that
+        the rendering contains becomes the ids given for it instead of being encoded.
+
+        A slot stands for a past answer as the tokens the model produced (`prompt.py`); its
+        string must not occur in the messages otherwise. When the slot's ids end with the
+        special token the template writes right after it (the model ended its turn itself),
+        they stand for that token too.
+        """
+        messages, tools = _normalize(messages), normalize_tools(tools)
+        stand_ins = _free_chars([messages, tools], len(self._special_starts))
         hide = str.maketrans(dict(zip(self._special_starts, stand_ins)))
         unhide = str.maketrans(dict(zip(stand_ins, self._special_starts)))
         escaped = [_escape(m, hide) for m in messages]
+        tools = _escape_tree(tools, hide)
         rendered = self._render(escaped, add_generation_prompt, enable_thinking, tools, kwargs)
+        slots = slots or {}
+        pattern = self._special_re
+        if slots:
+            pattern = re.compile(
+                "|".join(map(re.escape, sorted(slots, key=len, reverse=True)))
+                + (f"|{self._special_re.pattern}" if self._special_re else "")
+            )
         ids: list[int] = []
         pos = 0
-        for m in self._special_re.finditer(rendered) if self._special_re else ():
-            ids += self.encode(rendered[pos : m.start()].translate(unhide))
-            ids.append(self._tok.token_to_id(m.group()))
+        after_slot: list[int] = []  # the ids of a slot just written
+        for m in pattern.finditer(rendered) if pattern else ():
+            text = m.group()
+            run = rendered[pos : m.start()].translate(unhide)  # split first: user text
+            if run:  # never holds a special string, whatever it spelled before hiding
+                ids += self._encode_run(run)
+                after_slot = []
+            if text in slots:
+                after_slot = list(slots[text])
+                ids += after_slot
+            else:
+                special = self._tok.token_to_id(text)
+                if not (after_slot and after_slot[-1] == special and m.start() == pos):
+                    ids.append(special)
+                after_slot = []
             pos = m.end()
-        return ids + self.encode(rendered[pos:].translate(unhide))
+        ids += self._encode_run(rendered[pos:].translate(unhide))
+        return rendered.translate(unhide), ids
+
+    def _encode_run(self, text: str) -> list[int]:
+        """`encode(text)`, remembered: a conversation's earlier turns, rendered again for the
+        next one, are the same runs of text, so each turn encodes only what is new."""
+        if len(text) > _MAX_RUN_CHARS:
+            return self.encode(text)
+        ids = self._runs.get(text)
+        if ids is None:
+            if len(self._runs) >= _MAX_RUNS:
+                self._runs.clear()
+            ids = self._runs[text] = self.encode(text)
+        return list(ids)
 
     def _render(self, messages, add_generation_prompt, enable_thinking, tools, kwargs) -> str:
+        if messages and messages[-1].get("role") == "tool":
+            # Tool results sit inside the assistant turn that called: the model continues that
+            # turn, as the template renders it in history, instead of reading the second
+            # `<|assistant_start|>` the 2509 template would append (see docs/format.md).
+            add_generation_prompt = False
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -269,7 +337,9 @@ class Tokenizer:
 
 
 def _normalize(messages: list[dict]) -> list[dict]:
-    """What transformers does before rendering: drop None fields, alias reasoning field names."""
+    """What transformers does before rendering (drop None fields, alias reasoning field
+    names), then Apertus's own normalisation (`format.normalize_messages`: deliberation as
+    blocks, tool calls and results as the template reads them)."""
     out = []
     for message in messages:
         message = {k: v for k, v in message.items() if v is not None}
@@ -277,12 +347,12 @@ def _normalize(messages: list[dict]) -> list[dict]:
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
-    return out
+    return normalize_messages(out)
 
 
 def _free_chars(messages: list[dict], n: int) -> str:
     """`n` private-use characters that no message contains."""
-    used = json.dumps(messages, ensure_ascii=False, default=str)
+    used = set(json.dumps(messages, ensure_ascii=False, default=str))
     free = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)
     return "".join(next(free) for _ in range(n))
 
@@ -290,13 +360,28 @@ def _free_chars(messages: list[dict], n: int) -> str:
 def _escape(value: Any, table: dict[int, str], key: str | None = None) -> Any:
     """`value` with `table` applied to every user text inside a message."""
     if isinstance(value, str):
-        return value if key in _STRUCTURAL_KEYS else value.translate(table)
+        if key in _STRUCTURAL_KEYS:
+            return value
+        text = value.translate(table)
+        return RawJSON(text) if isinstance(value, RawJSON) else text
     if isinstance(value, dict):
         if key is None:  # the message itself: only its text fields are user text
             return {k: _escape(v, table, k) if k in _TEXT_FIELDS else v for k, v in value.items()}
         return {k: _escape(v, table, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_escape(v, table, "") for v in value]
+    return value
+
+
+def _escape_tree(value: Any, table: dict[int, str], key: str | None = None) -> Any:
+    """`table` applied to every string of tool declarations, property names included, but
+    `type` values, which the template compares (names are checked to need no hiding)."""
+    if isinstance(value, str):
+        return value if key == "type" else value.translate(table)
+    if isinstance(value, dict):
+        return {k.translate(table): _escape_tree(v, table, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_tree(v, table, key if key == "type" else None) for v in value]
     return value
 
 

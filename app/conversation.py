@@ -8,24 +8,14 @@ switching away and back redraws from the store plus the running answer's text so
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from .controller import Running
 from .widgets import AssistantMessage, Notice, UserMessage, format_stored
 
 EMPTY_HINT = "Type a message below and press Enter. F1 lists the keys; ctrl+p has every action."
-
-
-@dataclass
-class Running:
-    """The answer being generated, wherever it is shown: its text so far lives here too, so
-    switching back to its conversation shows all of it."""
-
-    conversation_id: str
-    message_id: int | None = None
-    text: str = ""
 
 
 class ConversationView(VerticalScroll):
@@ -54,11 +44,22 @@ class ConversationView(VerticalScroll):
         self.scroll_end(animate=False)
         self.anchor()
 
-    async def add_turn(self, text: str, message_id: int) -> None:
+    async def add_turn(self, text: str, message_id: int | None = None) -> None:
         """A sent message and the place its answer will stream into."""
         await self.query("#empty-hint").remove()
         await self.mount_all([UserMessage(text, message_id), AssistantMessage()])
         self.scroll_end(animate=False)
+
+    async def add_answer(self) -> None:
+        """The place a new answer to the last message will stream into."""
+        await self.mount(AssistantMessage())
+        self.scroll_end(animate=False)
+
+    def pending_user(self) -> UserMessage | None:
+        """The sent message whose row the store does not have yet, if any."""
+        for user in reversed(list(self.query(UserMessage))):
+            return user if user.message_id is None else None
+        return None
 
     def answers(self) -> list[AssistantMessage]:
         return list(self.query(AssistantMessage))

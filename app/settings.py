@@ -1,10 +1,11 @@
 """Chat settings and the app's config file: what a conversation samples with, and what new
 conversations start from.
 
-Settings live per conversation in the history store; the app-wide defaults and the last model
-used live in `config_dir()/config.json`, written atomically (a temporary file, then a rename)
-so a crash never leaves half a file. Values are validated before anything is saved: a bad one
-is refused with a message, the old settings stay.
+Settings (`ChatSettings`, the engine's `TurnSettings`) live per conversation in the history
+store; the app-wide defaults and the last model used live in `config_dir()/config.json`,
+written atomically (a temporary file, then a rename) so a crash never leaves half a file.
+Values are validated before anything is saved: a bad one is refused with a message, the old
+settings stay.
 """
 
 from __future__ import annotations
@@ -12,65 +13,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apertus_mlx.errors import UsageError
+from apertus_mlx.settings import TurnSettings
 
 CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 1 << 20  # ours is a few hundred bytes; a larger file is not one we wrote
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """What the next answer uses. None means "the checkpoint's default" (its
-    generation_config.json, else the model card's temperature 0.8 / top-p 0.9)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    system: str | None = None
-    thinking: bool = False
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    def sampling(self) -> dict[str, Any]:
-        """The sampling overrides, as `SamplingParams.from_defaults` takes them."""
-        return {k: getattr(self, k) for k in SAMPLING_KEYS}
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def stored(self) -> dict[str, Any]:
-        """The part kept in a conversation's settings column (system and thinking have their
-        own columns)."""
-        return {k: v for k, v in self.as_dict().items() if k not in ("system", "thinking")}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ChatSettings:
-        """Settings from a stored dict; unknown keys (from newer versions) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
-
-    def with_(self, **changes: Any) -> ChatSettings:
-        return replace(self, **changes)
-
-
-def validate(s: ChatSettings) -> None:
-    """UsageError with one line when a value is out of range; SamplingParams checks sampling."""
-    from apertus_mlx.sampling import SamplingParams
-
-    if s.max_tokens is not None and s.max_tokens < 1:
-        raise UsageError("max tokens must be at least 1")
-    given = {k: v for k, v in s.sampling().items() if v is not None}
-    SamplingParams(**given)
+# One settings type for the chat, the CLI and the server: what a conversation stores.
+ChatSettings = TurnSettings
 
 
 # Form fields: name -> (label, parser). Empty text means "default" (None).
@@ -85,8 +39,11 @@ FIELDS: dict[str, tuple[str, type]] = {
 }
 
 
-def parse_form(values: dict[str, str], system: str, thinking: bool) -> ChatSettings:
-    """Settings from the settings form's text; UsageError names the field that is wrong."""
+def parse_form(
+    values: dict[str, str], system: str, thinking: bool, base: ChatSettings | None = None
+) -> ChatSettings:
+    """Settings from the settings form's text, over `base` (what the form does not show, such
+    as stop strings, stays); UsageError names the field that is wrong."""
     parsed: dict[str, Any] = {}
     for name, text in values.items():
         label, kind = FIELDS[name]
@@ -99,7 +56,9 @@ def parse_form(values: dict[str, str], system: str, thinking: bool) -> ChatSetti
         except ValueError:
             noun = "a whole number" if kind is int else "a number"
             raise UsageError(f"{label.split(' (')[0]}: {text!r} is not {noun}") from None
-    return ChatSettings(**parsed, system=system.strip() or None, thinking=thinking)
+    return (base or ChatSettings()).with_(
+        **parsed, system=system.strip() or None, thinking=thinking
+    )
 
 
 def form_text(value: Any) -> str:

@@ -62,7 +62,12 @@ class Sidebar(Vertical):
 
     @on(Input.Changed, "#search")
     def search_changed(self) -> None:
-        self.refill(self.current)
+        from apertus_mlx.errors import ApertusError
+
+        try:
+            self.refill(self.current)
+        except ApertusError as e:  # the store cannot be read now; the list stays as it was
+            self.notify(f"History: {e}", severity="error")
 
     @on(Input.Submitted, "#search")
     def search_submitted(self) -> None:

@@ -1,34 +1,25 @@
-"""The model thread: one long-lived thread owns every MLX call, the UI only sends it jobs.
+"""The model thread: one long-lived thread owns every MLX call; the UI only hands it turns.
 
 MLX streams belong to the thread that made them, so loading and generating must happen on the
 same thread; a queue of jobs gives that, and keeps the UI responsive while the model works.
-Results go back as Textual messages ("attributes down, messages up"); `post_message` is
-thread-safe. Every answer streams into the history store as it is generated, tagged with its
-conversation, so the UI may show another conversation meanwhile without losing or mixing it.
+The conversation logic is the engine's turn service (`apertus_mlx.turn`): this module only
+carries its requests over and its events back, as Textual messages ("attributes down,
+messages up"; `post_message` is thread-safe). Every message says which job it belongs to, so
+the UI may show another conversation meanwhile without losing or mixing an answer.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from textual.message import Message
 
-from .settings import ChatSettings
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One answer to make: the conversation as the model should read it, ending with the
-    user message `parent_id` that the answer replies to."""
-
-    conversation_id: str
-    parent_id: int
-    history: list[dict]
-    model: str
-    settings: ChatSettings
+if TYPE_CHECKING:
+    from apertus_mlx.turn import TurnRequest, TurnService
 
 
 class ModelLoading(Message):
@@ -56,47 +47,79 @@ class ModelFailed(Message):
         self.error = error
 
 
-class AnswerStarted(Message):
-    """The answer's row exists in the store (`message_id`); `dropped` counts the oldest
-    messages left out so the prompt fits the model's window (0 if none)."""
+class TurnMessage(Message):
+    """Something about job `job` (the number `ModelWorker.turn` returned)."""
 
-    def __init__(self, conversation_id: str, message_id: int, dropped: int) -> None:
+    def __init__(self, job: int) -> None:
         super().__init__()
+        self.job = job
+
+
+class TurnStarted(TurnMessage):
+    """The user's message and the answer's row are in the store; `dropped` oldest messages
+    were left out so the prompt fits the model's window."""
+
+    def __init__(self, job: int, conversation_id: str, user_message_id: int | None,
+                 message_id: int | None, dropped: int) -> None:  # fmt: skip
+        super().__init__(job)
         self.conversation_id = conversation_id
+        self.user_message_id = user_message_id
         self.message_id = message_id
         self.dropped = dropped
 
 
-class AnswerChunk(Message):
-    def __init__(self, conversation_id: str, message_id: int, text: str) -> None:
-        super().__init__()
-        self.conversation_id = conversation_id
-        self.message_id = message_id
+class TurnRefused(TurnMessage):
+    """Nothing was written: the input was refused before the turn started (too long...)."""
+
+    def __init__(self, job: int, error: str) -> None:
+        super().__init__(job)
+        self.error = error
+
+
+class AnswerChunk(TurnMessage):
+    def __init__(self, job: int, text: str) -> None:
+        super().__init__(job)
         self.text = text
 
 
-class AnswerDone(Message):
+class AnswerThought(TurnMessage):
+    """Deliberation text of the answer (it comes before the answer's own text)."""
+
+    def __init__(self, job: int, text: str) -> None:
+        super().__init__(job)
+        self.text = text
+
+
+class TurnNote(TurnMessage):
+    """One line the user should hear (a saved cache was damaged, the chat was deleted...)."""
+
+    def __init__(self, job: int, text: str) -> None:
+        super().__init__(job)
+        self.text = text
+
+
+class AnswerDone(TurnMessage):
     """The answer ended; `stats` is apertus_mlx.generate.Stats (None on error), `error` one
-    line, `context_used` the tokens the conversation now fills, `store_error` a failed save."""
+    line, `context_used` the tokens the conversation now fills, `store_error` a failed save,
+    `deleted` whether its conversation was deleted meanwhile."""
 
     def __init__(
         self,
-        conversation_id: str,
-        message_id: int | None,
-        text: str,
+        job: int,
+        text: str = "",
         stats=None,
         error: str | None = None,
         context_used: int = 0,
         store_error: str | None = None,
+        deleted: bool = False,
     ) -> None:
-        super().__init__()
-        self.conversation_id = conversation_id
-        self.message_id = message_id
+        super().__init__(job)
         self.text = text
         self.stats = stats
         self.error = error
         self.context_used = context_used
         self.store_error = store_error
+        self.deleted = deleted
 
 
 def describe_error(e: BaseException) -> str:
@@ -115,13 +138,12 @@ class ModelWorker:
         self._post = post
         self._store = store
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._stops: set[threading.Event] = set()  # one per queued or running answer
+        self._stops: dict[int, threading.Event] = {}  # one per queued or running turn
+        self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._parked = threading.Event()
-        self._model = self._tokenizer = self._session = None
+        self._service: TurnService | None = None
         self._name: str | None = None
-        self._revision: str | None = None
-        self._filter = None  # (file mtime, OutputFilter) of the installed filter
         self._thread = threading.Thread(target=self._run, name="apertus-mlx-model", daemon=True)
         self._thread.start()
 
@@ -129,17 +151,32 @@ class ModelWorker:
     def load(self, name: str) -> None:
         self._jobs.put(lambda: self._ensure_model(name))
 
-    def reply(self, job: Reply) -> None:
-        stop = threading.Event()  # its own event: a later stop() never races a newer answer
+    def turn(self, request: TurnRequest, model: str) -> int:
+        """Queue a turn with `model`; returns its job number, which its messages carry."""
+        job = next(self._numbers)
+        stop = threading.Event()  # its own: a later stop() never races a newer answer
         with self._lock:
-            self._stops.add(stop)
-        self._jobs.put(lambda: self._reply(job, stop))
+            self._stops[job] = stop
+        self._jobs.put(lambda: self._turn(job, request, model, stop))
+        return job
 
     def stop(self) -> None:
-        """Stop the answers queued or running; what was generated stays, marked interrupted."""
+        """Stop the turns queued or running; what was generated stays, marked interrupted."""
         with self._lock:
-            for event in self._stops:
+            for event in self._stops.values():
                 event.set()
+
+    def delete(self, conversation_id: str) -> None:
+        """Delete a conversation for good (rows, search entries, saved cache and the cache in
+        memory), even while its answer streams: that turn notices and saves nothing.
+        StoreError if the store refuses."""
+        from apertus_mlx.saved_caches import delete_conversation
+
+        service = self._service
+        if service is not None:
+            service.delete(conversation_id)
+        else:
+            delete_conversation(self._store, conversation_id)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the answer and let the thread finish its job; it then parks (see `_run`)."""
@@ -154,125 +191,88 @@ class ModelWorker:
         # Park instead of returning: with mlx 0.32 a thread that ran MLX work and then ends
         # often makes the process abort at exit ("terminate called without an active
         # exception"); a parked daemon thread does not.
-        self._model = self._tokenizer = self._session = None
+        self._service = None
         self._parked.set()
         threading.Event().wait()
 
     def _ensure_model(self, name: str) -> bool:
-        if name == self._name and self._model is not None:
+        if name == self._name and self._service is not None:
             return True
         self._post(ModelLoading(name))
         try:
             from apertus_mlx import load
-            from apertus_mlx.recording import model_identity
-            from apertus_mlx.saved_caches import SavedCaches, identity
-            from apertus_mlx.session import ChatSession
+            from apertus_mlx.hub import model_identity
+            from apertus_mlx.output_filter import InstalledFilter
+            from apertus_mlx.saved_caches import SavedCaches
+            from apertus_mlx.turn import TurnService
 
-            self._model = self._tokenizer = self._session = None
-            self._name = None
-            self._model, self._tokenizer = load(name)
+            self._service, self._name = None, None
+            model, tokenizer = load(name)
             try:
-                model_id, self._revision = model_identity(name)
+                model_id, revision = model_identity(name)
             except Exception:  # noqa: BLE001 - the revision is a detail; the model runs
-                model_id, self._revision = name, None
-            self._session = ChatSession(
-                self._model,
-                self._tokenizer,
-                saved=SavedCaches(),
-                identity=identity(self._model, model_id, self._revision),
+                model_id, revision = name, None
+            in_memory = str(self._store.path) == ":memory:"  # the session is not kept
+            self._service = TurnService(
+                model,
+                tokenizer,
+                model_id=model_id,
+                revision=revision,
+                store=self._store,
+                saved=None if in_memory else SavedCaches(),
+                output_filter=InstalledFilter(),
             )
         except Exception as e:  # noqa: BLE001 - shown in the UI, which stays usable
-            self._model = self._tokenizer = self._session = None
+            self._service = None
             self._post(ModelFailed(name, describe_error(e)))
             return False
         self._name = name
-        self._post(ModelLoaded(name, self._model.args.max_position_embeddings, self._revision))
+        window = model.args.max_position_embeddings
+        self._post(ModelLoaded(name, window, revision))
         return True
 
-    def _reply(self, job: Reply, stop: threading.Event) -> None:
+    def _turn(self, job: int, request: TurnRequest, model: str, stop: threading.Event) -> None:
         try:
             if stop.is_set():  # stopped while it waited for the model thread
-                self._post(
-                    AnswerDone(job.conversation_id, None, "", error="stopped before it started")
-                )
-                return
-            if not self._ensure_model(job.model):
-                self._post(AnswerDone(job.conversation_id, None, "", error="no model is loaded"))
-                return
-            self._answer(job, stop)
-        except Exception as e:  # noqa: BLE001 - the thread must survive for the next turn
-            self._post(AnswerDone(job.conversation_id, None, "", error=describe_error(e)))
+                self._post(TurnRefused(job, "stopped before it started"))
+            elif not self._ensure_model(model):
+                self._post(TurnRefused(job, "no model is loaded"))
+            else:
+                self._answer(job, request, stop)
         finally:
             with self._lock:
-                self._stops.discard(stop)
+                self._stops.pop(job, None)
 
-    def _answer(self, job: Reply, stop: threading.Event) -> None:
-        from apertus_mlx.generate import DEFAULT_MAX_TOKENS, Chunk, Done
-        from apertus_mlx.prompt import fit_window
-        from apertus_mlx.sampling import SamplingParams
+    def _answer(self, job: int, request: TurnRequest, stop: threading.Event) -> None:
+        from apertus_mlx.format import Chunk, Thought
+        from apertus_mlx.generate import Done
+        from apertus_mlx.turn import Note, Started
 
-        s, session = job.settings, self._session
-        session.params = SamplingParams.from_defaults(self._model.generation, **s.sampling())
-        session.enable_thinking = s.thinking
-        session.max_tokens = s.max_tokens or DEFAULT_MAX_TOKENS
-        window = self._model.args.max_position_embeddings
-        reserve = min(session.max_tokens, window // 4)
-        history, dropped = fit_window(
-            job.history, lambda m: len(session.prompt_ids(m)), window, reserve
-        )
-        recorded = {**s.as_dict(), **asdict(session.params), "max_tokens": session.max_tokens}
-        recorded |= {"model": self._name, "revision": self._revision}
-        writer = self._store.start_answer(
-            job.conversation_id, job.parent_id, settings=recorded, seed=s.seed
-        )
-        cid, mid = job.conversation_id, writer.message_id
-        self._post(AnswerStarted(cid, mid, dropped))
-        text, stats, error, tokens = "", None, None, None
+        turn = self._service.start(request, stop)
+        started = False
+        text, stats, error = "", None, None
         try:
-            events = self._filtered(session.answer(history, stop, conversation_id=cid))
-        except Exception as e:  # noqa: BLE001 - a damaged filter: refuse to answer unfiltered
-            events, error = iter(()), describe_error(e)
-        for event in events:
-            if isinstance(event, Chunk):
-                # token ids only with the final text: a filtered chunk's id could decode
-                # to what the filter removed
-                writer.append(event.text)
-                if event.text:
-                    text += event.text
-                    self._post(AnswerChunk(cid, mid, event.text))
-            elif isinstance(event, Done):
-                stats, tokens = event.stats, event.tokens
-            else:  # session.Error
-                error = event.message
-        if stats is not None:
-            store_error = writer.finish(stats.finish_reason, stats, tokens)
-            used = stats.prompt_tokens + stats.generated_tokens
-        else:
-            store_error = writer.finish("error")
-            used = 0
-        self._post(AnswerDone(cid, mid, text, stats, error, used,
-                              str(store_error) if store_error else None))  # fmt: skip
-        # After the answer is shown: the next turn of this conversation, even after a
-        # restart, reads only what is new. Not the answer's part if the filter removed any.
-        session.persist(answer_kept=bool(tokens))
-
-    def _filtered(self, events: Iterator) -> Iterator:
-        """The events through the installed output filter (personal data removed) before
-        they reach the screen or the store; unchanged when none is installed. A filter file
-        that cannot be read raises FilterInstallError: no answer goes out unfiltered."""
-        from apertus_mlx.errors import FilterFormatError, FilterInstallError
-        from apertus_mlx.output_filter import OutputFilter, filtered, installed_path
-
-        path = installed_path()
-        try:
-            stamp = path.stat().st_mtime_ns
-        except OSError:
-            return events
-        if self._filter is None or self._filter[0] != stamp:  # read again once replaced
-            try:
-                self._filter = (stamp, OutputFilter.from_file(path))
-            except FilterFormatError as e:
-                raise FilterInstallError(
-                    f"{e} (fix it with `apertus-mlx filter install FILE` or `filter rm`)"
-                ) from None
-        return filtered(events, self._filter[1])
+            for event in turn.events:
+                if isinstance(event, Chunk):
+                    if event.text:
+                        text += event.text
+                        self._post(AnswerChunk(job, event.text))
+                elif isinstance(event, Thought):
+                    if event.text:
+                        self._post(AnswerThought(job, event.text))
+                elif isinstance(event, Done):
+                    stats = event.stats
+                elif isinstance(event, Note):
+                    self._post(TurnNote(job, event.text))
+                elif isinstance(event, Started):
+                    started = True
+                    self._post(TurnStarted(job, event.conversation_id, event.user_message_id,
+                                           event.answer_message_id, event.dropped))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the thread must survive for the next turn
+            if not started:  # refused before anything was written
+                self._post(TurnRefused(job, describe_error(e)))
+                return
+            error = describe_error(e)
+        used = stats.prompt_tokens + stats.generated_tokens if stats is not None else 0
+        store_error = str(turn.store_error) if turn.store_error else None
+        self._post(AnswerDone(job, text, stats, error, used, store_error, turn.deleted))

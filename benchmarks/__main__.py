@@ -12,6 +12,8 @@ to `.bench-cache/results.json`.
     python -m benchmarks --filter        # the output filter's cost (benchmarks/filter_bench.py)
     python -m benchmarks --speculative   # speculative decoding (benchmarks/speculative.py)
     python -m benchmarks --kv            # a quantized KV cache's fidelity (benchmarks/kv.py)
+    python -m benchmarks --grammar       # constrained output's cost (benchmarks/grammar.py)
+    python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
     parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
     parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
-    sections = ("models", "turns", "filter", "speculative", "kv")
+    sections = ("models", "turns", "filter", "speculative", "kv", "grammar", "kernels")
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
     args = parser.parse_args(argv)
@@ -142,8 +144,22 @@ def _kv(args: argparse.Namespace) -> None:
     kv([])
 
 
+def _grammar(args: argparse.Namespace) -> None:
+    from .grammar import main as grammar
+
+    grammar([])
+
+
+def _kernels(args: argparse.Namespace) -> None:
+    from .kernels import main as kernels
+
+    kernels([])
+
+
 SECTIONS = {
+    "kernels": _kernels,
     "kv": _kv,
+    "grammar": _grammar,
     "models": models_table,
     "turns": _turns,
     "filter": _filter,

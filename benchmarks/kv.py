@@ -29,7 +29,7 @@ def logits_through(model, ids: list[int], bits: int | None) -> tuple[np.ndarray,
         rows.append(model(mx.array([[t]]), cache=cache)[0, -1:])
     out = mx.concatenate(rows).astype(mx.float32)
     out = out - mx.logsumexp(out, axis=-1, keepdims=True)
-    used = sum(a[..., : cache.offset, :].nbytes for a in cache.state())
+    used = sum(a[..., : cache.offset, :].nbytes for a in cache.arrays())
     return np.array(out), used
 
 

@@ -2,7 +2,10 @@
 the conversation so far, and after a restart with the cache saved to disk.
 
     python -m benchmarks.turns                   # 1k, 2k and 4k tokens of history
-    python -m benchmarks.turns --history 512
+    python -m benchmarks.turns --history 512 --turns 100
+
+It also times building the next turn's prompt after 50 to 400 turns: it must grow no faster
+than the history (a prompt is two renderings, and only new text is encoded).
 
 Runs on the narrow random-weight shape of `make bench` (20 layers, like the 0.5B, but
 small enough that a 4k-token history is read in seconds on a CPU) with the test suite's
@@ -33,7 +36,7 @@ def checkpoint() -> Path:
     """The narrow bench checkpoint with a tokenizer beside it (built once)."""
     out = CACHE / "narrow-chat"
     if not (out / "tokenizer.json").is_file():
-        from tests.fixture_tokenizer import build_tokenizer
+        from fixtures.tokenizer import build_tokenizer
 
         src = ensure(next(m for m in MODELS if m.name == "narrow-bf16"))
         tmp = CACHE / "narrow-chat.tmp"
@@ -71,27 +74,61 @@ def measure(model, tokenizer, tokens: int) -> dict[str, float]:
 
     warm_cache = model.make_cache()
     model(mx.array([before]), cache=warm_cache)  # what the previous turn left in the cache
-    mx.eval(warm_cache.state())
+    mx.eval(warm_cache.arrays())
     with tempfile.TemporaryDirectory() as d:
         saved = SavedCaches(d)
         ident = identity(model, "bench", None)
-        saved.save("c", warm_cache, before, ident)
-        warm_cache.keep_prefix(before, ids)
+        saved.save("c", warm_cache, ident)
+        warm_cache.keep_prefix(ids)
         warm = first_token_s(model, tokenizer, ids, warm_cache)
         start = time.perf_counter()
-        loaded, cached_ids = saved.load("c", model, ident)  # a new process would do this
-        loaded.keep_prefix(cached_ids, ids)
+        loaded = saved.load("c", model.make_cache(), ident).cache  # as a new process would
+        loaded.keep_prefix(ids)
         reopened = time.perf_counter() - start + first_token_s(model, tokenizer, ids, loaded)
     return {"history": len(before), "cold": cold, "warm": warm, "reopened": reopened}
+
+
+def prompt_build_s(service, turns: int, repeats: int = 3) -> tuple[float, int]:
+    """Seconds to build the next turn's prompt (the turn service's own path: token-exact,
+    fitted to the window) after `turns` exchanges whose answers carry their tokens; and its
+    length in tokens. Best of `repeats`: the first build of a history pays for encoding it,
+    the next ones find every earlier run of text encoded, as a chat's next turn does."""
+    from apertus_mlx.settings import TurnSettings
+
+    tok = service.tokenizer
+    answer = tok.encode(TURN) + [tok.token_to_id("<|assistant_end|>")]
+    messages: list[dict] = [{"role": "system", "content": "Du bisch hilfriich."}]
+    for i in range(turns):
+        messages += [
+            {"role": "user", "content": f"{NEW_MESSAGE} ({i})"},
+            {"role": "assistant", "content": TURN, "tokens": answer},
+        ]
+    messages.append({"role": "user", "content": NEW_MESSAGE})
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prompt, _ = service.prompt(messages, TurnSettings())
+        best = min(best, time.perf_counter() - start)
+    assert prompt.token_exact
+    return best, len(prompt.ids)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.turns", description=__doc__)
     parser.add_argument("--history", type=int, action="append", help="History tokens.")
+    parser.add_argument("--turns", type=int, action="append", help="Turns for the prompt row.")
     args = parser.parse_args(argv)
     from apertus_mlx import load
+    from apertus_mlx.turn import TurnService
 
     model, tokenizer = load(checkpoint())
+    service = TurnService(model, tokenizer, model_id="bench")
+    service.window = 1 << 20  # the prompt row: no turn left out, whatever the model's context
+    print("\ntime to build the next turn's prompt (token-exact), after N turns")
+    print(f"{'turns':>6} {'tokens':>8} {'ms':>8} {'ms/turn':>8}")
+    for n in args.turns or (50, 100, 200, 400):
+        seconds, length = prompt_build_s(service, n)
+        print(f"{n:>6} {length:>8} {seconds * 1e3:>8.1f} {seconds * 1e3 / n:>8.3f}")
     first_token_s(model, tokenizer, tokenizer.encode("warm up", True), model.make_cache())
     rows = [measure(model, tokenizer, n) for n in args.history or (1024, 2048, 4096)]
     print("\ntime to first token of the next turn, narrow 20-layer shape (seconds)")

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 BASE: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=160,
@@ -132,3 +134,108 @@ def stream_generate(model: Path, *flags: str):
         encoding="utf-8",
         env={**os.environ, "PYTHONIOENCODING": "utf-8"},
     )
+
+
+# Scripted answers (see `build_scripted_checkpoint`): trigger -> what the model says after it.
+# A trigger is a control token, a piece, or "]" (the end of tool results in a prompt).
+WEATHER_CALL = '[{"get_weather": {"city": "Bern"}}]'
+SCRIPTS: dict[str, dict[str, list[str]]] = {
+    "deliberation": {
+        "<|assistant_start|>": [
+            "<|inner_prefix|>",
+            "Let me think.",
+            "<|inner_suffix|>",
+            "Grüezi mitenand!",
+        ]
+    },
+    "call": {
+        "<|assistant_start|>": ["<|tools_prefix|>", WEATHER_CALL, "<|tools_suffix|>"],
+        "]": ["It is 21 C in Bern."],
+    },
+    "parallel": {
+        "<|assistant_start|>": [
+            "<|inner_prefix|>",
+            "Two cities, two calls.",
+            "<|inner_suffix|>",
+            "<|tools_prefix|>",
+            '[{"get_weather": {"city": "Bern"}}, {"get_weather": {"city": "Chur"}}]',
+            "<|tools_suffix|>",
+        ]
+    },
+    "malformed": {
+        "<|assistant_start|>": [
+            "<|tools_prefix|>",
+            '[{"get_weather": {city: Bern}}]',
+            "<|tools_suffix|>",
+        ]
+    },
+}
+TURN_END = "<|assistant_end|>"
+
+
+def build_scripted_checkpoint(
+    out_dir: Path, tokenizer_dir: Path, chains: dict[str, list[str]], margin: float = 200.0
+) -> Path:
+    """A one-layer Apertus whose next token depends only on the last one, by construction.
+
+    Each piece of text in `chains` becomes an added token of the tokenizer, so a chain is a
+    sequence of ids: trigger, piece, piece, ..., then `<|assistant_end|>` (every token that
+    no chain continues is followed by it too). The weights make the model say it at any
+    temperature: a one-hot embedding (hidden size = vocabulary), `o_proj` and `down_proj` at
+    zero so attention and MLP add nothing to the residual, the final RMSNorm at one, and an
+    `lm_head` that maps each token's direction to its successor's logit with a margin of
+    `margin` over every other token. Written by transformers, like the random checkpoints.
+    """
+    from safetensors.numpy import load_file, save_file
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    pieces = [p for seq in chains.values() for p in seq]
+    new = list(dict.fromkeys(p for p in pieces if tok.token_to_id(p) is None))
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in new])
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+
+    def token(piece: str) -> int:
+        ids = tok.encode(piece, add_special_tokens=False).ids
+        if tok.token_to_id(piece) is not None:
+            return tok.token_to_id(piece)
+        if len(ids) != 1:
+            raise ValueError(f"trigger {piece!r} is not one token")
+        return ids[0]
+
+    end = tok.token_to_id(TURN_END)
+    successor: dict[int, int] = {}
+    for trigger, seq in chains.items():
+        ids = [token(trigger), *map(token, seq)]
+        ids += [] if ids[-1] == end else [end]
+        for a, b in zip(ids, ids[1:]):
+            if successor.setdefault(a, b) != b:
+                raise ValueError(f"token {a} would need two successors ({successor[a]}, {b})")
+
+    overrides = {
+        "hidden_size": vocab,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+    }
+    path = build_checkpoint(out_dir, None, vocab, overrides)
+    weights = load_file(path / "model.safetensors")
+    eye = np.eye(vocab, dtype=np.float32)
+    weights["model.embed_tokens.weight"] = eye
+    weights["model.layers.0.self_attn.o_proj.weight"][:] = 0
+    weights["model.layers.0.mlp.down_proj.weight"][:] = 0
+    weights["model.norm.weight"][:] = 1
+    # after the final norm, token i's hidden state is sqrt(vocab) * e_i
+    head = np.zeros((vocab, vocab), dtype=np.float32)
+    targets = np.array([successor.get(i, end) for i in range(vocab)])
+    head[targets, np.arange(vocab)] = margin / np.sqrt(vocab)
+    weights["lm_head.weight"] = head
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name != "tokenizer.json":
+            shutil.copy(f, out_dir / f.name)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir

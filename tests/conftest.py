@@ -14,12 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["APERTUS_MLX_HOME"] = tempfile.mkdtemp(prefix="apertus-mlx-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.checkpoints import VARIANTS, build_checkpoint, build_endless_checkpoint  # noqa: E402
+from tests.checkpoints import (  # noqa: E402
+    SCRIPTS,
+    VARIANTS,
+    build_checkpoint,
+    build_endless_checkpoint,
+    build_scripted_checkpoint,
+)
 
 
 @pytest.fixture(scope="session")
 def _tokenizer_build(tmp_path_factory) -> tuple[Path, int]:
-    from tests.fixture_tokenizer import build_tokenizer
+    from fixtures.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     return out, build_tokenizer(out)
@@ -59,3 +65,18 @@ def tiny_model_dir(checkpoint) -> Path:
 def endless_model(tmp_path_factory, tokenizer_dir, vocab_size) -> Path:
     """A checkpoint whose greedy answers never end (see `build_endless_checkpoint`)."""
     return build_endless_checkpoint(tmp_path_factory.mktemp("endless"), tokenizer_dir, vocab_size)
+
+
+@pytest.fixture(scope="session")
+def scripted(tmp_path_factory, tokenizer_dir):
+    """scripted(name) -> a checkpoint that says the SCRIPTS entry `name` at any temperature
+    (see `build_scripted_checkpoint`), built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            out = tmp_path_factory.mktemp(f"scripted-{name}")
+            built[name] = build_scripted_checkpoint(out, tokenizer_dir, SCRIPTS[name])
+        return built[name]
+
+    return get

@@ -56,18 +56,18 @@ async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 20.0) 
 
 
 async def ask(app: ChatApp, pilot, text: str) -> None:
-    app.prompt.focus()
-    app.prompt.text = text
+    app.chat.prompt.focus()
+    app.chat.prompt.text = text
     await pilot.press("enter")
 
 
 def answers(app: ChatApp) -> list[AssistantMessage]:
-    return list(app.query(AssistantMessage))
+    return list(app.chat.query(AssistantMessage))
 
 
 async def answered(app: ChatApp, pilot, count: int) -> AssistantMessage:
     await wait_for(pilot, lambda: len(answers(app)) == count and answers(app)[-1].finished)
-    await wait_for(pilot, lambda: app.running is None)
+    await wait_for(pilot, lambda: app.chat.running is None)
     return answers(app)[-1]
 
 
@@ -75,7 +75,7 @@ async def answered(app: ChatApp, pilot, count: int) -> AssistantMessage:
 def gate(monkeypatch) -> threading.Event:
     """A model slower than the test: after its first token it waits until the gate opens
     (or the answer is stopped), so the test can act while an answer is streaming."""
-    import apertus_mlx.session as session
+    import apertus_mlx.turn as session
     from apertus_mlx.generate import Chunk
 
     opened = threading.Event()
@@ -128,8 +128,8 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
             monkeypatch.setattr(ModelsScreen, "on_download_progress", spy)
             await pilot.press("enter")
             await wait_for(pilot, lambda: not isinstance(app.screen, ModelsScreen), 60)
-            await wait_for(pilot, lambda: app.loaded == repo, 60)
-            assert app.focused is app.prompt  # typing goes to the prompt at once
+            await wait_for(pilot, lambda: app.chat.loaded == repo, 60)
+            assert app.focused is app.chat.prompt  # typing goes to the prompt at once
             await ask(app, pilot, "Hi")
             answer = await answered(app, pilot, 1)
             await pilot.press("f5")  # copy the answer
@@ -152,10 +152,12 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
 
     again = ChatApp()
     async with again.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: bool(again.query(Notice)))  # the last model, deleted
-        assert again.model_name == repo and not isinstance(again.screen, ModelsScreen)
-        assert "apertus-mlx download" in str(again.query_one(Notice).render())
-        titles = [str(item.query_one("Label").render()) for item in again.query("ConversationItem")]
+        await wait_for(pilot, lambda: bool(again.chat.query(Notice)))  # the last model, deleted
+        assert again.chat.model_name == repo and not isinstance(again.screen, ModelsScreen)
+        assert "apertus-mlx download" in str(again.chat.query_one(Notice).render())
+        titles = [
+            str(item.query_one("Label").render()) for item in again.chat.query("ConversationItem")
+        ]
         assert titles == ["Hi"]  # the conversation is kept
 
 
@@ -195,18 +197,18 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press(*"Hello")  # typed while the model loads: kept, in the prompt
-        assert app.prompt.text == "Hello"
-        await wait_for(pilot, lambda: app.loaded is not None)
-        assert app.focused is app.prompt
+        assert app.chat.prompt.text == "Hello"
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
+        assert app.focused is app.chat.prompt
         saved = AppConfig.load()  # the model is remembered; command-line settings are not
         assert saved.last_model == str(tiny_model_dir) and saved.defaults == ChatSettings()
         await ask(app, pilot, "Hello there")
         first = await answered(app, pilot, 1)
         assert first.text.strip() and "tok/s" in first.status
-        assert "context" in str(app.query_one("#status").render())
-        assert app.context_used > 0 and app.context == 512
+        assert "context" in str(app.chat.query_one("#status").render())
+        assert app.chat.context_used > 0 and app.chat.context == 512
 
-        store, cid = app.store, app.conversation.id
+        store, cid = app.store, app.chat.conversation.id
         assert [m.role for m in store.branch(cid)] == ["user", "assistant"]
 
         await pilot.press("ctrl+r")  # regenerate: a sibling answer
@@ -220,14 +222,14 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
         await wait_for(pilot, lambda: store.branch(cid)[-1].id == branch[-1].id)
 
         await pilot.press("ctrl+l")  # edit the last message
-        assert app.prompt.text == "Hello there"
-        app.prompt.text = "Hello again"
+        assert app.chat.prompt.text == "Hello there"
+        app.chat.prompt.text = "Hello again"
         await pilot.press("enter")
         await answered(app, pilot, 1)
         branch = store.branch(cid)
         assert [m.content for m in branch if m.role == "user"] == ["Hello again"]
         assert len(store.siblings(branch[0].id)) == 2  # the old question is a branch
-        assert [str(w.render()) for w in app.query(UserMessage)] == ["Hello again"]
+        assert [str(w.render()) for w in app.chat.query(UserMessage)] == ["Hello again"]
 
         await pilot.press("f9")  # details of the last answer
         await wait_for(pilot, lambda: app.screen.query("#details"))
@@ -239,47 +241,47 @@ async def test_send_stream_regenerate_and_edit_as_branches(tiny_model_dir):
 async def test_escape_stops_and_the_partial_answer_stays(tiny_model_dir, gate):
     app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=400))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await ask(app, pilot, "Tell me a long story")
         await wait_for(pilot, lambda: answers(app) and answers(app)[-1].text)
-        assert app.generating
+        assert app.chat.generating
         await pilot.press("escape")
         answer = await answered(app, pilot, 1)
         assert "stopped: interrupted" in answer.status
         assert answer.text
-        stored = app.store.branch(app.conversation.id)[-1]
+        stored = app.store.branch(app.chat.conversation.id)[-1]
         assert stored.finish_reason == "interrupted" and stored.content == answer.text
 
 
 async def test_switching_conversations_while_an_answer_streams(tiny_model_dir, gate):
     app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=16))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         gate.set()
         await ask(app, pilot, "First chat")
         await answered(app, pilot, 1)
-        first = app.conversation.id
+        first = app.chat.conversation.id
         gate.clear()
 
         await pilot.press("ctrl+n")
         await ask(app, pilot, "Second chat")
         await wait_for(pilot, lambda: answers(app) and answers(app)[-1].text)
-        second = app.conversation.id
-        await app.show_conversation(first)  # what clicking it in the list does
+        second = app.chat.conversation.id
+        await app.chat.show_conversation(first)  # what clicking it in the list does
         await pilot.pause()
-        assert [str(w.render()) for w in app.query(UserMessage)] == ["First chat"]
+        assert [str(w.render()) for w in app.chat.query(UserMessage)] == ["First chat"]
         assert all(a.finished for a in answers(app))
         await pilot.press("h", "i")  # typing works meanwhile
-        assert app.prompt.text == "hi"
-        assert app.running is not None  # the other answer goes on
+        assert app.chat.prompt.text == "hi"
+        assert app.chat.running is not None  # the other answer goes on
 
         gate.set()
-        await wait_for(pilot, lambda: app.running is None)
+        await wait_for(pilot, lambda: app.chat.running is None)
         assert len(answers(app)) == 1  # nothing of the other answer landed here
         stored = app.store.branch(second)[-1]
         assert stored.finish_reason in ("stop", "length") and stored.content
 
-        await app.show_conversation(second)
+        await app.chat.show_conversation(second)
         await pilot.pause()
         assert answers(app)[-1].text == stored.content
 
@@ -287,7 +289,7 @@ async def test_switching_conversations_while_an_answer_streams(tiny_model_dir, g
 async def test_settings_persist_and_a_bad_value_is_refused(tiny_model_dir, home):
     app = ChatApp(str(tiny_model_dir))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
         screen = app.screen
@@ -307,18 +309,18 @@ async def test_settings_persist_and_a_bad_value_is_refused(tiny_model_dir, home)
         screen.query_one("#system").text = "Answer in German."
         await pilot.press("enter")
         await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
-        assert app.focused is app.prompt
+        assert app.focused is app.chat.prompt
     saved = json.loads(AppConfig.path().read_text())
     assert saved["defaults"]["temperature"] == 0 and saved["defaults"]["max_tokens"] == 1
 
     again = ChatApp(str(tiny_model_dir))
     async with again.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: again.loaded is not None)
-        assert again.settings.system == "Answer in German."
+        await wait_for(pilot, lambda: again.chat.loaded is not None)
+        assert again.chat.settings.system == "Answer in German."
         await ask(again, pilot, "Hi")
         answer = await answered(again, pilot, 1)
         assert "stopped: length" in answer.status  # max tokens 1 was used
-        conversation = again.store.get_conversation(again.conversation.id)
+        conversation = again.store.get_conversation(again.chat.conversation.id)
         assert (
             conversation.system == "Answer in German." and conversation.settings["max_tokens"] == 1
         )
@@ -330,14 +332,14 @@ async def test_switching_models_keeps_the_history(tiny_model_dir, checkpoint):
         other = checkpoint(sorted(n for n in _variants() if n != "gqa-llama3-f32")[0])
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await ask(app, pilot, "Hello")
         await answered(app, pilot, 1)
-        app.model_chosen(str(other))  # what choosing it on the models screen does
-        await wait_for(pilot, lambda: app.loaded == str(other))
+        app.chat.model_chosen(str(other))  # what choosing it on the models screen does
+        await wait_for(pilot, lambda: app.chat.loaded == str(other))
         await ask(app, pilot, "And now?")
         await answered(app, pilot, 2)
-        branch = app.store.branch(app.conversation.id)
+        branch = app.store.branch(app.chat.conversation.id)
         assert len(branch) == 4  # the history stays
         assert branch[-1].settings["model"] == str(other)
         assert branch[1].settings["model"] == str(tiny_model_dir)
@@ -353,46 +355,46 @@ def _variants() -> list[str]:
 async def test_search_rename_and_delete(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await ask(app, pilot, "Rösti recipe please")
         await answered(app, pilot, 1)
         await pilot.press("ctrl+n")
         await ask(app, pilot, "Fondue for two")
         await answered(app, pilot, 1)
-        assert len(app.query("ConversationItem")) == 2
+        assert len(app.chat.query("ConversationItem")) == 2
         await pilot.press("ctrl+n")
 
         await pilot.press("f3")
-        assert app.focused is app.query_one("#search")
+        assert app.focused is app.chat.query_one("#search")
         await pilot.press("escape")  # back to the message box
-        assert app.focused is app.prompt
+        assert app.focused is app.chat.prompt
         await pilot.press("f3")
         await pilot.press(*"fondue")
-        await wait_for(pilot, lambda: len(app.query("ConversationItem")) == 1)
+        await wait_for(pilot, lambda: len(app.chat.query("ConversationItem")) == 1)
         await pilot.press("enter", "enter")  # to the list, then open the hit
         await wait_for(
-            pilot, lambda: app.conversation and app.conversation.title == "Fondue for two"
+            pilot, lambda: app.chat.conversation and app.chat.conversation.title == "Fondue for two"
         )
-        assert [str(w.render()) for w in app.query(UserMessage)] == ["Fondue for two"]
+        assert [str(w.render()) for w in app.chat.query(UserMessage)] == ["Fondue for two"]
 
-        app.prompt.focus()
+        app.chat.prompt.focus()
         await pilot.press("f2")
         await wait_for(pilot, lambda: app.screen.query("#answer"))
         app.screen.query_one("#answer").value = "Cheese night"
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.conversation.title == "Cheese night")
+        await wait_for(pilot, lambda: app.chat.conversation.title == "Cheese night")
 
         await pilot.press("f8")
         await wait_for(pilot, lambda: app.screen.query("#yes"))
         await pilot.click("#yes")
-        await wait_for(pilot, lambda: app.conversation is None)
+        await wait_for(pilot, lambda: app.chat.conversation is None)
         assert [c.title for c in app.store.list_conversations()] == ["Rösti recipe please"]
 
 
 async def test_help_palette_and_newline_key(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         titles = {c.title for c in app.get_system_commands(app.screen)}
         wanted = (
             "Regenerate",
@@ -407,18 +409,18 @@ async def test_help_palette_and_newline_key(tiny_model_dir):
         )
         assert set(wanted) <= titles
         await pilot.press("a", "ctrl+j", "b")
-        assert app.prompt.text == "a\nb"
-        app.prompt.text = ""
+        assert app.chat.prompt.text == "a\nb"
+        app.chat.prompt.text = ""
         await pilot.press("f1")
         await wait_for(pilot, lambda: "HelpScreen" in type(app.screen).__name__)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: app.focused is app.prompt)
+        await wait_for(pilot, lambda: app.focused is app.chat.prompt)
         await pilot.press("ctrl+p")
         await wait_for(pilot, lambda: "CommandPalette" in type(app.screen).__name__)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: app.screen is app.screen_stack[0])
+        await wait_for(pilot, lambda: app.screen is app.chat)
         await pilot.press("x")
-        assert app.prompt.text == "x"  # typing lands in the prompt after the palette
+        assert app.chat.prompt.text == "x"  # typing lands in the prompt after the palette
 
 
 def test_code_blocks_are_found_for_copying():
@@ -431,13 +433,15 @@ def test_code_blocks_are_found_for_copying():
 async def test_deliberation_toggle_is_kept_per_chat(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await pilot.press("ctrl+t")
-        assert app.settings.thinking and "deliberation on" in str(app.query_one("#status").render())
+        assert app.chat.settings.thinking and "deliberation on" in str(
+            app.chat.query_one("#status").render()
+        )
         await ask(app, pilot, "Think first")
         await answered(app, pilot, 1)
-        assert app.store.get_conversation(app.conversation.id).thinking
-        stored = app.store.branch(app.conversation.id)[-1]
+        assert app.store.get_conversation(app.chat.conversation.id).thinking
+        stored = app.store.branch(app.chat.conversation.id)[-1]
         assert stored.settings["thinking"] is True
 
 
@@ -458,24 +462,24 @@ def test_context_budget_drops_oldest_turns_and_keeps_the_system_prompt():
 
 async def test_a_long_conversation_says_what_it_leaves_out(tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=8))
-    words = " ".join(["cheese"] * 150)
+    words = " ".join(["cheese"] * 80)  # about 330 tokens: two turns overflow the 512 window
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         await ask(app, pilot, words)
         await answered(app, pilot, 1)
         await ask(app, pilot, words + " again")
         await answered(app, pilot, 2)
-        notes = [str(n.render()) for n in app.query(Notice)]
+        notes = [str(n.render()) for n in app.chat.query(Notice)]
         assert any("oldest 2 messages are left out" in n for n in notes), notes
 
 
 async def test_bad_model_path_shows_one_line_error_in_view(tmp_path):
     app = ChatApp(str(tmp_path / "missing"))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: bool(app.query(Notice)))
-        text = str(app.query_one(Notice).render())
+        await wait_for(pilot, lambda: bool(app.chat.query(Notice)))
+        text = str(app.chat.query_one(Notice).render())
         assert "no model directory" in text and "Traceback" not in text
-        assert app.focused is app.prompt
+        assert app.focused is app.chat.prompt
 
 
 def test_cli_imports_textual_only_for_chat():
@@ -496,7 +500,7 @@ async def test_the_installed_output_filter_guards_screen_and_store(tiny_model_di
 
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         notes = [n.message for n in app._notifications]
         assert any("no output filter installed" in n for n in notes)  # reminded once
         await ask(app, pilot, "Grüezi mitenand!")
@@ -514,7 +518,7 @@ async def test_the_installed_output_filter_guards_screen_and_store(tiny_model_di
         await pilot.press("ctrl+r")
         answer = await answered(app, pilot, 1)
         assert MARKER in answer.text and said[0] not in words(answer.text)
-        stored = app.store.branch(app.conversation.id)[-1]
+        stored = app.store.branch(app.chat.conversation.id)[-1]
         assert stored.content == answer.text and not stored.tokens
 
 
@@ -528,7 +532,7 @@ def test_quits_cleanly_after_chatting(tiny_model_dir, home):
         "async def main():\n"
         "    app = ChatApp(sys.argv[1], ChatSettings(temperature=0.0, max_tokens=8))\n"
         "    async with app.run_test() as pilot:\n"
-        "        await wait_for(pilot, lambda: app.loaded is not None)\n"
+        "        await wait_for(pilot, lambda: app.chat.loaded is not None)\n"
         "        await ask(app, pilot, 'Hi')\n"
         "        await answered(app, pilot, 1)\n"
         "        await pilot.press('ctrl+q')\n"
@@ -575,10 +579,10 @@ async def test_a_damaged_config_is_reported_and_the_app_starts(tiny_model_dir, h
     (home / "config.json").write_text("{not json")
     app = ChatApp(str(tiny_model_dir))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         notes = [n.message for n in app._notifications]
         assert any("config.json" in n and "starting on defaults" in n for n in notes)
-        assert app.settings == ChatSettings()
+        assert app.chat.settings == ChatSettings()
 
 
 async def test_an_unusable_history_still_chats_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
@@ -587,7 +591,108 @@ async def test_an_unusable_history_still_chats_and_says_so(tiny_model_dir, tmp_p
     monkeypatch.setenv("APERTUS_MLX_HOME", str(blocked / "home"))
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None or bool(app.query(Notice)))
+        await wait_for(pilot, lambda: app.chat.loaded is not None or bool(app.chat.query(Notice)))
         assert any("not saved" in n.message for n in app._notifications)
         await ask(app, pilot, "Hi")
         assert (await answered(app, pilot, 1)).text
+
+
+async def test_a_conversation_deleted_elsewhere_is_a_notification(tiny_model_dir):
+    """Another process deletes the conversation the list still shows: choosing it, or acting
+    on it, tells the user; the app keeps running."""
+    from apertus_mlx.saved_caches import delete_conversation
+    from apertus_mlx.store import Store
+
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
+        await ask(app, pilot, "Hello")
+        await answered(app, pilot, 1)
+        cid = app.chat.conversation.id
+        with Store.open() as other:  # `apertus-mlx history rm` in another terminal
+            delete_conversation(other, cid)
+        await pilot.press("f2")  # rename it: the store says it is gone
+        await wait_for(pilot, lambda: app.screen.query("#answer"))
+        app.screen.query_one("#answer").value = "Cheese"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: any("no longer" in n.message for n in app._notifications))
+        await app.chat.show_conversation(cid)  # what choosing it in the stale list does
+        await pilot.press("ctrl+r")
+        assert app.is_running and app.chat.conversation is None
+        await ask(app, pilot, "Still here?")
+        await answered(app, pilot, 1)
+
+
+async def test_deleting_while_the_answer_streams_leaves_nothing(tiny_model_dir, gate, home):
+    app = ChatApp(str(tiny_model_dir), GREEDY.with_(max_tokens=400))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
+        await ask(app, pilot, "Zebrafink, erzähl!")
+        await wait_for(pilot, lambda: answers(app) and answers(app)[-1].text)
+        cid = app.chat.conversation.id
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: app.screen.query("#yes"))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.chat.running is None)
+        assert app.store.list_conversations() == [] and app.store.search("Zebrafink") == []
+    assert not list((home / "caches").glob("*"))
+    raw = b"".join(p.read_bytes() for p in home.glob("history.db*"))
+    assert b"Zebrafink" not in raw and cid.encode() not in raw
+
+
+async def test_a_refused_message_goes_back_to_the_message_box(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
+        long = "Grüezi " * 2000
+        await ask(app, pilot, long)
+        await wait_for(pilot, lambda: any("too long" in n.message for n in app._notifications))
+        await wait_for(pilot, lambda: app.chat.running is None)
+        assert app.chat.prompt.text.strip() == long.strip()
+        assert app.store.list_conversations() == [] and not answers(app)
+
+
+def test_cli_and_chat_answers_are_stored_alike(tiny_model_dir, home):
+    """A `generate --save --stop` answer and a chat answer on the same conversation: the
+    same settings shape, the same details, and the CLI's stop strings kept by the chat."""
+    from apertus_mlx_app.screens.dialogs import details_text
+
+    from apertus_mlx.store import Store
+    from tests.test_history_cli import cli
+
+    out = cli("generate", "Grüezi", "-m", str(tiny_model_dir), "--save", "--temp", "0",
+              "-n", "5", "--stop", "xyz", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cid = json.loads(out.stdout)["conversation_id"]
+
+    async def chat_turn() -> None:
+        app = ChatApp(str(tiny_model_dir))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.chat.loaded is not None)
+            await app.chat.show_conversation(cid)
+            await ask(app, pilot, "Und?")
+            await answered(app, pilot, 2)
+
+    import anyio
+
+    anyio.run(chat_turn)
+    with Store.open() as store:
+        cli_answer, chat_answer = [m for m in store.branch(cid) if m.role == "assistant"]
+        assert set(cli_answer.settings) == set(chat_answer.settings)
+        assert chat_answer.settings["stop"] == ["xyz"]
+        assert store.get_conversation(cid).settings["stop"] == ["xyz"]
+        rows = []
+        for m in (cli_answer, chat_answer):
+            lines = details_text(m).splitlines()[2:]
+            rows.append(
+                dict(
+                    line.split(None, 1)
+                    if "  " not in line
+                    else [part.strip() for part in line.split("  ", 1)]
+                    for line in lines
+                )
+            )
+        for r in rows:
+            assert r["model"] == str(tiny_model_dir) and r["deliberation"] == "off"
+            assert r["temperature"] == "0.0"
+        assert rows[0].keys() == rows[1].keys()

@@ -31,7 +31,7 @@ async def settle(pilot, condition, timeout: float = 20.0) -> None:
     while not condition():
         assert loop.time() < deadline, "timed out waiting for the app"
         await pilot.pause(0.02)
-    for widget in pilot.app.query("TextArea, Input"):
+    for widget in pilot.app.screen.query("TextArea, Input"):
         widget.cursor_blink = False
 
 
@@ -48,7 +48,7 @@ def test_help_screen(snap_compare):
     app = ChatApp("apertus-mini-4b-int4")  # not downloaded: the chat says so inline
 
     async def run_before(pilot) -> None:
-        await settle(pilot, lambda: pilot.app.query(".notice"))
+        await settle(pilot, lambda: pilot.app.chat and pilot.app.chat.query(".notice"))
         pilot.app.clear_notifications()
         await pilot.press("f1")
         await settle(pilot, lambda: "Help" in type(pilot.app.screen).__name__)
@@ -60,7 +60,7 @@ def test_settings_screen_refuses_a_bad_value(snap_compare):
     app = ChatApp("apertus-mini-4b-int4")
 
     async def run_before(pilot) -> None:
-        await settle(pilot, lambda: pilot.app.query(".notice"))
+        await settle(pilot, lambda: pilot.app.chat and pilot.app.chat.query(".notice"))
         pilot.app.clear_notifications()
         await pilot.press("ctrl+s")
         await settle(pilot, lambda: pilot.app.screen.query("#temperature"))

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from apertus_mlx.tokenizer import _BYTE_OF_CHAR, load_tokenizer
-from tests.fixture_tokenizer import SAMPLE_TEXTS
+from fixtures.tokenizer import SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_compiled_forward_matches_the_plain_pass(tiny_model_dir, vocab_size):
 
 
 def test_chunked_prefill_equals_one_pass(tiny_model_dir, monkeypatch):
-    import apertus_mlx.generate as gen
+    import apertus_mlx.forward as gen
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     ids = list(range(100, 180))
@@ -127,7 +127,7 @@ def test_stop_during_a_long_prompt_lands_within_a_layer(tiny_model_dir):
 
 
 def test_a_first_chunk_too_slow_for_the_budget_starts_over_smaller(tiny_model_dir, monkeypatch):
-    import apertus_mlx.generate as gen
+    import apertus_mlx.forward as gen
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     whole = run(model, tokenizer, list(range(100, 180)), params=GREEDY, max_tokens=4)

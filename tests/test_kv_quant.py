@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from apertus_mlx.errors import UsageError
-from apertus_mlx.generate import Forward
+from apertus_mlx.forward import Forward
 from apertus_mlx.loading import load_model
 from apertus_mlx.saved_caches import SavedCaches, identity
 from tests.checkpoints import build_checkpoint
@@ -64,12 +64,14 @@ def test_a_quantized_cache_is_saved_and_loaded(wide_heads, tmp_path):
     ids = list(range(100, 140))
     cache = model.make_cache(bits=4)
     model(mx.array([ids]), cache=cache)
-    saved, ident = SavedCaches(tmp_path), identity(model, "m", None)
-    saved.save("q", cache, ids, ident)
-    loaded, tokens = saved.load("q", model, ident)
-    assert tokens == ids and loaded.bits == 4
-    for a, b in zip(cache.state(), loaded.state()):
+    saved, ident = SavedCaches(tmp_path), identity(model, "m", None, bits=4)
+    saved.save("q", cache, ident)
+    loaded = saved.load("q", model.make_cache(bits=4), ident).cache
+    assert loaded.tokens == ids and loaded.bits == 4
+    for a, b in zip(cache.arrays(), loaded.arrays()):
         np.testing.assert_array_equal(np.array(a[..., :40, :]), np.array(b[..., :40, :]))
+    # a float cache of the same model cannot use it
+    assert saved.load("q", model.make_cache(), identity(model, "m", None)).cache is None
 
 
 def test_heads_that_cannot_be_grouped_are_refused(tiny_model_dir):

@@ -23,6 +23,7 @@ from apertus_mlx.model import RMSNorm, RoPE, rope_inv_freq
 from apertus_mlx.plan import Plan
 from tests import metal_stand_in as stand_in
 from tests.metal_stand_in import bits as _bits
+from tests.metal_stand_in import cpu_plan, metal_plan
 
 qk = importlib.import_module("apertus_mlx.kernels.qk_rope")
 
@@ -45,8 +46,8 @@ CASES = [
 
 
 def _plan(fast: bool) -> Plan:
-    """The model's plan on a Mac (fast) or on the CPU; `pretend_metal` decides the kernels."""
-    return Plan(on_gpu=fast, dtype=mx.float32, fast_ops=fast, metal_kernels=fast, fuse_qkv=False)
+    """The model's plan on a Mac with our kernels (fast) or on the CPU."""
+    return metal_plan() if fast else cpu_plan()
 
 
 def _args(head_dim: int) -> ModelArgs:
@@ -114,9 +115,9 @@ class Case:
         return qk.qk_norm_rope_reference(self.x, self.weight, EPS, self.offset, self.inv_freq)
 
 
-def _run_gpp(case: Case, source: str | None = None) -> mx.array:
-    """The kernel text's (or `source`'s) output for `case`: (B, heads, L, D) of x's dtype."""
-    program = stand_in.compile_kernel(qk.KERNEL, TYPES, source=source)
+def _run_gpp(case: Case, source: str | None = None, header: str | None = None) -> mx.array:
+    """The kernel text's (or a variant's) output for `case`: (B, heads, L, D) of x's dtype."""
+    program = stand_in.compile_kernel(qk.KERNEL, TYPES, header=header, source=source)
     x = stand_in.Strided(case.buffer, case.start, tuple(case.x.shape), case.strides)
     scalars = [mx.array(EPS, dtype=mx.float32), mx.array(case.offset, dtype=mx.int32)]
     launch = qk.launch_geometry(x.shape, case.x.dtype)
@@ -167,11 +168,12 @@ def test_kernel_text_edge_rows(dtype):
 
 def test_check_catches_a_wrong_sin_sign():
     """A rotation the wrong way round must fail the agreement rule (and so the self-check)."""
-    broken = qk.KERNEL_SOURCE.replace("metal::precise::sin(angle)", "-metal::precise::sin(angle)")
-    assert broken != qk.KERNEL_SOURCE
+    broken = qk.KERNEL_HEADER.replace("metal::precise::sin(angle)", "-metal::precise::sin(angle)")
+    assert broken != qk.KERNEL_HEADER
     for dtype in DTYPES.values():
         case = Case((1, 3, 2, 64), 70000, "qkv", dtype)
-        ok = np.array(qk.agrees(_run_gpp(case, broken), case.reference(), case.x, case.weight, EPS))
+        got = _run_gpp(case, header=broken)
+        ok = np.array(qk.agrees(got, case.reference(), case.x, case.weight, EPS))
         assert ok.mean() < 0.5, f"{dtype}: a wrong sign of sin goes unnoticed"
 
 
@@ -253,7 +255,7 @@ def test_geometry_rejects_shapes_it_cannot_serve(shape):
 # --- path selection and fallback ---------------------------------------------------------------
 
 
-fresh_state, pretend_metal = stand_in.kernel_fixtures(qk.KERNEL)
+fresh_state = stand_in.kernel_fixtures(qk.KERNEL)
 
 
 def _computed(wrong: bool = False):
@@ -276,41 +278,44 @@ def _rotation_inputs(dtype, offset=70000):
     return case, norm, rope
 
 
-@pytest.mark.skipif(mx.metal.is_available(), reason="this machine has Metal")
-def test_plain_backend_without_metal(fresh_state):
-    assert qk.qk_rope_backend() == "plain"
+def test_plain_backend_without_metal(fresh_state, monkeypatch):
+    monkeypatch.setattr(qk.KERNEL, "_make", lambda: pytest.fail("kernel built on the CPU"))
+    assert qk.qk_rope_backend(cpu_plan()) == "plain"
     case, *_ = _rotation_inputs(mx.float32)
-    assert not qk.qk_rope_kernel_usable(case.x, case.weight)
-    got = qk.qk_norm_rope(case.x, case.weight, EPS, 70000, case.inv_freq)
+    assert not qk.qk_rope_kernel_usable(case.x, case.weight, cpu_plan())
+    got = qk.qk_norm_rope(case.x, case.weight, EPS, 70000, case.inv_freq, cpu_plan())
     np.testing.assert_array_equal(_bits(got), _bits(case.reference()))
 
 
-def test_environment_forces_fallback(pretend_metal, monkeypatch):
-    stand_in.check_environment_switch(qk.KERNEL, monkeypatch)
-    assert qk.qk_rope_backend() == "mx.fast"
-    case, *_ = _rotation_inputs(mx.float16)
-    assert not qk.qk_rope_kernel_usable(case.x, case.weight)
+def test_switched_off_at_load_forces_fallback(fresh_state, monkeypatch):
+    def use(plan):
+        assert qk.qk_rope_backend(plan) == "mx.fast"
+        case, *_ = _rotation_inputs(mx.float16)
+        assert not qk.qk_rope_kernel_usable(case.x, case.weight, plan)
+
+    stand_in.check_switched_off(qk.KERNEL, monkeypatch, use)
 
 
-def test_passing_self_check_uses_kernel_per_dtype(pretend_metal, monkeypatch, caplog):
+def test_passing_self_check_uses_kernel_per_dtype(fresh_state, monkeypatch, caplog):
     calls = stand_in.use_stand_in(qk.KERNEL, monkeypatch, _computed())
     case, *_ = _rotation_inputs(mx.float16)
+    plan = metal_plan()
     # First use inside an outer mx.compile with the offset an array, as in fast_decode.
-    outer = mx.compile(lambda x, w, off: qk.qk_norm_rope(x, w, EPS, off[0], case.inv_freq))
+    outer = mx.compile(lambda x, w, off: qk.qk_norm_rope(x, w, EPS, off[0], case.inv_freq, plan))
     with caplog.at_level(logging.WARNING, logger="apertus_mlx"):
         got = outer(case.x, case.weight, mx.array([70000], dtype=mx.int32))
     np.testing.assert_array_equal(_bits(got), _bits(case.reference()))
-    assert qk.qk_rope_backend() == "metal" and not caplog.records
+    assert qk.qk_rope_backend(plan) == "metal" and not caplog.records
     assert calls == [mx.float16, mx.float16]  # probe, then the real launch
-    qk.qk_norm_rope(case.x, case.weight, EPS, 70000, case.inv_freq)
+    qk.qk_norm_rope(case.x, case.weight, EPS, 70000, case.inv_freq, plan)
     bf = _rotation_inputs(mx.bfloat16)[0]
-    qk.qk_norm_rope(bf.x, bf.weight, EPS, 3, bf.inv_freq)
+    qk.qk_norm_rope(bf.x, bf.weight, EPS, 3, bf.inv_freq, plan)
     assert calls == [mx.float16] * 3 + [mx.bfloat16] * 2  # bfloat16 checked on its first use
     # Mixed dtypes are not for the kernel.
-    assert not qk.qk_rope_kernel_usable(case.x, case.weight.astype(mx.float32))
+    assert not qk.qk_rope_kernel_usable(case.x, case.weight.astype(mx.float32), plan)
 
 
-def test_model_rotation_takes_the_kernel_on_metal(pretend_metal, monkeypatch):
+def test_model_rotation_takes_the_kernel_on_metal(fresh_state, monkeypatch):
     calls = stand_in.use_stand_in(qk.KERNEL, monkeypatch, _computed())
     case, norm, rope = _rotation_inputs(mx.bfloat16)
     got = rope.rotation(4, 70000)(case.x, norm)
@@ -319,7 +324,7 @@ def test_model_rotation_takes_the_kernel_on_metal(pretend_metal, monkeypatch):
 
 
 @pytest.mark.parametrize("builder", stand_in.failing_builders(qk.KERNEL, _computed(wrong=True)))
-def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, caplog, builder):
+def test_failing_self_check_falls_back_for_good(fresh_state, monkeypatch, caplog, builder):
     case, norm, rope = _rotation_inputs(mx.bfloat16)
 
     def use(dtype):
@@ -338,13 +343,14 @@ def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, capl
         np.testing.assert_array_equal(_bits(got), _bits(fast))
 
     stand_in.check_falls_back_for_good(qk.KERNEL, monkeypatch, caplog, builder, use)
-    assert qk.qk_rope_backend() == "mx.fast"
+    assert qk.qk_rope_backend(metal_plan()) == "mx.fast"
 
 
-def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
+def test_other_dtypes_skip_the_kernel(fresh_state, monkeypatch):
     stand_in.check_other_dtypes_skip_the_kernel(qk.KERNEL, monkeypatch)
     case = Case((1, 2, 3, 64), 5, "qkv", mx.float32)
-    assert not qk.qk_rope_kernel_usable(case.x.astype(mx.int32), case.weight.astype(mx.int32))
+    x, w = case.x.astype(mx.int32), case.weight.astype(mx.int32)
+    assert not qk.qk_rope_kernel_usable(x, w, metal_plan())
 
 
 # --- the real kernel, on a Mac -----------------------------------------------------------------
@@ -357,10 +363,10 @@ def test_real_kernel_matches_reference(fresh_state, dtype, shape_offset_layout):
     *shape, offset, layout = shape_offset_layout
     with mx.stream(mx.gpu):
         case = Case(tuple(shape), offset, layout, dtype)
-        got = qk._qk_norm_rope_metal(case.x, case.weight, EPS, offset, case.inv_freq)
+        got = qk.qk_norm_rope_metal(case.x, case.weight, EPS, offset, case.inv_freq)
         _assert_matches(got, case)
         array_offset = mx.array([offset], dtype=mx.int32)
-        again = qk._qk_norm_rope_metal(case.x, case.weight, EPS, array_offset, case.inv_freq)
+        again = qk.qk_norm_rope_metal(case.x, case.weight, EPS, array_offset, case.inv_freq)
         np.testing.assert_array_equal(_bits(again), _bits(got))
-        assert qk.qk_rope_kernel_usable(case.x, case.weight)
-    assert qk.qk_rope_backend() == "metal"
+        assert qk.qk_rope_kernel_usable(case.x, case.weight, metal_plan())
+    assert qk.qk_rope_backend(metal_plan()) == "metal"

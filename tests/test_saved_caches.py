@@ -17,7 +17,7 @@ from tests.test_history_cli import cli, home  # noqa: F401 - the fixture
 def filled(model, ids: list[int]):
     cache = model.make_cache()
     model(mx.array([ids]), cache=cache)
-    mx.eval(cache.state())
+    mx.eval(cache.arrays())
     return cache
 
 
@@ -27,24 +27,45 @@ def test_save_load_roundtrip_and_identity(tiny_model_dir, tmp_path):
     cache = filled(model, ids)
     saved = SavedCaches(tmp_path)
     ident = identity(model, "some/model", "abc")
-    saved.save("c1", cache, ids, ident)
-    loaded, tokens = saved.load("c1", model, ident)
-    assert tokens == ids and loaded.offset == 40
-    for a, b in zip(cache.state(), loaded.state()):
+    saved.save("c1", cache, ident)
+    loaded = saved.load("c1", model.make_cache(), ident)
+    assert loaded.note is None
+    assert loaded.cache.tokens == ids and loaded.cache.offset == 40
+    for a, b in zip(cache.arrays(), loaded.cache.arrays()):
         np.testing.assert_array_equal(np.array(a[..., :40, :]), np.array(b[..., :40, :]))
-    # another revision, or another model, does not use it
-    assert saved.load("c1", model, {**ident, "revision": "def"}) is None
-    assert saved.load("c1", model, {**ident, "model": "other/model"}) is None
-    assert saved.load("nothing-here", model, ident) is None
+    assert saved.load("nothing-here", model.make_cache(), ident).cache is None
+
+
+def test_a_foreign_or_damaged_cache_is_reported_and_removed(tiny_model_dir, tmp_path):
+    """Another revision, another model, other bits, a truncated file: not used, said once,
+    and gone, so the next save replaces it."""
+    model = load_model(tiny_model_dir)
+    ids = list(range(100, 140))
+    saved = SavedCaches(tmp_path)
+    ident = identity(model, "some/model", "abc")
+    file = tmp_path / "c1.safetensors"
+    for other, what in (
+        ({**ident, "revision": "def"}, "revision"),
+        ({**ident, "model": "other/model"}, "model"),
+        (identity(model, "some/model", "abc", bits=8), "kv_bits"),
+    ):
+        saved.save("c1", filled(model, ids), ident)
+        loaded = saved.load("c1", model.make_cache(), other)
+        assert loaded.cache is None and what in loaded.note and not file.exists()
+    saved.save("c1", filled(model, ids), ident)
+    file.write_bytes(file.read_bytes()[:-100])
+    loaded = saved.load("c1", model.make_cache(), ident)
+    assert loaded.cache is None and "damaged" in loaded.note and not file.exists()
+    assert saved.load("c1", model.make_cache(), ident).note is None  # said once
 
 
 def test_reuse_keeps_the_common_prefix_and_the_last_token_to_read(tiny_model_dir):
     model = load_model(tiny_model_dir)
     cache = filled(model, list(range(100, 120)))
-    assert cache.keep_prefix(list(range(100, 120)), list(range(100, 110)) + [7, 8]) == 10
-    assert cache.offset == 10
+    assert cache.keep_prefix(list(range(100, 110)) + [7, 8]) == 10
+    assert cache.offset == 10 and cache.tokens == list(range(100, 110))
     cache = filled(model, list(range(100, 120)))
-    assert cache.keep_prefix(list(range(100, 120)), list(range(100, 120))) == 19
+    assert cache.keep_prefix(list(range(100, 120))) == 19
 
 
 def test_least_recently_used_files_go_first(tiny_model_dir, tmp_path):
@@ -52,14 +73,14 @@ def test_least_recently_used_files_go_first(tiny_model_dir, tmp_path):
     ids = list(range(100, 164))
     ident = identity(model, "m", None)
     probe = SavedCaches(tmp_path / "probe")
-    probe.save("x", filled(model, ids), ids, ident)
+    probe.save("x", filled(model, ids), ident)
     size = (tmp_path / "probe" / "x.safetensors").stat().st_size
     saved = SavedCaches(tmp_path / "c", budget=int(2.5 * size))
     for key in ("a", "b"):
-        saved.save(key, filled(model, ids), ids, ident)
+        saved.save(key, filled(model, ids), ident)
     os.utime(tmp_path / "c" / "a.safetensors", (1, 1))  # a: long unused
-    saved.load("b", model, ident)
-    saved.save("c", filled(model, ids), ids, ident)
+    saved.load("b", model.make_cache(), ident)
+    saved.save("c", filled(model, ids), ident)
     assert sorted(f.stem for f in (tmp_path / "c").glob("*.safetensors")) == ["b", "c"]
 
 

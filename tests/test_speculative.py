@@ -165,7 +165,8 @@ def test_caches_hold_what_was_fed_and_serve_the_next_turn(target, other):
     first = run(model, tokenizer, prompt, params=GREEDY, max_tokens=13, cache=cache, draft=draft)
     fed = prompt + first.tokens[:-1]
     assert cache.offset == len(fed)
-    assert draft.ids == fed[: draft.cache.offset] and draft.cache.offset >= len(prompt)
+    assert cache.tokens == fed
+    assert draft.cache.tokens == fed[: draft.cache.offset] and draft.cache.offset >= len(prompt)
     follow = fed + [60, 61]
     again = run(model, tokenizer, follow, params=GREEDY, max_tokens=9, cache=cache, draft=draft)
     assert again.stats.cached_tokens == len(fed)
@@ -347,19 +348,26 @@ def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
     assert abs(counts.accepted / counts.drafted - np.minimum(p, q).sum()) < 0.05
 
 
-def test_chat_session_with_a_draft_answers_as_without(tiny_model_dir, other):
+def test_chat_turns_with_a_draft_answer_as_without(tiny_model_dir, other):
     """Turn after turn, greedy: the same answers; the draft's cache carries over as well."""
-    from apertus_mlx.session import ChatSession
+    from apertus_mlx.settings import TurnSettings
+    from apertus_mlx.turn import TurnRequest, TurnService
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    plain = ChatSession(model, tokenizer, params=GREEDY, max_tokens=10)
-    fast = ChatSession(model, tokenizer, params=GREEDY, max_tokens=10, draft=Draft(other, 3))
+    settings = TurnSettings(temperature=0, max_tokens=10)
+    plain = TurnService(model, tokenizer, model_id="m")
+    fast = TurnService(model, tokenizer, model_id="m", draft=Draft(other, 3))
+    messages: list[dict] = []
     for text in ("Grüezi!", "Und wie gaht's?", "Merci."):
-        *_, a = plain.reply(text)
+        messages.append({"role": "user", "content": text})
+        *_, a = (e for e in plain.start(TurnRequest.chat(messages, settings)).events
+                 if isinstance(e, Done))  # fmt: skip
         held = fast.draft.cache.offset
-        *_, b = fast.reply(text)
+        *_, b = (e for e in fast.start(TurnRequest.chat(messages, settings)).events
+                 if isinstance(e, Done))  # fmt: skip
         assert isinstance(b, Done) and b.tokens == a.tokens
         assert b.stats.draft_tokens > 0
         if text != "Grüezi!":
             assert held > 0  # the earlier turns stayed in the draft's cache
-    assert fast.draft.ids == fast._cached_ids[: len(fast.draft.ids)]
+            assert b.stats.cached_tokens > 0
+        messages.append({"role": "assistant", "content": a.text, "tokens": a.tokens})

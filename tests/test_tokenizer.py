@@ -11,7 +11,7 @@ import pytest
 from apertus_mlx.config import GenerationConfig
 from apertus_mlx.errors import ConfigError, TokenizerError
 from apertus_mlx.tokenizer import load_tokenizer
-from tests.fixture_tokenizer import SAMPLE_TEXTS
+from fixtures.tokenizer import SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")

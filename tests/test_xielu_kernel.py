@@ -2,7 +2,7 @@
 
 `metal_stand_in` runs `KERNEL_SOURCE` over the grid that `launch_geometry` returns, and the
 results are compared with `xielu_reference`. On a Mac the real kernel is compared too. The
-fallback (self-check, environment switch) is tested with stand-in kernel objects, so no Metal
+fallback (self-check, the plan's switch) is tested with stand-in kernel objects, so no Metal
 API is called where there is no Metal.
 """
 
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tests import metal_stand_in as stand_in
 from tests.metal_stand_in import bits as _to_bits
+from tests.metal_stand_in import cpu_plan, metal_plan
 
 # `apertus_mlx.kernels.xielu` the attribute is the function; the module comes from importlib.
 xk = importlib.import_module("apertus_mlx.kernels.xielu")
@@ -157,7 +158,7 @@ def test_geometry_rejects_sizes_the_grid_cannot_hold(shape):
 # --- path selection and fallback -------------------------------------------------------------
 
 
-fresh_state, pretend_metal = stand_in.kernel_fixtures(xk.KERNEL)
+fresh_state = stand_in.kernel_fixtures(xk.KERNEL)
 
 
 def _computed(scale: float = 1.0):
@@ -170,65 +171,70 @@ def _computed(scale: float = 1.0):
     return compute
 
 
-@pytest.mark.skipif(mx.metal.is_available(), reason="this machine has Metal")
-def test_compiled_path_without_metal(fresh_state):
-    assert xk.xielu_backend() == "compiled"
+def test_compiled_path_without_metal(fresh_state, monkeypatch):
+    monkeypatch.setattr(xk.KERNEL, "_make", lambda: pytest.fail("kernel built on the CPU"))
+    assert xk.xielu_backend(cpu_plan()) == "compiled"
+    assert not xk.xielu_kernel_usable(_inputs(7, mx.float32), cpu_plan())
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))
-def test_compiled_path_equals_reference_bitwise(fresh_state, monkeypatch, dtype):
-    monkeypatch.setenv("APERTUS_MLX_NO_METAL_KERNELS", "1")
+def test_compiled_path_equals_reference_bitwise(fresh_state, dtype):
     with mx.stream(mx.cpu):
         x = _inputs(4097, dtype).reshape(17, 241)
-        got, want = xk.xielu(x, *_consts()), xk.xielu_reference(x, *_consts())
+        got, want = xk.xielu(x, *_consts(), cpu_plan()), xk.xielu_reference(x, *_consts())
     assert got.dtype == dtype and got.shape == x.shape
     np.testing.assert_array_equal(_to_bits(got), _to_bits(want))
 
 
 def test_compiled_path_inside_outer_compile_and_empty(fresh_state):
-    x = _inputs(1000, mx.bfloat16)
-    outer = mx.compile(lambda x, *c: xk.xielu(x * 1, *c))
-    np.testing.assert_array_equal(_to_bits(outer(x, *_consts())), _to_bits(xk.xielu(x, *_consts())))
-    assert xk.xielu(mx.zeros((0, 8), mx.float16), *_consts()).shape == (0, 8)
+    x, plan = _inputs(1000, mx.bfloat16), cpu_plan()
+    outer = mx.compile(lambda x, *c: xk.xielu(x * 1, *c, plan))
+    np.testing.assert_array_equal(
+        _to_bits(outer(x, *_consts())), _to_bits(xk.xielu(x, *_consts(), plan))
+    )
+    assert xk.xielu(mx.zeros((0, 8), mx.float16), *_consts(), metal_plan()).shape == (0, 8)
 
 
-def test_environment_forces_fallback(pretend_metal, monkeypatch):
-    stand_in.check_environment_switch(xk.KERNEL, monkeypatch)
-    assert xk.xielu_backend() == "compiled"
-    xk.xielu(_inputs(7, mx.float32), *_consts())
+def test_switched_off_at_load_forces_fallback(fresh_state, monkeypatch):
+    def use(plan):
+        x = _inputs(7, mx.float32)
+        assert xk.xielu_backend(plan) == "compiled" and not xk.xielu_kernel_usable(x, plan)
+        _assert_matches(_from_bits(_to_bits(xk.xielu(x, *_consts(), plan)), x.dtype), x)
+
+    stand_in.check_switched_off(xk.KERNEL, monkeypatch, use)
 
 
-def test_passing_self_check_uses_kernel_per_dtype(pretend_metal, monkeypatch, caplog):
+def test_passing_self_check_uses_kernel_per_dtype(fresh_state, monkeypatch, caplog):
     calls = stand_in.use_stand_in(xk.KERNEL, monkeypatch, _computed())
-    x = _inputs(1000, mx.float16)
+    x, plan = _inputs(1000, mx.float16), metal_plan()
     # First use inside an outer mx.compile: the self-check must work while tracing.
-    outer = mx.compile(lambda x, *c: xk.xielu(x, *c))
+    outer = mx.compile(lambda x, *c: xk.xielu(x, *c, plan))
     with caplog.at_level(logging.WARNING, logger="apertus_mlx"):
         got = outer(x, *_consts())
     np.testing.assert_array_equal(_to_bits(got), _to_bits(_reference(x)))
-    assert xk.xielu_backend() == "metal" and not caplog.records
+    assert xk.xielu_backend(plan) == "metal" and not caplog.records
     assert calls == [mx.float16, mx.float16]  # probe, then the real launch
-    xk.xielu(x, *_consts())
-    xk.xielu(x.astype(mx.bfloat16), *_consts())
+    xk.xielu(x, *_consts(), plan)
+    xk.xielu(x.astype(mx.bfloat16), *_consts(), plan)
     assert calls == [mx.float16] * 3 + [mx.bfloat16] * 2  # bfloat16 checked on its first use
 
 
 @pytest.mark.parametrize("builder", stand_in.failing_builders(xk.KERNEL, _computed(scale=1.5)))
-def test_failing_self_check_falls_back_for_good(pretend_metal, monkeypatch, caplog, builder):
+def test_failing_self_check_falls_back_for_good(fresh_state, monkeypatch, caplog, builder):
     x = _inputs(1000, mx.bfloat16)
 
     def use(dtype):
-        got = xk.xielu(x.astype(dtype), *_consts())
+        got = xk.xielu(x.astype(dtype), *_consts(), metal_plan())
         _assert_matches(_from_bits(_to_bits(got), dtype), x.astype(dtype))
 
     stand_in.check_falls_back_for_good(xk.KERNEL, monkeypatch, caplog, builder, use)
-    assert xk.xielu_backend() == "compiled"
+    assert xk.xielu_backend(metal_plan()) == "compiled"
 
 
-def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
+def test_other_dtypes_skip_the_kernel(fresh_state, monkeypatch):
     stand_in.check_other_dtypes_skip_the_kernel(xk.KERNEL, monkeypatch)
     x = mx.array([-2, 0, 3], dtype=mx.int32)
-    assert xk.xielu(x, *_consts()).dtype == mx.int32  # the compiled path keeps int32
+    assert xk.xielu(x, *_consts(), metal_plan()).dtype == mx.int32  # the compiled path keeps it
 
 
 # --- the real kernel, on a Mac ---------------------------------------------------------------
@@ -240,7 +246,7 @@ def test_other_dtypes_skip_the_kernel(pretend_metal, monkeypatch):
 def test_real_kernel_matches_reference(fresh_state, dtype, size):
     with mx.stream(mx.gpu):
         x = _inputs(size, dtype)
-        got = xk._xielu_metal(x, *_consts())
+        got = xk.xielu_metal(x, *_consts())
         _assert_matches(_from_bits(_to_bits(got), dtype), x)
-        xk.xielu(x, *_consts())
-    assert xk.xielu_backend() == "metal"
+        xk.xielu(x, *_consts(), metal_plan())
+    assert xk.xielu_backend(metal_plan()) == "metal"

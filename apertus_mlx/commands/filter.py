@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date
 
 import click
@@ -22,30 +22,23 @@ def _installed():
     return data_dir() / INSTALLED_NAME
 
 
-def output_filter(disabled: bool) -> Callable[[Iterator], Iterator]:
-    """The wrapper `generate` puts over its events: the installed filter, loaded now so a
-    damaged one stops the run before the model loads; no change (said so) when `disabled`."""
+def output_filter(disabled: bool):
+    """The installed filter for this run, loaded now so a damaged one stops the run before
+    the model loads (None: none installed, or `disabled`, which is said on stderr)."""
     if disabled:
         click.echo("apertus-mlx: output filter off for this run (--no-output-filter)", err=True)
-        return _unchanged
+        return None
     if not _installed().exists():
-        return _unchanged
+        return None
     from ..errors import FilterFormatError, FilterInstallError
-    from ..output_filter import OutputFilter, filtered
+    from ..output_filter import OutputFilter
 
     try:
-        f = OutputFilter.installed()
+        return OutputFilter.installed()
     except FilterFormatError as e:  # fail closed: never show unfiltered text by accident
         raise FilterInstallError(
             f"{e} (or run with --no-output-filter to generate without it)"
         ) from None
-    if f is None:  # removed in the meantime
-        return _unchanged
-    return lambda events: filtered(events, f)
-
-
-def _unchanged(events: Iterator) -> Iterator:
-    return events
 
 
 @click.group("filter")

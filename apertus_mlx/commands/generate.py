@@ -8,7 +8,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ..errors import UsageError
+from ..errors import StoreError, UsageError
 from . import model_option
 
 
@@ -39,16 +39,6 @@ def read_prompt(prompt: str | None) -> str:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return prompt
-
-
-def prompt_ids(tokenizer, prompt: str, system: str | None, raw: bool, think: bool) -> list[int]:
-    if raw:
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, enable_thinking=think
-    )
 
 
 def format_stats(stats, backend: str) -> str:
@@ -125,6 +115,18 @@ def format_stats(stats, backend: str) -> str:
     show_default=True,
     help="Tokens the draft model proposes per verification pass.",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False),
+    help="Offer these tools: a JSON list of tool schemas (OpenAI's or flat); calls print as JSON.",
+)
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=click.Path(dir_okay=False),
+    help="The answer is JSON following this JSON schema, always (constrained decoding).",
+)
 @click.option("--stats", is_flag=True, help="Print speed and memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
@@ -153,6 +155,8 @@ def generate(
     kv_bits,
     draft_model,
     num_draft_tokens,
+    tools_file,
+    schema_file,
     stats,
     as_json,
     no_output_filter,
@@ -166,33 +170,32 @@ def generate(
     --save and --continue write the exchange to the history as it streams.
     """
     from .. import load
-    from ..config import GenerationConfig
-    from ..generate import DEFAULT_MAX_TOKENS, Chunk, Done, generate, wind_down
-    from ..sampling import SamplingParams
+    from ..format import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
+    from ..generate import Done, wind_down
+    from ..hub import model_identity
+    from ..settings import TurnSettings
+    from ..turn import Note, Started, TurnRequest, TurnService
     from .filter import output_filter
 
     text = read_prompt(prompt)
     for value, what in ((system, "--system"), *((s, "--stop") for s in stop_strings)):
         utf8(value or "", what)
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                    repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-    SamplingParams.from_defaults(GenerationConfig(), **sampling)  # bad flags fail before the load
-    wrap = output_filter(disabled=no_output_filter)
-    rec = None
-    if save or continue_id is not None:
-        from ..recording import Recorder
-
-        rec = Recorder(continue_id, raw=no_chat_template)
-        source = click.get_current_context().get_parameter_source("model_name")
-        model_name, system, think, max_tokens, stop_strings = rec.merge(
-            sampling,
-            model_name,
-            system,
-            think,
-            max_tokens,
-            stop_strings,
-            model_typed=source is ParameterSource.COMMANDLINE,
-        )
+    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens,
+                 stop=stop_strings, system=system, thinking=think)  # fmt: skip
+    settings = TurnSettings().merged(**flags)  # bad flags fail before the model loads
+    stored = save or continue_id is not None
+    if stored and no_chat_template:
+        raise UsageError("--save and --continue keep chats: drop --no-chat-template")
+    tools = _json_file(tools_file, "--tools", list) if tools_file else None
+    schema = _json_file(schema_file, "--json-schema", dict) if schema_file else None
+    if (tools or schema) and no_chat_template:
+        raise UsageError("--tools and --json-schema need the chat template: drop "
+                         "--no-chat-template")  # fmt: skip
+    the_filter = output_filter(disabled=no_output_filter)
+    store = saved = store_error = None
+    if stored:
+        store, saved, store_error, model_name = _open_history(continue_id, model_name)
     if not model_name:
         raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
     model, tokenizer = load(model_name, dtype=dtype)
@@ -201,69 +204,83 @@ def generate(
         from ..speculative import load_draft
 
         draft = load_draft(draft_model, model, tokenizer, num_draft_tokens, dtype=dtype)
-    params = SamplingParams.from_defaults(model.generation, **sampling)
-    if rec:
-        window = model.args.max_position_embeddings
-        reserve = min(max_tokens or DEFAULT_MAX_TOKENS, window // 4)
-        ids = rec.prompt_ids(tokenizer, text, system, bool(think), window, reserve)
-        rec.begin(text, model_name, system, bool(think), params, max_tokens, stop_strings)
+    model_id, revision = model_identity(model_name)
+    service = TurnService(model, tokenizer, model_id=model_id, revision=revision, store=store,
+                          saved=saved, output_filter=lambda: the_filter, draft=draft,
+                          kv_bits=kv_bits and int(kv_bits))  # fmt: skip
+    shape = dict(tools=tools, json_schema=schema)
+    if no_chat_template:
+        request = TurnRequest.raw(tokenizer.encode(text, add_special_tokens=True), settings)
+    elif continue_id is not None:
+        request = TurnRequest.follow(continue_id, text, overrides=flags, best_effort_store=True,
+                                     **shape)  # fmt: skip
+    elif save and store is not None:
+        request = TurnRequest.new(text, settings, best_effort_store=True, **shape)
     else:
-        ids = prompt_ids(tokenizer, text, system, no_chat_template, bool(think))
-    limit = max_tokens or DEFAULT_MAX_TOKENS
-    cache = rec.saved_cache(model, ids) if rec else None
-    cache = cache if cache is not None else model.make_cache(bits=kv_bits and int(kv_bits))
-    events = generate(
-        model,
-        tokenizer,
-        ids,
-        params=params,
-        max_tokens=limit,
-        stop_strings=stop_strings,
-        cache=cache,
-        draft=draft,
-    )
-    events = wrap(events)
-    done = None
+        messages = [{"role": "system", "content": settings.system}] if settings.system else []
+        request = TurnRequest.chat([*messages, {"role": "user", "content": text}], settings,
+                                   **shape)  # fmt: skip
+    turn = service.start(request)
+    done: Done | None = None
+    thinking = _ThoughtsOnStderr(enabled=not as_json)
 
     def consume(events) -> None:
         nonlocal done
         for event in events:
             if isinstance(event, Chunk) and not as_json:
+                thinking.close()
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, ThoughtStart | Thought | ThoughtEnd):
+                thinking.show(event)
+            elif isinstance(event, ToolCall) and not as_json:
+                thinking.close()
             elif isinstance(event, Done):
+                thinking.close()
                 done = event
-            if rec:
-                rec.feed(event)
+            elif isinstance(event, Note):
+                click.echo(f"apertus-mlx: warning: {event.text}", err=True)
+            elif isinstance(event, Started) and event.dropped:
+                click.echo(
+                    f"[the conversation is longer than the model's context "
+                    f"({service.window} tokens): its {event.dropped} oldest messages are left "
+                    "out of this prompt]",
+                    err=True,
+                )
 
     try:
         try:
-            consume(events)
+            consume(turn.events)
         except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
-            consume(wind_down(events))
+            consume(wind_down(turn.events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
-        if rec:
-            rec.close("interrupted")
+        turn.events.close()
         sys.stderr.close()
         sys.exit(0)
-    except BaseException:
-        if rec:
-            rec.close("error")
-        raise
     s = done.stats
-    s.history_rerendered = bool(rec and rec.history_rerendered)
+    calls = [_call_json(c) for c in done.tool_calls]
     if not as_json:
+        if calls:
+            sys.stdout.write(("\n" if done.text else "") + json.dumps(calls, ensure_ascii=False))
         sys.stdout.write("\n")
         sys.stdout.flush()
-    saved = rec.report(as_json) if rec else {}
+    cid = turn.conversation_id if stored else None
+    store_error = store_error or turn.store_error
+    if stored and store_error is None and not turn.deleted and not as_json:
+        click.echo(f"saved as {cid}", err=True)
     if as_json:
+        extra = {"conversation_id": cid} if stored else {}
+        if done.reasoning is not None or settings.thinking:
+            extra["reasoning"] = done.reasoning
+        if tools is not None:
+            extra["tool_calls"] = calls
         click.echo(
             json.dumps(
-                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **saved},
+                {"text": done.text, **s.as_dict(), "backend": model.plan.describe(), **extra},
                 ensure_ascii=False,
             )
         )
-    context = model.args.max_position_embeddings
+    context, limit = model.args.max_position_embeddings, turn.max_tokens
     if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= context:
         click.echo(f"[stopped: the conversation filled the model's context ({context} tokens)]",
                    err=True)  # fmt: skip
@@ -273,9 +290,79 @@ def generate(
         )
     if stats:
         click.echo(format_stats(s, model.plan.describe()), err=True)
-    if rec:
-        rec.save_cache(model, cache, (ids + done.tokens)[: cache.offset])
     if s.finish_reason == "interrupted":
         sys.exit(130)
-    if rec:
-        rec.raise_error()
+    if store_error is not None:
+        raise StoreError(f"history not saved: {store_error}")
+
+
+def _open_history(continue_id: str | None, model_name: str | None):
+    """(store, saved caches, the store's error, model) for --save / --continue: a store that
+    cannot be opened is remembered for --save (the answer is still shown) and fatal for
+    --continue; a continued conversation keeps its model unless -m is typed."""
+    from ..saved_caches import SavedCaches
+    from ..store import Store
+
+    saved = SavedCaches()  # a bad budget value is refused before anything is written
+    try:
+        store = Store.open()
+    except StoreError as e:
+        if continue_id is not None:
+            raise  # nothing to continue from
+        return None, saved, e, model_name
+    if continue_id is not None:
+        conversation = store.get_conversation(continue_id)
+        source = click.get_current_context().get_parameter_source("model_name")
+        if source is not ParameterSource.COMMANDLINE:  # from the environment, or none
+            model_name = conversation.model or model_name
+    return store, saved, None, model_name
+
+
+def _json_file(path: str, flag: str, kind: type):
+    """The JSON in `path` (a list or an object, as `kind`); one line if it is not."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{flag}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise UsageError(
+            f"{flag}: {path} must hold a JSON {kind.__name__.replace('dict', 'object')}"
+        )
+    return data
+
+
+def _call_json(call) -> dict:
+    """A tool call in OpenAI's shape, as `--json` and the server give it."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+
+
+class _ThoughtsOnStderr:
+    """The model's deliberation on stderr, dimmed and marked, apart from the answer on
+    stdout (nothing when stdout is JSON)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.open = False
+        self.style = sys.stderr.isatty()
+
+    def show(self, event) -> None:
+        from ..format import Thought, ThoughtEnd
+
+        if isinstance(event, ThoughtEnd):
+            self.close()
+        if not (self.enabled and isinstance(event, Thought) and event.text):
+            return
+        if not self.open:
+            click.echo(click.style("[thinking] ", dim=self.style), err=True, nl=False)
+            self.open = True
+        click.echo(click.style(event.text, dim=self.style), err=True, nl=False)
+
+    def close(self) -> None:
+        if self.open:
+            click.echo(click.style(" [/thinking]", dim=self.style), err=True)
+            self.open = False

@@ -167,7 +167,9 @@ def rm(conversation_id: str, yes: bool) -> None:
             click.echo(err=True)  # the piped answer is not echoed: end the prompt's line
         if not confirmed:
             raise ApertusError("nothing deleted")
-        store.delete(c.id)
+        from ..saved_caches import delete_conversation
+
+        delete_conversation(store, c.id)
     click.echo(f"deleted {c.id}", err=True)
 
 

@@ -9,27 +9,46 @@ The arithmetic is the plain path's (`norm_rope`, which `model.Rotation` uses on 
 normalise in float32, cast to x's dtype, scale by the weight, rotate with cos and sin of
 float32 angles cast to x's dtype; every product and sum rounded to x's dtype as MLX does.
 
-As every kernel here (`metal.SelfCheckedKernel`): used only on a Metal GPU, it checks itself
-against `qk_norm_rope_reference` on first use per dtype and, on any failure, logs one line and
-leaves the work to the caller's `mx.fast` path for good. Its text sticks to built-ins that the
-g++ stand-ins of tests/stand_in_metal.h provide. `APERTUS_MLX_NO_METAL_KERNELS=1` turns it off.
+As every kernel here (`metal.SelfCheckedKernel`): used only where the plan allows our kernels,
+it checks itself against `qk_norm_rope_reference` on first use per dtype and, on any failure,
+logs one line and leaves the work to the `mx.fast` path for good. Its text sticks to built-ins
+that the g++ stand-ins of tests/stand_in_metal.h provide. The per-pair arithmetic
+(`norm_rope_pair`) also serves the fused q/k/v projection's epilogue (`qmv.py`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from .metal import SelfCheckedKernel, on_metal_gpu
+from .metal import SelfCheckedKernel
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 KERNEL_HEADER = """
 // x rounded to the element type T and back, as MLX rounds every operation on T.
 template <typename T>
 inline float round_to(float x) {
     return static_cast<float>(static_cast<T>(x));
+}
+
+// One rotated pair (i, i + head_dim/2) of a head: x1, x2 its two values, w1, w2 the norm's
+// weights there, inv_rms the head's, angle = position * inv_freq[i]. As the plain path: cast
+// the normalised value to T, scale, rotate; every product and sum rounded to T.
+template <typename T>
+inline void norm_rope_pair(
+    float x1, float x2, float w1, float w2, float inv_rms, float angle,
+    thread float& out1, thread float& out2) {
+    const float c = round_to<T>(metal::precise::cos(angle));
+    const float s = round_to<T>(metal::precise::sin(angle));
+    const float y1 = round_to<T>(w1 * round_to<T>(x1 * inv_rms));
+    const float y2 = round_to<T>(w2 * round_to<T>(x2 * inv_rms));
+    out1 = round_to<T>(y1 * c) - round_to<T>(y2 * s);
+    out2 = round_to<T>(y2 * c) + round_to<T>(y1 * s);
 }
 """
 
@@ -52,14 +71,13 @@ KERNEL_SOURCE = """
     for (uint i = 0; i < half_dim; ++i) {
         const uint j = i + half_dim;
         const float angle = position * static_cast<float>(inv_freq[i * inv_freq_strides[0]]);
-        const float c = round_to<T>(metal::precise::cos(angle));
-        const float s = round_to<T>(metal::precise::sin(angle));
-        const float n1 = round_to<T>(static_cast<float>(x[base + i * step]) * inv_rms);
-        const float n2 = round_to<T>(static_cast<float>(x[base + j * step]) * inv_rms);
-        const float y1 = round_to<T>(static_cast<float>(weight[i * weight_strides[0]]) * n1);
-        const float y2 = round_to<T>(static_cast<float>(weight[j * weight_strides[0]]) * n2);
-        out[out_base + i] = static_cast<T>(round_to<T>(y1 * c) - round_to<T>(y2 * s));
-        out[out_base + j] = static_cast<T>(round_to<T>(y2 * c) + round_to<T>(y1 * s));
+        float o1, o2;
+        norm_rope_pair<T>(
+            static_cast<float>(x[base + i * step]), static_cast<float>(x[base + j * step]),
+            static_cast<float>(weight[i * weight_strides[0]]),
+            static_cast<float>(weight[j * weight_strides[0]]), inv_rms, angle, o1, o2);
+        out[out_base + i] = static_cast<T>(o1);
+        out[out_base + j] = static_cast<T>(o2);
     }
 """
 
@@ -138,7 +156,12 @@ def _eps_array(eps: float) -> mx.array:
     return mx.array(eps, dtype=mx.float32)
 
 
-def _offset_array(offset: int | mx.array) -> mx.array:
+def eps_array(eps: float) -> mx.array:
+    """eps as the 0-d float32 input a kernel reads (`const constant float&`), one per value."""
+    return _eps_array(float(eps))
+
+
+def offset_array(offset: int | mx.array) -> mx.array:
     """The offset as the 0-d int32 input the kernel reads (`const constant int&`)."""
     if not isinstance(offset, mx.array):
         return mx.array(offset, dtype=mx.int32)
@@ -147,11 +170,11 @@ def _offset_array(offset: int | mx.array) -> mx.array:
     return offset.astype(mx.int32).reshape(())
 
 
-def _qk_norm_rope_metal(
+def qk_norm_rope_metal(
     x: mx.array, weight: mx.array, eps: float, offset: int | mx.array, inv_freq: mx.array
 ) -> mx.array:
-    inputs = [x, weight, inv_freq, _eps_array(float(eps)), _offset_array(offset)]
-    return KERNEL(inputs)[0]
+    """The kernel itself, unchecked: callers ask `qk_rope_kernel_usable` first."""
+    return KERNEL([x, weight, inv_freq, eps_array(eps), offset_array(offset)])[0]
 
 
 def probe() -> tuple[mx.array, mx.array, float, int, mx.array]:
@@ -172,18 +195,26 @@ def probe() -> tuple[mx.array, mx.array, float, int, mx.array]:
     return x, weight, 1e-6, 69999, inv_freq
 
 
-def agrees(got: mx.array, want: mx.array, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+def agrees(
+    got: mx.array,
+    want: mx.array,
+    x: mx.array,
+    weight: mx.array,
+    eps: float,
+    slack: mx.array | float = 0.0,
+) -> mx.array:
     """Per element of (B, heads, L, D): does `got` match the reference output `want`?
 
     Each output is the sum of two rotated terms, so the bound scales with their size (the
     normalised, weighted x at both positions of the pair), not only with the result; nan must
-    meet nan and infinities must match.
+    meet nan and infinities must match. `slack` widens the bound where x itself is only known
+    within a tolerance (the fused projection's, in `qmv.py`).
     """
     xf = x.astype(mx.float32)
     y = mx.abs(weight.astype(mx.float32) * xf * mx.rsqrt(mx.mean(xf * xf, -1, True) + eps))
     terms = (y + mx.concatenate(mx.split(y, 2, axis=-1)[::-1], axis=-1)).transpose(0, 2, 1, 3)
     g, w = got.astype(mx.float32), want.astype(mx.float32)
-    close = mx.abs(g - w) <= 1e-30 + TOLERANCE[x.dtype] * (mx.abs(w) + terms)
+    close = mx.abs(g - w) <= 1e-30 + TOLERANCE[x.dtype] * (mx.abs(w) + terms) + slack
     return mx.where(mx.isfinite(w), close, (g == w) | (mx.isnan(g) & mx.isnan(w)))
 
 
@@ -191,7 +222,7 @@ def _self_check(dtype: mx.Dtype) -> bool:
     """Does the kernel agree with the reference on the probe in `dtype`?"""
     x, weight, eps, offset, inv_freq = probe()
     x, weight = x.astype(dtype), weight.astype(dtype)
-    got = _qk_norm_rope_metal(x, weight, eps, mx.array(offset, dtype=mx.int32), inv_freq)
+    got = qk_norm_rope_metal(x, weight, eps, mx.array(offset, dtype=mx.int32), inv_freq)
     want = qk_norm_rope_reference(x, weight, eps, offset, inv_freq)
     return mx.all(agrees(got, want, x, weight, eps)).item()
 
@@ -211,33 +242,65 @@ KERNEL = SelfCheckedKernel(
 )
 
 
-def qk_rope_kernel_usable(x: mx.array, weight: mx.array) -> bool:
-    """Will `qk_norm_rope` run the Metal kernel for these arrays? Self-checks on first use.
+def qk_rope_kernel_usable(x: mx.array, weight: mx.array, plan: Plan) -> bool:
+    """Will the kernel run for these arrays? Asks the plan, then self-checks on first use.
 
-    Needs a Metal GPU, a float type shared by x and weight (head_dim,), and a grid that fits.
+    Needs a float type shared by x and weight (head_dim,), and a grid that fits.
     """
     shape_ok = x.ndim == 4 and x.shape[-1] % 2 == 0 and weight.shape == (x.shape[-1],)
     shape_ok = shape_ok and 0 < x.size <= MAX_GRID * x.shape[-1]
-    return shape_ok and x.dtype == weight.dtype and KERNEL.usable(x.dtype)
+    return plan.metal_kernels and shape_ok and x.dtype == weight.dtype and KERNEL.usable(x.dtype)
 
 
-def qk_rope_backend() -> str:
-    """Which path the model's q/k norm and rotation take, for `--stats`.
+def qk_rope_backend(plan: Plan) -> str:
+    """Which path the model's q/k norm and rotation take under `plan`, for `--stats`.
 
-    "metal" (this kernel), "mx.fast" (Metal without it) or "plain" (CPU). Before the first call
-    on a Metal GPU this says "metal"; a failed self-check turns it for good.
+    "metal" (this kernel), "mx.fast" (Metal without it) or "plain" (the CPU's fusable ops).
+    Where the plan allows kernels this says "metal" until a self-check fails.
     """
-    return KERNEL.status() if on_metal_gpu() else "plain"
+    return KERNEL.status(plan) if plan.fast_ops else "plain"
+
+
+def fast_norm_rope(
+    x: mx.array,
+    weight: mx.array,
+    eps: float,
+    offset: int | mx.array,
+    inv_freq: mx.array,
+    wavelengths: mx.array,
+    plan: Plan,
+) -> mx.array:
+    """The Metal path of QK-norm + RoPE: this kernel where usable, else `mx.fast`'s two.
+
+    x: (B, L, heads, head_dim), any strides; returns (B, heads, L, head_dim) in x's dtype.
+    `wavelengths` = 1 / inv_freq, what mx.fast.rope calls `freqs`.
+    """
+    if qk_rope_kernel_usable(x, weight, plan):
+        return qk_norm_rope_metal(x, weight, eps, offset, inv_freq)
+    return mx.fast.rope(
+        mx.fast.rms_norm(x, weight, eps).transpose(0, 2, 1, 3),
+        x.shape[-1],
+        traditional=False,
+        base=None,
+        scale=1.0,
+        offset=offset,
+        freqs=wavelengths,
+    )
 
 
 def qk_norm_rope(
-    x: mx.array, weight: mx.array, eps: float, offset: int | mx.array, inv_freq: mx.array
+    x: mx.array,
+    weight: mx.array,
+    eps: float,
+    offset: int | mx.array,
+    inv_freq: mx.array,
+    plan: Plan,
 ) -> mx.array:
     """RMSNorm (weight, eps) and rotate (positions offset.., float32 inv_freq) each head of x.
 
     x: (B, L, heads, head_dim), any strides; returns (B, heads, L, head_dim) in x's dtype. The
     kernel where usable (see `qk_rope_kernel_usable`), else the reference arithmetic.
     """
-    if qk_rope_kernel_usable(x, weight):
-        return _qk_norm_rope_metal(x, weight, eps, offset, inv_freq)
+    if qk_rope_kernel_usable(x, weight, plan):
+        return qk_norm_rope_metal(x, weight, eps, offset, inv_freq)
     return qk_norm_rope_reference(x, weight, eps, offset, inv_freq)

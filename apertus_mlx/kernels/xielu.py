@@ -1,29 +1,34 @@
-"""xIELU with its learned scalars folded at load.
+"""xIELU with the checkpoint's learned scalars, as a Metal kernel or an mx.compile'd function.
 
 y = a_p*x*x + beta*x for x > 0, else (expm1(min(x, eps)) - x)*a_n + beta*x, where
-a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n).
+a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n) (computed by `model.XIELU` in the
+graph, so an updated alpha is honoured like any other weight).
 
 Two paths compute the same formula in float32:
-- a Metal kernel (`mx.fast.metal_kernel`), used when MLX runs on a Metal GPU. One thread per
+- a Metal kernel (`mx.fast.metal_kernel`), where the plan allows our kernels. One thread per
   element; the constants are kernel inputs, so one compiled kernel serves every layer. It checks
   itself against `xielu_reference` on first use per dtype and, on any failure, logs one line
   and hands over to the compiled path for good.
 - an `mx.compile`d reference, which MLX fuses into one element-wise kernel on any backend and
   which also works inside an outer `mx.compile`d function.
 
-The kernel text sticks to built-ins a C++ compiler accepts given a small stand-in header, so
-tests on machines without Metal compile and run it with g++ (docs/metal-kernels.md).
-`APERTUS_MLX_NO_METAL_KERNELS=1` forces the compiled path.
+The formula's kernel text (`KERNEL_HEADER`'s `xielu_value`) also serves the quantized
+up-projection's epilogue (`qmv.py`). It sticks to built-ins a C++ compiler accepts given a
+small stand-in header, so tests on machines without Metal compile and run it with g++
+(docs/metal-kernels.md).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
 from .metal import SelfCheckedKernel
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 # Metal's standard library has no expm1, so the kernel carries one. Only m <= eps < 0 reaches
 # it: below -0.5, exp(m) - 1 loses at most a few ulp; above, a Taylor series avoids the
@@ -39,19 +44,20 @@ inline float xielu_expm1_nonpositive(float m) {
     }
     return m * s;
 }
+
+// xIELU of v in float32, given the effective constants.
+inline float xielu_value(float v, float a_p, float a_n, float beta, float eps) {
+    if (v > 0.0f) {
+        return a_p * v * v + beta * v;
+    }
+    float m = metal::min(v, eps);
+    return (xielu_expm1_nonpositive(m) - v) * a_n + beta * v;
+}
 """
 
 KERNEL_SOURCE = """
     uint i = thread_position_in_grid.x;
-    float v = static_cast<float>(x[i]);
-    float y;
-    if (v > 0.0f) {
-        y = a_p * v * v + beta * v;
-    } else {
-        float m = metal::min(v, static_cast<float>(eps));
-        y = (xielu_expm1_nonpositive(m) - v) * a_n + beta * v;
-    }
-    out[i] = static_cast<T>(y);
+    out[i] = static_cast<T>(xielu_value(static_cast<float>(x[i]), a_p, a_n, beta, eps));
 """
 
 THREADGROUP = 256
@@ -95,15 +101,19 @@ def launch_geometry(shape: tuple[int, ...], dtype: mx.Dtype) -> dict[str, Any]:
     }
 
 
-def _xielu_metal(
+def scalars(*values: mx.array) -> list[mx.array]:
+    """0-d float32 arrays, which become `const constant float&` in a kernel's signature."""
+    return [
+        c if c.ndim == 0 and c.dtype == mx.float32 else c.astype(mx.float32).reshape(())
+        for c in values
+    ]
+
+
+def xielu_metal(
     x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array
 ) -> mx.array:
-    # 0-d float32 inputs become `const constant float&` in the kernel's signature.
-    consts = [
-        c if c.ndim == 0 and c.dtype == mx.float32 else c.astype(mx.float32).reshape(())
-        for c in (a_p, a_n, beta, eps)
-    ]
-    return KERNEL([x, *consts])[0]
+    """The kernel itself, unchecked: callers ask `xielu_kernel_usable` first."""
+    return KERNEL([x, *scalars(a_p, a_n, beta, eps)])[0]
 
 
 def probe_values() -> list[float]:
@@ -131,7 +141,7 @@ def _self_check(dtype: mx.Dtype) -> bool:
     x = mx.array(probe_values(), dtype=mx.float32).astype(dtype)
     # Distinct a_p and a_n, so swapped constants show.
     consts = [mx.array(v, dtype=mx.float32) for v in (0.83, 0.77, 0.5, -1e-6)]
-    return mx.all(agrees(_xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
+    return mx.all(agrees(xielu_metal(x, *consts), xielu_reference(x, *consts), x)).item()
 
 
 KERNEL = SelfCheckedKernel(
@@ -148,16 +158,23 @@ KERNEL = SelfCheckedKernel(
 )
 
 
-def xielu_backend() -> str:
-    """Which path `xielu` takes, for `--stats`: "metal" or "compiled".
+def xielu_backend(plan: Plan) -> str:
+    """Which path `xielu` takes under `plan`, for `--stats`: "metal" or "compiled".
 
-    Before the first call on a Metal GPU this says "metal"; a failed self-check turns it for good.
+    Where the plan allows kernels this says "metal" until a self-check fails.
     """
-    return KERNEL.status()
+    return KERNEL.status(plan)
 
 
-def xielu(x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array) -> mx.array:
+def xielu_kernel_usable(x: mx.array, plan: Plan) -> bool:
+    """Will `xielu` run the kernel on x? Asks the plan, then self-checks on first use."""
+    return plan.metal_kernels and 0 < x.size <= MAX_GRID and KERNEL.usable(x.dtype)
+
+
+def xielu(
+    x: mx.array, a_p: mx.array, a_n: mx.array, beta: mx.array, eps: mx.array, plan: Plan
+) -> mx.array:
     """xIELU of x (float32/float16/bfloat16) with 0-d float32 constants; same dtype out."""
-    if 0 < x.size <= MAX_GRID and KERNEL.usable(x.dtype):
-        return _xielu_metal(x, a_p, a_n, beta, eps)
+    if xielu_kernel_usable(x, plan):
+        return xielu_metal(x, a_p, a_n, beta, eps)
     return xielu_compiled(x, a_p, a_n, beta, eps)

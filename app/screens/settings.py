@@ -54,7 +54,7 @@ class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
     def read(self) -> ChatSettings:
         values = {name: self.query_one(f"#{name}", Input).value for name in FIELDS}
         system = self.query_one("#system", TextArea).text
-        return parse_form(values, system, self.query_one("#thinking", Switch).value)
+        return parse_form(values, system, self.query_one("#thinking", Switch).value, self.settings)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":
