@@ -56,8 +56,8 @@ async def test_a_config_nested_200000_deep_starts_the_app_on_defaults(config, ti
     config.write_text(DAMAGED["nested-200k"][0])
     app = ChatApp(str(tiny_model_dir))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
         notes = [n.message for n in app._notifications]
         assert any("nested too deeply" in n and "starting on defaults" in n for n in notes)
-        assert app.settings == ChatSettings()
+        assert app.chat.settings == ChatSettings()
     assert app.return_code in (0, None)
