@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from datetime import date
@@ -208,3 +209,25 @@ def test_the_history_keeps_only_the_filtered_answer(tiny_model_dir, home, tmp_pa
     # the next turn reads the filtered text back (there are no tokens to stand in for it)
     turn = cli("generate", "Und?", "--continue", cid, "--json")
     assert turn.returncode == 0, turn.stderr
+
+
+def test_ctrl_c_with_a_hostile_pattern_installed_keeps_the_answer(endless_model, home, tmp_path):
+    """With `(.|.)*\\x01` installed, `generate` printed nothing for 30 s and, after Ctrl+C, the
+    stored answer was empty with finish reason "error": the interrupt landed in the filter."""
+    from apertus_mlx.store import Store
+    from tests.checkpoints import stream_generate
+
+    src = write_filter(tmp_path / "f.json", ["nobody"], patterns=["(.|.)*\\x01", "(a+)+$"])
+    assert cli("filter", "install", src).returncode == 0
+    proc = stream_generate(endless_model, "--save")
+    try:
+        first = proc.stdout.read(1)  # the answer streams through the filter
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert first and proc.returncode == 130, stderr
+    with Store.open(home / "history.db") as store:
+        (c,) = store.list_conversations()
+        answer = store.branch(c.id)[-1]
+    assert answer.finish_reason == "interrupted" and answer.content
