@@ -72,11 +72,10 @@ def write_atomically(path: Path, text: str) -> None:
     new one is not left empty or cut. A target that exists and is not a regular file
     (/dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
     """
-    path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()  # replace the file it points to, not the link
-    if path.exists() and not path.is_file():
-        with path.open("w", encoding="utf-8") as f:
+    target = Path(path)
+    path = target.resolve() if target.is_symlink() else target  # the file, not the link
+    if target.exists() and not path.is_file():  # /dev/stdout (a link to a pipe), a FIFO
+        with target.open("w", encoding="utf-8") as f:
             f.write(text)
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -385,3 +386,19 @@ def test_a_failed_export_leaves_the_old_file_and_no_new_one(home, tiny_model_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.md", "home"]  # no debris
     done = cli("history", "export", cid, "-o", str(old))
     assert done.returncode == 0 and old.read_text().startswith("# Frage 0")
+
+
+def test_an_atomic_export_keeps_links_modes_and_devices(tmp_path):
+    from apertus_mlx.export import write_atomically
+
+    real = tmp_path / "real.md"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.md"
+    link.symlink_to(real)
+    write_atomically(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert real.stat().st_mode & 0o777 == 0o640
+    write_atomically(Path(os.devnull), "gone")  # written to, not replaced by a file
+    assert Path(os.devnull).is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.md", "real.md"]
