@@ -339,8 +339,8 @@ class Turn:
 
     def _generate(self, settings, params, limit, cache, writer, f, shape) -> Iterator[Event]:
         """Generation, read as Apertus's format (thoughts, calls, answer text) through the
-        output filter, streamed into the store. A KeyboardInterrupt thrown in here
-        (`generate.wind_down`) stops the answer as the stop event would: it ends with `Done`."""
+        output filter, streamed into the store. A KeyboardInterrupt thrown in here (at a
+        yield) stops the answer as the stop event would: it ends with `Done`."""
         from . import format as fmt
 
         s = self.service

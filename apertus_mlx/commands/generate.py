@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 import click
 from click.core import ParameterSource
@@ -171,7 +174,7 @@ def generate(
     """
     from .. import load
     from ..format import Chunk, Thought, ThoughtEnd, ThoughtStart, ToolCall
-    from ..generate import Done, wind_down
+    from ..generate import Done
     from ..hub import model_identity
     from ..settings import TurnSettings
     from ..turn import Note, Started, TurnRequest, TurnService
@@ -220,7 +223,8 @@ def generate(
         messages = [{"role": "system", "content": settings.system}] if settings.system else []
         request = TurnRequest.chat([*messages, {"role": "user", "content": text}], settings,
                                    **shape)  # fmt: skip
-    turn = service.start(request)
+    stop = threading.Event()
+    turn = service.start(request, stop)
     done: Done | None = None
     thinking = _ThoughtsOnStderr(enabled=not as_json)
 
@@ -249,10 +253,8 @@ def generate(
                 )
 
     try:
-        try:
+        with _signals_stop(stop):
             consume(turn.events)
-        except KeyboardInterrupt:  # it landed here, not in the generator: let that finish
-            consume(wind_down(turn.events))
     except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
         turn.events.close()
         sys.stderr.close()
@@ -366,3 +368,35 @@ class _ThoughtsOnStderr:
         if self.open:
             click.echo(click.style(" [/thinking]", dim=self.style), err=True)
             self.open = False
+
+
+@contextlib.contextmanager
+def _signals_stop(stop: threading.Event):
+    """While an answer streams, Ctrl+C, SIGTERM and SIGHUP set `stop` instead of raising
+    wherever Python happens to be: generation ends at its next token (or prompt layer) as
+    interrupted, and everything after it (the format parser, the filter, the store, the saved
+    cache) finishes as usual. A second signal raises KeyboardInterrupt at once."""
+    from ..cli import note_termination
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handle(signum: int, frame: object) -> None:
+        if signum != signal.SIGINT:
+            note_termination(signum)  # the exit status names it
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for sig in signals:
+        if saved[sig] is not signal.SIG_IGN:  # `nohup` keeps a hangup ignored
+            signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
