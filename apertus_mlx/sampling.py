@@ -156,9 +156,10 @@ def top_p_filter(logprobs: mx.array, top_p: float) -> mx.array:
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
     order = mx.argsort(-logprobs, axis=-1)
     sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-    cumulative = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    # renormalised over what top-k left, as transformers' TopPLogitsWarper does
+    probs = mx.softmax(sorted_lp, axis=-1)
     # keep a token if the mass before it is still below top_p (the top token always stays)
-    keep_sorted = (cumulative - mx.exp(sorted_lp)) < top_p
+    keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < top_p
     keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
     return mx.where(keep, logprobs, -mx.inf)
 
