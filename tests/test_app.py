@@ -603,4 +603,3 @@ async def test_an_unusable_history_still_chats_and_says_so(tiny_model_dir, tmp_p
         assert any("not saved" in n.message for n in app._notifications)
         await ask(app, pilot, "Hi")
         assert (await answered(app, pilot, 1)).text
-
