@@ -5,9 +5,10 @@ code (text that must occur exactly once in its file) replaced by a wrong version
 is applied to its own temporary copy of the repository and the tests named with it run
 against that copy, stopping at the first failure: a failure catches the mutant, a pass
 misses it. A mutant whose text is no longer in the code (the code was rewritten) is listed
-as stale: update it to the new code rather than dropping it.
+as stale: update it to the new code rather than dropping it. Each selection of tests first
+runs once on the unchanged code and must pass, so that a catch means the mutant was seen.
 
-    python -m tests.mutants            # all of them (several minutes)
+    python -m tests.mutants            # all of them (ten minutes or so)
     python -m tests.mutants top-p gqa  # those whose names contain any of these words
 
 Hand-written because the mutation tools on PyPI generate mutants by the thousand and run the
@@ -190,17 +191,19 @@ def check_imports(copy: Path, env: dict[str, str]) -> None:
 
 
 def run(mutant: Mutant, workdir: Path) -> tuple[str, float]:
-    """'caught', 'missed' or 'stale' (the code it changes is gone), and the seconds taken."""
+    """'caught', 'missed' or 'stale' (the code it changes is gone), and the seconds taken. The
+    mutant "none" changes nothing: its tests must pass (a control)."""
     start = time.monotonic()
     copy, shims = workdir / "repo", workdir / "shims"
     copy.mkdir()
     shims.mkdir()
     copy_repository(copy)
-    target = copy / mutant.path
-    text = target.read_text(encoding="utf-8")
-    if text.count(mutant.old) != 1:
-        return "stale", time.monotonic() - start
-    target.write_text(text.replace(mutant.old, mutant.new), encoding="utf-8")
+    if mutant.name != "none":
+        target = copy / mutant.path
+        text = target.read_text(encoding="utf-8")
+        if text.count(mutant.old) != 1:
+            return "stale", time.monotonic() - start
+        target.write_text(text.replace(mutant.old, mutant.new), encoding="utf-8")
     env = environment(copy, shims)
     check_imports(copy, env)
     tests = subprocess.run(
@@ -217,6 +220,13 @@ def run(mutant: Mutant, workdir: Path) -> tuple[str, float]:
 
 def main(words: list[str]) -> int:
     chosen = [m for m in MUTANTS if not words or any(w in m.name for w in words)]
+    # First each selection of tests on the code as it is: a failure there would count as a catch.
+    for tests in dict.fromkeys(m.tests for m in chosen):
+        with tempfile.TemporaryDirectory(prefix="apertus-mlx-mutant-") as tmp:
+            outcome, seconds = run(Mutant("none", "", "", "", tests), Path(tmp))
+        print(f"{'control':7} {' '.join(tests):42} {seconds:5.0f} s", flush=True)
+        if outcome != "missed":
+            raise SystemExit(f"{' '.join(tests)} fail without a mutant: fix them first")
     results = []
     for mutant in chosen:
         with tempfile.TemporaryDirectory(prefix="apertus-mlx-mutant-") as tmp:
