@@ -147,8 +147,8 @@ def test_rejection_sampling_keeps_the_models_distribution():
 
 def test_the_distributions_compared_are_transformers():
     """`make_distribution` (the model's and the draft's distributions that speculative decoding
-    compares) is what transformers samples from: temperature, then top-k, top-p and min-p, each
-    cutting tokens here; greedy puts all the mass on the most likely token."""
+    compares) is what transformers samples from: temperature, then top-k, top-p and min-p (each
+    cuts tokens in one of these settings); greedy puts all the mass on the most likely token."""
     logits = np.random.default_rng(0).normal(size=12) * 2
     logprobs = mx.array(logits - np.log(np.exp(logits).sum()), mx.float32)[None]
     for settings in (
