@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install chat test bench lint format clean
+.PHONY: install chat test bench mutants lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# Applies each mutant of tests/mutants.py to a copy and runs the tests named with it.
+mutants: $(VENV)/.installed-test
+	$(BIN)/python -m tests.mutants $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

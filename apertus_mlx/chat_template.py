@@ -40,6 +40,8 @@ APERTUS_TEMPLATE = r"""
 {%- macro ts_type(spec) -%}
   {%- if spec is not mapping or spec.oneOf is defined or spec.anyOf is defined -%}
     {{- 'any' -}}
+  {%- elif spec.type is defined and spec.type is not string and spec.type is sequence -%}
+    {{- spec.type | join(' | ') -}}
   {%- elif spec.type == 'string' and spec.enum is defined -%}
     {{- '"' ~ (spec.enum | join('" | "')) ~ '"' -}}
   {%- elif spec.type == 'string' -%}
@@ -63,7 +65,9 @@ APERTUS_TEMPLATE = r"""
   {%- else -%}
     {{- 'any' -}}
   {%- endif -%}
-  {{- ' | null' if spec is mapping and spec.nullable else '' -}}
+  {#- as the published template: only free strings and arrays say they may be null -#}
+  {%- set nullable = spec.type in ['string', 'array'] and spec.enum is not defined -%}
+  {{- ' | null' if spec is mapping and spec.nullable and nullable else '' -}}
 {%- endmacro -%}
 
 {%- macro ts_tool(tool) -%}
@@ -79,6 +83,9 @@ APERTUS_TEMPLATE = r"""
         {{- '// ' ~ spec.description ~ '\n' -}}
       {%- endif -%}
       {{- name ~ ('' if name in required else '?') ~ ': ' ~ ts_type(spec) -}}
+      {%- if spec.default is defined -%}
+        {{- ', // default: ' ~ (spec.default if spec.enum is defined else spec.default | tojson) -}}
+      {%- endif -%}
       {{- ',\n' if not loop.last else '\n' -}}
     {%- endfor -%}
     {{- '}) => any;' -}}
@@ -148,6 +155,10 @@ APERTUS_TEMPLATE = r"""
           {%- endif -%}
           {{- block.text -}}
         {%- elif block.type == 'tool_calls' -%}
+          {%- if ns.in_inner and not loop.first and block.calls | length == 1
+                and block.calls[0].name == 'display_answers' -%}
+            {{- '<|inner_suffix|>' -}}{%- set ns.in_inner = false -%}
+          {%- endif -%}
           {{- '<|tools_prefix|>[' -}}
           {%- for call in block.calls -%}
             {{- call_json(call.name, call.arguments) ~ (', ' if not loop.last else '') -}}

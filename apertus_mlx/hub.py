@@ -18,7 +18,9 @@ from .errors import CacheError, ModelNotFoundError, NetworkError
 
 
 class DownloadCancelled(Exception):
-    """The user stopped a download; what arrived stays in the cache and resumes next time."""
+    """The user stopped a download; the files that arrived whole stay in the cache, and the
+    next download fetches only the rest (a file cut short starts over: huggingface_hub 1.18
+    and later keep no partial files)."""
 
 
 # Files a checkpoint needs to run here; never *.bin, *.pt or code.
@@ -149,9 +151,10 @@ def download(
 ) -> Path:
     """Download (or finish downloading) a model into the Hugging Face cache, with progress bars.
 
-    huggingface_hub resumes partial files itself; only safetensors, JSON and templates come.
+    Files already in the cache are not fetched again; only safetensors, JSON and templates
+    come. A dropped connection is retried from where it broke off, within this call.
     progress: called with (bytes done, bytes total) instead of drawing bars; cancel: set it to
-    stop the download with DownloadCancelled (partial files stay and resume next time).
+    stop the download with DownloadCancelled (finished files stay for the next download).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -191,7 +194,7 @@ def download(
         raise NetworkError(f"cannot reach the hub to download {repo}: {why}") from None
     except HfHubHTTPError as e:
         raise NetworkError(f"download of {repo} failed: {' '.join(str(e).split())}") from None
-    except OSError as e:  # disk full, permissions: partial files stay and resume next time
+    except OSError as e:  # disk full, permissions: finished files stay for the next download
         raise CacheError(f"download of {repo} stopped: {e.strerror or e}") from None
     except ValueError as e:  # e.g. a name huggingface_hub does not accept as a repo id
         raise ModelNotFoundError(f"{repo!r} is not a valid repo id ({e})") from None

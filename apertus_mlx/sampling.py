@@ -170,7 +170,8 @@ def top_p_filter(logprobs: mx.array, top_p: float, candidates: int = 0) -> mx.ar
     that many values are sorted, not the whole vocabulary."""
     values = mx.topk(logprobs, candidates, axis=-1) if candidates else logprobs
     ordered = -mx.sort(-values, axis=-1)  # most likely first
-    probs = mx.exp(ordered)
+    # renormalised over what top-k left, as transformers' TopPLogitsWarper does
+    probs = mx.softmax(ordered, axis=-1)
     # a token stays if the mass before it is still below top_p (the top token always stays)
     keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
     threshold = mx.min(mx.where(keep, ordered, mx.inf), axis=-1, keepdims=True)

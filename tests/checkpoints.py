@@ -239,3 +239,51 @@ def build_scripted_checkpoint(
             shutil.copy(f, out_dir / f.name)
     tok.save(str(out_dir / "tokenizer.json"))
     return out_dir
+
+
+def build_constant_checkpoint(
+    out_dir: Path, tokenizer_dir: Path, vocab_size: int, target: dict[int, float]
+) -> Path:
+    """A checkpoint whose next-token logits are the same after any input, so every sampled
+    token of one answer is an independent draw from one known distribution.
+
+    Every `o_proj` and `down_proj` is zero and every embedding row the same vector: no layer
+    adds anything to the residual stream, so the final hidden state is that vector, normed.
+    The output head is set so that the logits come out near `target` (token id -> logit; the
+    other tokens at -40); tests compute the exact logits from the saved weights with numpy.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shape = {"num_hidden_layers": 1, "max_position_embeddings": 65536}
+    path = build_checkpoint(out_dir, tokenizer_dir, vocab_size, shape)
+    weights = load_file(path / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = np.zeros_like(w)
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = np.broadcast_to(embed[0], embed.shape).copy()
+    hidden = final_hidden(weights)
+    logits = np.full(vocab_size, -40.0)
+    logits[list(target)] = list(target.values())
+    weights["lm_head.weight"] = (np.outer(logits, hidden) / (hidden @ hidden)).astype(np.float32)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def final_hidden(weights: dict, eps: float = 1e-5):
+    """The final hidden state of a `build_constant_checkpoint` model, in float64: its one
+    embedding vector through the final RMSNorm (nothing else reaches it)."""
+    import numpy as np
+
+    x = weights["model.embed_tokens.weight"][0].astype(np.float64)
+    return x / np.sqrt(np.mean(x * x) + eps) * weights["model.norm.weight"].astype(np.float64)
+
+
+def constant_logits(path: Path):
+    """The logits of a `build_constant_checkpoint` model after any input, from its saved
+    weights with numpy (float64): RMSNorm, then the output head."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(path / "model.safetensors")
+    return weights["lm_head.weight"].astype("float64") @ final_hidden(weights)

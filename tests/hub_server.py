@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -23,12 +24,17 @@ _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 class FakeHub:
     """`FakeHub({"org/name": directory})`; `url` once started. `cut[file] = n` makes the next
-    download of `file` stop after n bytes (a dropped connection), once."""
+    download of `file` stop after n bytes (a dropped connection), once; `before[file] = fn`
+    runs fn() before the bytes of `file` are sent (the client waits for them meanwhile).
+    `requests` lists every request, `downloads` every file download as (file, the first byte
+    asked for)."""
 
     def __init__(self, repos: dict[str, Path]):
         self.repos = {repo: Path(d) for repo, d in repos.items()}
         self.cut: dict[str, int] = {}
+        self.before: dict[str, Callable[[], None]] = {}
         self.requests: list[str] = []
+        self.downloads: list[tuple[str, int]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -115,6 +121,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if not body:
                 return
+            hub.downloads.append((name, start))
+            if name in hub.before:
+                hub.before[name]()
             limit = hub.cut.pop(name, None)
             if limit is not None:  # a dropped connection mid-file
                 self.wfile.write(data[start : start + limit])

@@ -521,6 +521,18 @@ async def test_the_installed_output_filter_guards_screen_and_store(tiny_model_di
         stored = app.store.branch(app.chat.conversation.id)[-1]
         assert stored.content == answer.text and not stored.tokens
 
+        # replaced by a filter with one more entry (as `filter install` does): it applies
+        # from the next answer on, without restarting the chat
+        second = next(w for w in said if w != said[0])
+        assert second in words(answer.text)
+        doc["entries"].append(phrase_digest(second))
+        source.write_text(json.dumps(doc), encoding="utf-8")
+        write_compiled(read_filter(source), installed_path())
+        await pilot.press("ctrl+r")
+        answer = await answered(app, pilot, 1)
+        assert not {said[0], second} & set(words(answer.text))
+        assert app.store.branch(app.conversation.id)[-1].content == answer.text
+
 
 def test_quits_cleanly_after_chatting(tiny_model_dir, home):
     """The process exits with status 0 after the model thread ran MLX work (no abort at exit)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -97,15 +98,104 @@ CONVERSATIONS = {
 }
 
 
+# The published template reads tools flat (name, description, parameters), not OpenAI's
+# {"type": "function", "function": {...}}, which our own template also accepts.
+FLAT_WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Get the weather",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "location": {"type": "string", "description": "City"},
+            "unit": {"type": "string", "enum": ["c", "f"], "default": "c"},
+            "days": {"type": "array", "items": {"type": "integer"}},
+            "tags": {"type": "array", "items": {"type": "string"}, "nullable": True},
+            "verbose": {"type": "boolean", "nullable": True},
+            "note": {"type": "string", "nullable": True},
+            "limit": {"type": "number", "default": 3},
+            "when": {"type": ["string", "null"]},
+            "grid": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        },
+        "required": ["location", "days"],
+    },
+}
+FLAT_CLOCK_TOOL = CLOCK_TOOL["function"]
+
+PUBLISHED_CONVERSATIONS = {
+    **{name: c for name, c in CONVERSATIONS.items() if name != "tools"},
+    "tools": (CONVERSATIONS["tools"][0], {"tools": [FLAT_WEATHER_TOOL, FLAT_CLOCK_TOOL]}),
+    "openai-tool-calls": (
+        [
+            {"role": "user", "content": "Zürich?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": {"location": "Zürich", "note": "<5 °C & 'rain'>"},
+                        },
+                    },
+                    {"type": "function", "function": {"name": "now", "arguments": {}}},
+                ],
+            },
+            {"role": "tool", "content": "rain"},
+            {"role": "tool", "content": "12:00"},
+            {"role": "assistant", "content": "Rain at noon."},
+        ],
+        {"tools": [FLAT_CLOCK_TOOL]},
+    ),
+    "deliberation-and-calls": (
+        [
+            {"role": "system", "content": {"text": "Think, then answer."}},
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": {
+                    "blocks": [
+                        {"type": "thoughts", "text": "first "},
+                        {"type": "thoughts", "text": "second"},
+                        {"type": "tool_calls", "calls": [{"name": "display_answers",
+                                                          "arguments": "{}"}]},
+                        {"type": "response", "text": "r"},
+                    ]
+                },
+            },
+            {"role": "tool", "content": "out"},
+            {
+                "role": "assistant",
+                "content": {
+                    "blocks": [
+                        {"type": "thoughts", "text": "more"},
+                        {"type": "tool_calls", "calls": [{"name": "a", "arguments": "{}"},
+                                                         {"name": "b", "arguments": "{\"n\": 1}"}]},
+                        {"type": "tool_outputs", "outputs": [{"output": "1"}, {"output": "2"}]},
+                        {"type": "response", "text": "x"},
+                    ]
+                },
+            },
+        ],
+        {"enable_thinking": True},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def published(tokenizer_dir, tmp_path_factory):
+    """(ours, transformers'): the fixture tokenizer with a stand-in for the template published
+    with Apertus-8B-Instruct-2509 (tests/fixtures), loaded by us and by transformers."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("published") / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    source = Path(__file__).parent / "fixtures" / "apertus-2509-chat-template.jinja"
+    shutil.copy(source, d / "chat_template.jinja")
+    return load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+
+
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tokenizer_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +217,29 @@ def _hf_ids(hf, messages, **kwargs):
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5: BatchEncoding
 
 
-@pytest.mark.parametrize("name", CONVERSATIONS)
-def test_ids_equal_transformers(tok, hf, name):
-    messages, kwargs = CONVERSATIONS[name]
+@pytest.mark.parametrize("name", PUBLISHED_CONVERSATIONS)
+def test_ids_equal_transformers(published, name):
+    """Our renderer and tokenization against transformers' `apply_chat_template`, on the
+    published template's dialect (not on our own template)."""
+    tok, hf = published
+    messages, kwargs = PUBLISHED_CONVERSATIONS[name]
     assert tok.apply_chat_template(messages, **kwargs) == _hf_ids(hf, messages, **kwargs)
     text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     assert tok.render_chat(messages, **kwargs) == text
+    no_prompt = dict(kwargs, add_generation_prompt=False)
+    assert tok.render_chat(messages, **no_prompt) == hf.apply_chat_template(
+        messages, tokenize=False, **no_prompt
+    )
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONVERSATIONS)
+def test_our_template_renders_like_the_published_one(builtin_tok, published, name):
+    """For a checkpoint that ships no template, ours stands in: the same prompt text."""
+    messages, kwargs = PUBLISHED_CONVERSATIONS[name]
+    want = published[1].apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **kwargs
+    )
+    assert builtin_tok.render_chat(messages, **kwargs) == want
 
 
 def test_documented_layout(tok):
@@ -152,7 +259,7 @@ def test_tool_declarations_render_as_typescript(tok):
     assert (
         "Tool Capabilities:\n// Get the current weather\ntype get_weather = (_: {\n"
         '// City name\nlocation: string,\nunit?: "celsius" | "fahrenheit",\n'
-        "days?: number[],\nverbose?: boolean | null\n}) => any;\n"
+        "days?: number[],\nverbose?: boolean\n}) => any;\n"
         "// Current time\ntype now = () => any;<|developer_end|>"
     ) in text
 

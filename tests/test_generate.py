@@ -237,3 +237,21 @@ def test_ctrl_c_in_the_consumer_winds_the_generator_down(tiny_model_dir):
     assert done.stats.finish_reason == "interrupted"
     assert done.tokens == [first.token, second.token]
     assert done.text == first.text + second.text + "".join(e.text for e in rest)
+
+
+def test_an_answer_cut_mid_character_keeps_its_last_bytes(tiny_model_dir):
+    """An answer that runs out of tokens inside a multi-byte character ends, like the decoded
+    tokens, with a replacement character: the held-back bytes are not dropped."""
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    params = SamplingParams(temperature=1.0, top_p=1.0, seed=4)
+    tokens = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=80).tokens
+    # the first length at which the tokens end inside a character the next token completes
+    cut = next(
+        n
+        for n in range(1, len(tokens))
+        if tokenizer.decode(tokens[:n]).endswith("\ufffd")
+        and not tokenizer.decode(tokens[: n + 1]).startswith(tokenizer.decode(tokens[:n]))
+    )
+    done = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=cut)
+    assert done.tokens == tokens[:cut]
+    assert done.text == tokenizer.decode(done.tokens) and done.text.endswith("\ufffd")

@@ -7,8 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.hub_server import FakeHub
@@ -95,14 +98,83 @@ def test_unknown_repo_and_unreachable_hub_are_one_line(served_repo, tmp_path):
     assert not (home / "hub").exists() or not any((home / "hub").rglob("*.safetensors"))
 
 
-def test_dropped_connection_is_retried_and_the_file_is_whole(served_repo, tmp_path):
-    home = tmp_path / "hf"
+def test_dropped_connection_is_resumed_and_the_file_is_whole(served_repo, tmp_path):
+    """The connection drops after 10.5 MB of a 12 MB file: the retry asks for the rest (a
+    Range after the first byte, the client keeping what it wrote in whole 10 MiB chunks),
+    and the file ends up whole."""
+    home, big = tmp_path / "hf", "big.safetensors"
+    data = np.random.default_rng(0).bytes(12_000_000)
+    (served_repo / big).write_bytes(data)
     with FakeHub({REPO: served_repo}) as hub:
-        hub.cut["model.safetensors"] = 1000
+        hub.cut[big] = 10_500_000
         out = run("download", REPO, hf_home=home, endpoint=hub.url)
         assert out.returncode == 0, out.stderr
-        gets = [r for r in hub.requests if r.startswith("GET") and "model.safetensors" in r]
-        assert len(gets) == 2  # the dropped one and the retry
+    (first, zero), (again, start) = [d for d in hub.downloads if d[0] == big]
+    assert zero == 0 and 0 < start <= 10_500_000
     snapshot = Path(out.stdout.strip().removeprefix("ready: "))
-    want = (served_repo / "model.safetensors").read_bytes()
-    assert (snapshot / "model.safetensors").read_bytes() == want
+    assert (snapshot / big).read_bytes() == data
+    assert (snapshot / "model.safetensors").read_bytes() == (
+        served_repo / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.fixture
+def in_process_hub(served_repo, tmp_path, monkeypatch):
+    """A FakeHub serving REPO, and huggingface_hub in this process pointed at it, with an
+    empty cache in tmp: for downloads driven from Python (`hub.download`)."""
+    from huggingface_hub import constants
+
+    with FakeHub({REPO: served_repo}) as served:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setattr(constants, "ENDPOINT", served.url)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            served.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield served
+
+
+def test_a_cancelled_download_resumes_and_a_finished_one_is_never_fetched_again(
+    in_process_hub, served_repo, tmp_path
+):
+    """Cancelled while the weights arrive: the files that arrived are not fetched again, the
+    rest is asked for from where its kept part ends, and once the model is whole no file is
+    downloaded again."""
+    from apertus_mlx import hub
+
+    served, big = in_process_hub, "model.safetensors"
+    wanted = {p.name for p in served_repo.iterdir() if any(p.match(g) for g in hub.ALLOW_PATTERNS)}
+    cache = tmp_path / "hf" / f"models--{REPO.replace('/', '--')}"
+    cancel = threading.Event()
+
+    def others_arrived() -> set[str]:
+        return {p.name for p in cache.glob("snapshots/*/*")}
+
+    def cancel_once_the_rest_arrived() -> None:  # runs before the weights are sent
+        deadline = time.monotonic() + 30
+        while others_arrived() != wanted - {big} and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the cache, not waiting for a guessed time
+        cancel.set()
+
+    served.before[big] = cancel_once_the_rest_arrived
+    with pytest.raises(hub.DownloadCancelled):
+        hub.download(REPO, progress=lambda done, total: None, cancel=cancel)
+    arrived = others_arrived()
+    assert arrived == wanted - {big}
+    # what is left of the weights in the cache (huggingface_hub >= 1.18 keeps nothing of a
+    # file it did not finish; earlier versions keep `<etag>.incomplete` to resume from)
+    kept = sum(p.stat().st_size for p in (cache / "blobs").glob("*.incomplete"))
+
+    served.downloads.clear()
+    path = hub.download(REPO)
+    assert [name for name, _ in served.downloads] == [big]  # nothing that arrived
+    assert served.downloads == [(big, kept)]
+    for name in arrived | {big}:
+        assert (path / name).read_bytes() == (served_repo / name).read_bytes()
+
+    served.downloads.clear()
+    assert hub.download(REPO) == path
+    assert served.downloads == []

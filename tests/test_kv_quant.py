@@ -20,9 +20,12 @@ from tests.checkpoints import build_checkpoint
 
 @pytest.fixture(scope="module")
 def wide_heads(tmp_path_factory, tokenizer_dir, vocab_size):
-    """head_dim 64, as every Apertus checkpoint has (the fixtures' 16 cannot be grouped)."""
+    """head_dim 64, as every Apertus checkpoint has (the fixtures' 16 cannot be grouped), and
+    grouped-query attention as in Apertus (16 query heads over 4 KV heads in the 0.5B): 2 KV
+    heads with 3 query heads each, so a query head reading another head's keys shows."""
     out = tmp_path_factory.mktemp("wide-heads")
-    shape = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    shape = {"hidden_size": 128, "num_attention_heads": 6, "num_key_value_heads": 2,
+             "head_dim": 64}  # fmt: skip
     return build_checkpoint(out, tokenizer_dir, vocab_size, shape)
 
 
@@ -43,6 +46,26 @@ def test_quantized_cache_stays_close_to_the_float_one(wide_heads, vocab_size, bi
     kl = np.mean(np.sum(np.exp(ref) * (ref - got), axis=-1))
     top1 = np.mean(ref.argmax(-1) == got.argmax(-1))
     assert 0 < kl < max_kl and top1 >= min_top1
+
+
+def test_8_bit_attention_gives_the_float_caches_logits(wide_heads, vocab_size):
+    """Prompt chunk and decoded tokens, eager and through the compiled forward `generate` uses:
+    the logits stay within 0.05 of the float cache's. Rounding to 8 bits moves each cached key
+    and value by at most half a step (1/510 of its group's range); here that moved the logits
+    by at most 0.008 (their spread is about 0.24), so 0.05 leaves room for other weights and
+    backends, while query heads reading the wrong KV head move them by about 1."""
+    model = load_model(wide_heads)
+    assert model.args.num_attention_heads // model.args.num_key_value_heads == 3
+    ids = np.random.default_rng(0).integers(0, vocab_size, 60).tolist()
+    ref, eager = next_token_logprobs(model, ids, None), next_token_logprobs(model, ids, 8)
+    forward, cache = Forward(model), model.make_cache(bits=8)
+    rows = [np.array(forward.prefill(ids[:20], cache))]
+    rows += [np.array(forward(mx.array([[t]]), cache)[0, -1:]) for t in ids[20:]]
+    compiled = np.concatenate(rows)
+    compiled = compiled - np.log(np.exp(compiled).sum(-1, keepdims=True))
+    for got in (eager[19:], compiled):
+        assert np.abs(got - ref[19:]).max() < 0.05
+        assert np.mean(got.argmax(-1) == ref[19:].argmax(-1)) >= 0.95  # near-ties may flip
 
 
 def test_compiled_forward_reads_and_writes_quantized_buffers(wide_heads, vocab_size):

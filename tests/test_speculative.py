@@ -16,10 +16,11 @@ import pytest
 from apertus_mlx.errors import DraftMismatchError, UsageError
 from apertus_mlx.generate import Chunk, Done, generate
 from apertus_mlx.loading import load_model
-from apertus_mlx.sampling import SamplingParams, make_distribution, make_sampler
+from apertus_mlx.sampling import SamplingParams, make_distribution
 from apertus_mlx.speculative import Draft, check_tokenizers, load_draft, verify
 from apertus_mlx.tokenizer import load_tokenizer
 from tests.checkpoints import build_checkpoint
+from tests.distributions import expected_distribution
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [[1, 65, 300, 301, 302, 66, 67], [1, 200, 201], list(range(50, 90))]
@@ -69,13 +70,29 @@ def test_greedy_output_equals_plain_decoding(target, other, ids, k):
     assert other_stats.stats.acceptance_rate < 0.5
 
 
-def test_greedy_with_repetition_penalty_equals_plain_decoding(target, other):
-    """The penalty sees the drafted tokens before each verified position, as plain decoding
-    sees the tokens it generated."""
+def test_greedy_with_repetition_penalty_equals_transformers(target, other, tiny_model_dir):
+    """Plain and speculative decoding with a penalty give transformers' greedy answer: the
+    penalty sees the drafted tokens before each verified position, as plain decoding sees the
+    tokens it generated."""
+    import torch
+
+    from tests.checkpoints import reference_model
+
     model, tokenizer = target
     params = SamplingParams(temperature=0, repetition_penalty=1.5)
+    reference = reference_model(tiny_model_dir)
     for ids in PROMPTS:
+        want = reference.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            repetition_penalty=1.5,
+            max_new_tokens=25,
+            min_new_tokens=25,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
         plain = run(model, tokenizer, ids, params=params, max_tokens=25)
+        assert plain.tokens == want
         for draft_model in (model, other):
             draft = Draft(draft_model, num_tokens=4)
             assert run(model, tokenizer, ids, params=params, max_tokens=25, draft=draft).tokens == (
@@ -128,19 +145,22 @@ def test_rejection_sampling_keeps_the_models_distribution():
     assert abs(went_on.mean() - np.minimum(p[0], q[0]).sum()) < 0.01
 
 
-def test_distribution_is_what_the_sampler_draws_from():
-    """`make_distribution` (which speculative decoding compares) and `make_sampler` (plain
-    decoding) agree: temperature, top-k, top-p and min-p as one distribution."""
-    logits = mx.array(np.random.default_rng(0).normal(size=(1, 12)) * 2, mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    params = SamplingParams(temperature=0.7, top_k=8, top_p=0.9, min_p=0.02, seed=3)
-    probs = np.exp(np.array(make_distribution(params)(logprobs))[0])
-    assert abs(probs.sum() - 1) < 1e-5 and (probs == 0).sum() >= 4
-    sample = make_sampler(params)
-    draws = np.array(mx.concatenate([sample(logprobs) for _ in range(6000)]))
-    assert chi_square(np.bincount(draws, minlength=12), probs) < 30  # p = 0.001 up to 11 dof
-    greedy = np.array(make_distribution(GREEDY)(logprobs))[0]
-    assert greedy[int(mx.argmax(logprobs))] == 0 and np.isinf(greedy).sum() == 11
+def test_the_distributions_compared_are_transformers():
+    """`make_distribution` (the model's and the draft's distributions that speculative decoding
+    compares) is what transformers samples from: temperature, then top-k, top-p and min-p (each
+    cuts tokens in one of these settings); greedy puts all the mass on the most likely token."""
+    logits = np.random.default_rng(0).normal(size=12) * 2
+    logprobs = mx.array(logits - np.log(np.exp(logits).sum()), mx.float32)[None]
+    for settings in (
+        dict(temperature=0.7, top_k=8, top_p=0.9, min_p=0.05),
+        dict(temperature=1.5, top_k=10, top_p=1.0, min_p=0.2),
+        dict(temperature=0.5, top_k=0, top_p=0.8),
+    ):
+        want = expected_distribution(logits, **settings)
+        got = np.exp(np.array(make_distribution(SamplingParams(**settings))(logprobs))[0])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    greedy = np.exp(np.array(make_distribution(GREEDY)(logprobs))[0])
+    np.testing.assert_array_equal(greedy, np.eye(12)[np.argmax(logits)])
 
 
 def test_sampling_is_repeatable_and_stays_in_the_truncated_support(target, other):
@@ -314,16 +334,14 @@ def test_sampled_tokens_follow_the_model_end_to_end(tiny_model_dir):
 
     model = sharpened(tiny_model_dir, 60)
     draft = Draft(sharpened(tiny_model_dir, 20, noise=0.3), 1)
-    params = SamplingParams(temperature=1.0, top_k=4, repetition_penalty=1.3)
+    settings = dict(temperature=1.0, top_k=4, top_p=1.0, repetition_penalty=1.3)
+    params = SamplingParams(**settings)
     processors = make_logits_processors(params)
     prompt = [1, 200, 201, 202]
 
-    def processed(m) -> np.ndarray:
-        logits = m(mx.array([prompt]))[:, -1, :].astype(mx.float32)
-        for processor in processors:
-            logits = processor(mx.array(prompt), logits)
-        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return np.exp(np.array(make_distribution(params)(logits))[0].astype(np.float64))
+    def processed(m) -> np.ndarray:  # the next token's distribution, by transformers' rules
+        logits = np.array(m(mx.array([prompt]))[0, -1].astype(mx.float32), dtype=np.float64)
+        return expected_distribution(logits, **settings, seen=prompt)
 
     p, q = processed(model), processed(draft.model)
     assert (p > 0).sum() == 4 and 0.2 < np.minimum(p, q).sum() < 0.8

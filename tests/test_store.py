@@ -304,11 +304,30 @@ def test_search_finds_words_across_languages_and_accents(store):
     assert store.search("   ") == []
 
 
+SEARCHED = ["a or b", "a only", "near a b", "b a", "col x", "xylophone", "the x", "salt and pepper"]
+
+
 @pytest.mark.parametrize(
-    "text", ['"', "'", "AND", "a OR b", "NEAR(a b)", "col:x", "x*", "(", "-x", "^x", '"a" "b']
+    ("text", "found"),
+    [
+        ('"', []),  # no word in it: nothing to look for
+        ("'", []),
+        ("(", []),
+        ("AND", ["salt and pepper"]),  # the word, not the operator (alone, a syntax error)
+        ("a OR b", ["a or b"]),  # every word must match: not "a" or "b"
+        ("NEAR(a b)", ["near a b"]),  # not "a" near "b"
+        ("col:x", ["col x"]),  # not a column filter
+        ("x*", ["col x", "the x"]),  # not a prefix: no "xylophone"
+        ("-x", ["col x", "the x"]),
+        ("^x", ["col x", "the x"]),  # not "x at the start"
+        ('"a" "b', ["a or b", "near a b", "b a"]),  # an unbalanced quote
+    ],
 )
-def test_search_takes_operators_and_quotes_as_plain_text(store, text):
-    store.search(text)  # no syntax error
+def test_search_takes_operators_and_quotes_as_plain_text(store, text, found):
+    c = store.create_conversation(title="untitled")
+    ids = {store.add_message(c.id, "user", t).id: t for t in SEARCHED}
+    hits = store.search(text)
+    assert sorted(ids[h.message_id] for h in hits) == sorted(found)
 
 
 @settings(
@@ -316,18 +335,47 @@ def test_search_takes_operators_and_quotes_as_plain_text(store, text):
 )
 @given(st.text())
 def test_search_never_raises(store, text):
-    assert isinstance(store.search(text), list)
+    """Any text is safe to search for, and finds a message holding it when it has a word
+    (an ASCII letter or digit is part of one in any script; SQLite ends indexed text at NUL)."""
+    c = store.create_conversation(title="untitled")
+    mid = store.add_message(c.id, "user", f"before {text} after").id
+    hits = {h.message_id for h in store.search(text, limit=100_000)}
+    if any(ch.isascii() and ch.isalnum() for ch in text) and "\x00" not in text:
+        assert mid in hits
+
+
+# Letters and digits of several scripts, spaces, punctuation and FTS5's operator characters
+# (letters SQLite's tokenizer knows: its tables are older than some of Unicode's letters).
+SCRIPTS = "abcxyzABCXYZ019äöüßéçñøÅ€…«»—αβγабв中文字日本語"
+SEARCHABLE = st.text(alphabet=st.sampled_from(list(" \t\n.,;:!?'\"()*^-+~/" + SCRIPTS)))
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(SEARCHABLE)
+def test_search_for_any_text_finds_a_message_that_contains_it(store, text):
+    c = store.create_conversation(title="untitled")
+    mid = store.add_message(c.id, "user", f"before {text} after").id
+    hits = {h.message_id for h in store.search(text, limit=100_000)}
+    assert (mid in hits) == any(ch.isalnum() for ch in text)
 
 
 # -- streaming answers ------------------------------------------------------------------------
 
 
 def test_a_streaming_answer_is_flushed_about_once_a_second(tmp_path):
-    """Measures the flush interval a reader sees while an answer streams at ~50 tokens/s."""
+    """Measures the flush interval a reader sees while an answer streams at ~50 tokens/s.
+
+    The bounds hold on a machine four times overloaded: a write never comes sooner than a
+    second after the last one (the writer waits that long), so there are at most as many as
+    whole seconds passed; a late wake-up or a slow disk only delays one, by far less than the
+    1.5 s of slack allowed, while a reader polling every 10 ms sees each within 0.5 s."""
     path = tmp_path / "history.db"
     store = Store.open(path)
     c = store.create_conversation()
     store.add_message(c.id, "user", "count")
+    began = time.monotonic()
     writer = store.start_answer(c.id)
     reader = sqlite3.connect(path)
     seen: list[tuple[float, int]] = []  # (time, length on disk) at each change
@@ -351,10 +399,11 @@ def test_a_streaming_answer_is_flushed_about_once_a_second(tmp_path):
     finally:
         stop.set()
         producer.join()
+    timed, elapsed = writer.flushes, time.monotonic() - began
     writer.finish("interrupted")
     gaps = [b[0] - a[0] for a, b in zip(seen[1:], seen[2:])]
-    assert 3 <= writer.flushes <= 6
-    assert gaps and max(gaps) < 1.5 and min(gaps) > 0.5, seen
+    assert 2 <= timed <= elapsed / writer.interval
+    assert gaps and max(gaps) < 2.5 and min(gaps) > 0.5, seen
     print(f"flush gaps seen by a reader: {[round(g, 2) for g in gaps]} s")
     reader.close()
     store.close()

@@ -10,7 +10,10 @@ import click
 @click.command()
 @click.argument("model")
 def download(model: str) -> None:
-    """Download MODEL (catalog alias or hub repo id) for offline use; resumes if interrupted."""
+    """Download MODEL (catalog alias or hub repo id) for offline use.
+
+    Run again after an interruption, it fetches only the files still missing.
+    """
     from ..hub import download as fetch
 
     path = fetch(model)
