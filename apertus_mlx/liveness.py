@@ -6,6 +6,12 @@ that next talks to it. So each rank keeps one small TCP connection to rank 0 bes
 own, and each side writes a byte every `BEAT_S` seconds. Silence for `LOST_AFTER_S`, or the
 connection closing, is a lost rank. No model data travels here: this is a fault detector,
 not a transport.
+
+The same connection rings a bell. A receive waiting in MLX's ring polls its socket without
+pause, a CPU core per waiting rank; fine for the milliseconds of a step, not for the minutes
+a chat waits for its user. So rank 0 tells the other ranks when it goes idle, they wait for
+the bell (`wait_bell`, no CPU) instead of a message, and rank 0 rings it (`ring`) before it
+speaks again.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class Watch:
         self.rank, self.size, self.address = rank, size, address
         self.on_lost = on_lost
         self.joined: set[int] = set()  # ranks whose connection arrived (rank 0's side)
+        self._bells = threading.Semaphore(0)  # rung and not yet answered (ranks > 0)
+        self._peers: list[socket.socket] = []  # the other ranks' connections (rank 0)
         self._stopping = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -49,6 +57,21 @@ class Watch:
                 with contextlib.suppress(OSError):
                     s.close()
 
+    def ring(self) -> None:
+        """Rank 0: wake every resting rank (see `wait_bell`)."""
+        deadline = time.monotonic() + LOST_AFTER_S
+        while len(self._peers) < self.size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a rank resting already has connected: this is start-up only
+        for conn in list(self._peers):
+            with contextlib.suppress(OSError):  # its reader reports the loss
+                conn.sendall(b"!")
+
+    def wait_bell(self) -> None:
+        """Ranks > 0: wait, without using the CPU, until rank 0 rings (or the watch stops)."""
+        while not self._bells.acquire(timeout=BEAT_S):
+            if self._stopping.is_set():
+                return
+
     def _accept(self, server: socket.socket) -> None:
         while not self._stopping.is_set() and len(self.joined) < self.size - 1:
             try:
@@ -60,6 +83,7 @@ class Watch:
             with self._lock:
                 self.joined.add(rank)
                 self._sockets.append(conn)
+                self._peers.append(conn)
             self._beat(conn, rank)
 
     def _connect(self) -> None:
@@ -102,6 +126,8 @@ class Watch:
                 if not data:
                     self._lost(peer, "its process ended")
                     return
+                for _ in range(data.count(b"!")):
+                    self._bells.release()
 
         threading.Thread(target=send, daemon=True).start()
         threading.Thread(target=receive, daemon=True).start()

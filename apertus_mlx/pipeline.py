@@ -231,6 +231,9 @@ class Pipeline:
         self._freed: list[int] = []
         self._next_slot = 0
         self._closed = False
+        self._resting = False  # the other ranks wait for the bell, not for a message
+        self._depth = 0  # units on the wire being queued (see `_speaking`)
+        self._rest_pending = False
 
     @property
     def size(self) -> int:
@@ -250,9 +253,12 @@ class Pipeline:
         gc.collect()  # one is read (a model and its compiled passes hold each other)
         mx.reset_peak_memory()
         with self.transport():
-            self._send_json({"op": "load", "model": sent, "dtype": dtype, "fuse": fuse,
-                             "split": self.split})  # fmt: skip
-            return self._load(path, dtype, fuse)
+            try:
+                self._send_json({"op": "load", "model": sent, "dtype": dtype, "fuse": fuse,
+                                 "split": self.split})  # fmt: skip
+                return self._load(path, dtype, fuse)
+            finally:
+                self.rest()
 
     def _load(self, path: Path, dtype: str | None, fuse: bool) -> Model:
         from .loading import load_model
@@ -279,7 +285,10 @@ class Pipeline:
         since the model's load began."""
         with self.transport():
             self._send_json({"op": "describe"})
-            return self.cluster.exchange(describe(self.cluster, self.model))
+            try:
+                return self.cluster.exchange(describe(self.cluster, self.model))
+            finally:
+                self.rest()
 
     # --- running ----------------------------------------------------------------------------
 
@@ -297,8 +306,11 @@ class Pipeline:
                 slot, position, bits = self._slot(cache), cache.offset, cache.bits or 0
                 hidden = cache.run(self.model.model, inputs)
             answer = ((1, length, self.model.args.vocab_size), mx.float32)
-            return self.link.wait(self._step(ids, hidden, position, slot, IDS | LOGITS, bits,
-                                             answer=answer))  # fmt: skip
+            try:
+                return self.link.wait(self._step(ids, hidden, position, slot, IDS | LOGITS,
+                                                 bits, answer=answer))  # fmt: skip
+            finally:
+                self.rest()
 
     def reconcile(self, cache: KVCache) -> None:
         """Forget what `cache` holds beyond what the other ranks hold for it (a cache restored
@@ -348,18 +360,21 @@ class Pipeline:
                            answer=token_answer if last else None)  # fmt: skip
 
         with self.transport(), mx.stream(generation_stream()):
-            if forward.read(ids, cache, stop, count, on_chunk=hand_on) is None:
-                return
-            for n in range(1, max_tokens + 1):
-                token = int(self.link.wait(y).item())
-                if n < max_tokens:  # queue the next step before the caller sees this token
-                    position = cache.offset
-                    hidden = forward.hidden(mx.array([[token]], mx.int32), cache)
-                    y = self._step(None, hidden, position, slot, SAMPLE, bits, token,
-                                   answer=token_answer)  # fmt: skip
-                yield token, None
-                if n == max_tokens or stop():
+            try:
+                if forward.read(ids, cache, stop, count, on_chunk=hand_on) is None:
                     return
+                for n in range(1, max_tokens + 1):
+                    token = int(self.link.wait(y).item())
+                    if n < max_tokens:  # queue the next step before the caller sees this token
+                        position = cache.offset
+                        hidden = forward.hidden(mx.array([[token]], mx.int32), cache)
+                        y = self._step(None, hidden, position, slot, SAMPLE, bits, token,
+                                       answer=token_answer)  # fmt: skip
+                    yield token, None
+                    if n == max_tokens or stop():
+                        return
+            finally:
+                self.rest()
 
     @contextmanager
     def transport(self) -> Iterator[None]:
@@ -380,19 +395,46 @@ class Pipeline:
         self._closed = True
         if self.cluster.lost is None and not self.cluster.closing:
             try:
-                self.link.send_header(EXIT)
+                with self._speaking():
+                    self.link.send_header(EXIT)
                 mx.synchronize()
             except RuntimeError:
                 pass
         self.cluster.close()
+
+    def rest(self) -> None:
+        """Rank 0 goes idle: the others wait for the bell, using no CPU (see liveness.py)."""
+        if self.cluster.watch is None or self._resting or self._closed or self.cluster.lost:
+            return
+        if self._depth:  # a generator finished inside a unit (garbage collection): after it
+            self._rest_pending = True
+            return
+        self._rest_pending = False
+        self._send_json({"op": "rest"})
+        self._resting = True
 
     # --- the wire ---------------------------------------------------------------------------
 
     # Each message, with the receive of its answer, is queued as one unit: a Ctrl+C between
     # its parts would leave the ranks out of step, so it is held until the unit is queued.
 
-    def _send_json(self, message: dict) -> None:
+    @contextmanager
+    def _speaking(self) -> Iterator[None]:
+        """One unit on the wire: signals held, the bell rung first when the others rest."""
         with uninterrupted():
+            if self._resting:
+                self.cluster.watch.ring()
+                self._resting = False
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+        if self._rest_pending and not self._depth:
+            self.rest()
+
+    def _send_json(self, message: dict) -> None:
+        with self._speaking():
             self._send_freed()
             self.link.send_json(message)
 
@@ -416,7 +458,7 @@ class Pipeline:
         answer: tuple[tuple[int, ...], mx.Dtype] | None = None,
     ) -> mx.array | None:
         """Queue a STEP and, when it has one, the receive of the last rank's answer."""
-        with uninterrupted():
+        with self._speaking():
             self._send_freed()
             length = hidden.shape[1]
             self.link.send_header(STEP, length, position, slot, flags, bits, token)

@@ -100,6 +100,8 @@ class Servant:
                 self.samplers.pop(slot, None)
         elif op == "describe":
             self.cluster.exchange(describe(self.cluster, self.model))
+        elif op == "rest" and self.cluster.watch is not None:
+            self.cluster.watch.wait_bell()  # instead of a receive, which would spin
 
     def load(self, message: dict) -> None:
         from .generate import Forward

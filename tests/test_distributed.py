@@ -168,6 +168,37 @@ def test_generate_across_hosts_prints_the_one_process_answer(models, tmp_path, s
     assert mine["text"] == theirs["text"] and mine["generated_tokens"] == 12
 
 
+IDLE = """
+import json, os, subprocess, sys, time
+from apertus_mlx import distributed, load
+distributed.start(sys.argv[1])
+model, _ = load(sys.argv[2])
+ranks = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
+def cpu():  # seconds of CPU the other ranks used so far (Linux)
+    total = 0
+    for pid in ranks.stdout.split():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().split(") ")[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+before = cpu()
+time.sleep(1.0)
+print(json.dumps({"ranks": len(ranks.stdout.split()), "cpu_s": cpu() - before}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ranks_waiting_for_rank_0_use_no_cpu(models, tmp_path):
+    """Between requests (a chat waiting for its user) the other ranks wait for a bell, not in
+    MLX's receive, which polls its socket without pause: a core per waiting rank."""
+    hosts = local_hostfile(tmp_path, 3)
+    out = subprocess.run([sys.executable, "-c", IDLE, str(hosts), str(models["f32"])],
+                         capture_output=True, text=True, timeout=120, env=env())  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    idle = json.loads(out.stdout)
+    assert idle["ranks"] == 2 and idle["cpu_s"] < 0.1, idle
+
+
 # --- faults ---------------------------------------------------------------------------------
 
 
