@@ -10,7 +10,8 @@ here with the environment `mlx.launch` would give them (`MLX_RANK`; for the ring
 
 The hostfile is the JSON `mlx.distributed_config` writes: a list of hosts
 `[{"ssh": "mac1", "ips": ["10.0.0.1"]}, ...]`, or an object with that list as `hosts` and
-optionally `backend` ("ring" or "jaccl") and `envs` (["NAME=value", ...] for every rank).
+optionally `backend` ("ring", "jaccl" or "jaccl-ring") and `envs` (["NAME=value", ...], for
+every rank).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .errors import UsageError
 
 LOCAL = ("127.0.0.1", "localhost")
 DEFAULT_PORT = 32323  # mlx.launch's first ring port; APERTUS_MLX_PORT moves it
-BACKENDS = ("ring", "jaccl")
+BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
 
 @dataclass
@@ -72,7 +73,7 @@ def read_hostfile(path: str | Path) -> Hostfile:
         raise bad('expected a list of hosts, e.g. [{"ssh": "mac1", "ips": ["10.0.0.1"]}]')
     if backend not in BACKENDS:
         raise bad(
-            f"backend {backend!r} is not started by apertus-mlx (ring or jaccl); "
+            f"backend {backend!r} is not started by apertus-mlx (ring, jaccl, jaccl-ring); "
             "start the ranks with mlx.launch instead"
         )
     if not isinstance(envs, list) or not all(isinstance(e, str) and "=" in e for e in envs):
@@ -89,7 +90,7 @@ def read_hostfile(path: str | Path) -> Hostfile:
         if not host.ips:
             raise bad(f"host {i} ({host.ssh}) has no ips: the ranks need an address to meet at")
         hosts.append(host)
-    if backend == "jaccl" and not all(len(h.rdma) == len(hosts) for h in hosts):
+    if backend != "ring" and not all(len(h.rdma) == len(hosts) for h in hosts):
         raise bad('the jaccl backend needs an "rdma" list per host, one entry per host')
     return Hostfile(hosts, backend, envs)
 
@@ -115,20 +116,24 @@ def rank_environments(hostfile: Hostfile, workdir: Path) -> list[dict[str, str]]
     `workdir` for local ranks; remote ranks get their content in `_FILES` and write it there.
     """
     hosts = hostfile.hosts
+    count = sum(len(h.ips) for h in hosts) + 1  # one per address (as mlx.launch), one to watch
     if all(h.local for h in hosts):
-        ports = _free_ports(len(hosts) + 1)
+        ports = _free_ports(count)
     else:
         base = int(os.environ.get("APERTUS_MLX_PORT", DEFAULT_PORT))
-        ports = list(range(base, base + len(hosts) + 1))
+        ports = list(range(base, base + count))
     first_ip = hosts[0].ips[0]
     common = dict(e.split("=", 1) for e in hostfile.envs)
-    common["APERTUS_MLX_BACKEND"] = hostfile.backend
+    common["APERTUS_MLX_BACKEND"] = "ring" if hostfile.backend == "ring" else "jaccl"
     common["APERTUS_MLX_WATCH"] = f"{first_ip}:{ports[-1]}"
     files: dict[str, str] = {}
-    if hostfile.backend == "ring":
-        files["MLX_HOSTFILE"] = json.dumps([[f"{h.ips[0]}:{p}"] for h, p in zip(hosts, ports)])
+    if hostfile.backend == "ring":  # every address of every host, as mlx.launch lists them
+        free = iter(ports)
+        files["MLX_HOSTFILE"] = json.dumps([[f"{ip}:{next(free)}" for ip in h.ips] for h in hosts])
     else:
         common["MLX_JACCL_COORDINATOR"] = f"{first_ip}:{ports[0]}"
+        if hostfile.backend == "jaccl-ring":
+            common["MLX_JACCL_RING"] = "1"
         files["MLX_IBV_DEVICES"] = json.dumps([h.rdma for h in hosts])
     for name, content in files.items():
         file = workdir / name.lower()
