@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import signal
 import threading
 import time
@@ -72,9 +73,9 @@ def uninterrupted() -> Iterator[None]:
         for sig in held[:1]:
             handler = previous[sig]
             if callable(handler):
-                handler(sig, None)
-            elif handler == signal.SIG_DFL:
-                raise KeyboardInterrupt
+                handler(sig, None)  # Python's: KeyboardInterrupt (SIGTERM too, in the CLI)
+            else:
+                os.kill(os.getpid(), sig)  # the default action, or ignored, as before
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

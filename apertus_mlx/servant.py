@@ -130,6 +130,7 @@ class Servant:
             problem = e
         if ready(self.cluster, model, problem) is None:
             self.model, self.forward = model, Forward(model)
+            _keep_wired()
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -186,3 +187,14 @@ class Servant:
             )
         cache.truncate(position)
         return cache
+
+
+def _keep_wired() -> None:
+    """On a Mac, keep the part's weights in GPU memory for as long as this rank serves (rank 0
+    does it per answer, `device.wired_limit`); this process does nothing else."""
+    from .device import on_metal
+
+    if on_metal():
+        limit = mx.device_info().get("max_recommended_working_set_size")
+        if limit:
+            mx.set_wired_limit(limit)
