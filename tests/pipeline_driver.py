@@ -31,14 +31,14 @@ def workload(model, tokenizer) -> dict:
 
     greedy = SamplingParams(temperature=0)
     seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.3, seed=7)
-    out = {"greedy": tokens(PROMPT, greedy, 16), "seeded": tokens(PROMPT, seeded, 16)}
+    out = {"greedy": tokens(PROMPT, greedy, 12), "seeded": tokens(PROMPT, seeded, 12)}
     cache = model.make_cache()
-    first = tokens(PROMPT, seeded, 8, cache)
+    first = tokens(PROMPT, seeded, 6, cache)
     follow_up = PROMPT + first + [5, 6, 7]
     cache.keep_prefix((PROMPT + first)[: cache.offset], follow_up)
-    out["chat"] = [first, tokens(follow_up, seeded, 8, cache)]
-    out["long"] = tokens(LONG_PROMPT, greedy, 6)
-    out["kv8"] = tokens(PROMPT, greedy, 8, model.make_cache(bits=8))
+    out["chat"] = [first, tokens(follow_up, seeded, 6, cache)]
+    out["long"] = tokens(LONG_PROMPT, greedy, 4)
+    out["kv8"] = tokens(PROMPT, greedy, 6, model.make_cache(bits=8))
     out["logits"] = model(mx.array([PROMPT[:12]])).astype(mx.float32).tolist()
     return out
 
