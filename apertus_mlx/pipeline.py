@@ -281,6 +281,16 @@ class Pipeline:
         self._held.clear()
         return model
 
+    def describe(self) -> str:
+        """One line for `--stats`: the hosts and their layers."""
+        if self.agreement is None:
+            return f"{self.size} ranks"
+        parts = " | ".join(
+            f"{host} {p.start}-{p.stop - 1}"
+            for host, p in zip(self.agreement.hosts, self.agreement.parts)
+        )
+        return f"{self.size} ranks, layers {parts}"
+
     def ranks(self) -> list[dict]:
         """Every rank's host, layers, parameter bytes and memory: active now, and the peak
         since the model's load began."""

@@ -58,6 +58,7 @@ def main() -> None:
         loaded = model.pipeline.ranks()  # memory peaks since the load began: the load's
         result = workload(model, tokenizer)
         result["ranks"], result["loaded"] = model.pipeline.ranks(), loaded
+        result["describe"] = model.pipeline.describe()
         print(json.dumps(result), flush=True)
         del model  # before the next load, as every other rank drops its part
 

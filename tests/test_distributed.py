@@ -145,6 +145,7 @@ def test_three_ranks_from_a_hostfile_match_one_process(models, tmp_path):
     assert len(results) == 2
     for path, got in zip(paths, results):
         check_against_one_process(path, got, [[0, 1], [1, 4], [4, 5]])
+        assert got["describe"] == "3 ranks, layers 127.0.0.1 0-0 | 127.0.0.1 1-3 | 127.0.0.1 4-4"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
