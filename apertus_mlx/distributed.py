@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 RECORD_BYTES = 2048  # one rank's part of an exchange (JSON, padded)
 GRACE_S = 0.5  # how long a rank that lost a neighbour waits for the cause to be named
-JOIN_TIMEOUT_S = 120.0  # for every rank to start and meet (ssh, imports, connections)
+JOIN_TIMEOUT_S = 60.0  # for every rank to start and meet (ssh, imports, connections)
 
 _pipeline: Pipeline | None = None
 
@@ -102,7 +102,12 @@ def start(hostfile: str | None = None, split: str | None = None) -> None:
                 f"--split has {len(counts)} entries for {len(hosts.hosts)} hosts in {hostfile}"
             )
         ranks = launch(hosts)
-    cluster = join(ranks)
+    try:
+        cluster = join(ranks)
+    except BaseException:
+        for started in ranks:  # they would wait for us until their own time-out
+            started.process.kill()
+        raise
     if cluster is None:
         return
     if cluster.rank != 0:
@@ -128,7 +133,7 @@ def active() -> Pipeline | None:
 class Cluster:
     """This process's place in the group, its links' health and how to leave."""
 
-    group: mx.distributed.Group
+    group: mx.distributed.Group | None  # None until MLX's group is up
     rank: int
     size: int
     host: str
@@ -225,29 +230,78 @@ class Cluster:
 
 
 def join(children: list[Rank] | None = None) -> Cluster | None:
-    """Join the group this process was started in; None when it is a group of one."""
+    """Join the group this process was started in; None when it is a group of one.
+
+    Where the environment says who is who (the ring's and JACCL's variables), the ranks meet
+    on the heartbeat connections first, and start MLX's group only when all are there: MLX's
+    start-up waits for ever for a rank that never comes, holding Python's lock all the while
+    (no thread can run, report or time out), so a rank that fails to start is named here.
+    """
     backend = os.environ.get("APERTUS_MLX_BACKEND", "any")
+    host = os.environ.get("APERTUS_MLX_HOST") or socket.gethostname()
     _quiet_ring_logs()
-    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)  # the wait below is in C++
+    cluster = None
+    known = _rank_and_size()
+    if known is not None and known[1] > 1:
+        cluster = Cluster(None, *known, host, children or [])
+        if children:
+            cluster.hosts = [host] + [c.host.ssh for c in children]
+        _watch(cluster)
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)  # the waits below are in C++
     try:
+        if cluster is not None and cluster.watch is not None:
+            _meet(cluster)
         group = mx.distributed.init(strict=backend != "any", backend=backend)
-        rank, size = group.rank(), group.size()
-        if size == 1:
+        if group.size() == 1:
             return None
-        host = os.environ.get("APERTUS_MLX_HOST") or socket.gethostname()
-        cluster = Cluster(group, rank, size, host, children or [])
-        address = _watch_address()
-        if address is not None:
-            cluster.watch = Watch(rank, size, address, cluster.on_lost)
-        if rank != 0:
+        if cluster is None:
+            cluster = Cluster(group, group.rank(), group.size(), host, children or [])
+            _watch(cluster)
+        cluster.group = group
+        if cluster.rank != 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop
             previous = signal.SIG_IGN
-        _watch_children(cluster)
         return cluster
     except RuntimeError as e:
-        raise ApertusError(f"cannot join the other ranks: {e}") from None
+        raise ApertusError(
+            f"cannot join the other ranks: {e} (the hostfile's first host is this machine, and "
+            "the others reach it at its ips)"
+        ) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _rank_and_size() -> tuple[int, int] | None:
+    """This rank and the group's size, from mlx.launch's variables, before MLX reads them."""
+    rank = os.environ.get("MLX_RANK")
+    listed = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_IBV_DEVICES")
+    if rank is None or not listed or not os.path.isfile(listed):
+        return None
+    try:
+        with open(listed) as f:
+            return int(rank), len(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _meet(cluster: Cluster) -> None:
+    """Every rank connected to rank 0's heartbeats before any starts MLX's group: rank 0 waits
+    for them all (its watch threads end the process if one cannot start) and rings; the others
+    wait for the ring."""
+    watch = cluster.watch
+    if cluster.rank != 0:
+        watch.wait_bell()
+        return
+    while len(watch.joined) < cluster.size - 1:
+        time.sleep(0.02)
+    watch.ring()
+
+
+def _watch(cluster: Cluster) -> None:
+    address = _watch_address()
+    if address is not None:
+        cluster.watch = Watch(cluster.rank, cluster.size, address, cluster.on_lost)
+    _watch_children(cluster)
 
 
 def _watch_children(cluster: Cluster) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,20 @@ def test_another_checkpoint_on_one_host_is_refused_at_start(models, tmp_path):
     line = one_error_line(outs[0][1])
     assert "host mac1 (rank 1) holds another checkpoint than host mac0 (rank 0)" in line
     assert procs[1].returncode == 0 and outs[1] == ("", "")  # told to stop, silently
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs an ssh client")
+def test_a_host_that_cannot_be_reached_is_named_at_start(models, tmp_path):
+    """MLX's start-up would wait for ever for it (holding Python's lock): the ranks meet on
+    the heartbeat connections first, so the failed ssh is one line within seconds."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(
+        json.dumps([{"ssh": "127.0.0.1"}, {"ssh": "nohost.invalid", "ips": ["127.0.0.1"]}])
+    )
+    out = cli("generate", "hi", "-m", str(models["f32"]), "--hostfile", str(hosts), timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    line = one_error_line(out.stderr)
+    assert "host nohost.invalid (rank 1): ssh could not connect" in line
 
 
 # --- pieces, in one process -------------------------------------------------------------------
