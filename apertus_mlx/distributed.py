@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ import mlx.core as mx
 
 from .errors import ApertusError, UsageError
 from .liveness import LOST_AFTER_S, Watch
+from .mlx_ring import quiet_ring_logs, shut_ring_sockets, stderr_fd
 
 if TYPE_CHECKING:
     from .launch import Rank
@@ -87,7 +87,10 @@ def start(hostfile: str | None = None, split: str | None = None) -> None:
     returns and runs the command; the other ranks serve rank 0 and exit, never returning.
     Neither: nothing happens (one process).
     """
+    global _pipeline
     counts = parse_split(split)
+    if _pipeline is not None:  # started already (a second command in the same process)
+        return
     ranks: list[Rank] = []
     if not launched_as_rank():
         if hostfile is None:
@@ -117,7 +120,6 @@ def start(hostfile: str | None = None, split: str | None = None) -> None:
         cluster.close()
         sys.stdout.flush()
         os._exit(code)  # MLX's group would otherwise wait in its destructors for peers
-    global _pipeline
     from .pipeline import Pipeline
 
     _pipeline = Pipeline(cluster, counts)
@@ -195,7 +197,7 @@ class Cluster:
         # The main thread may wait in a receive from a silent peer, which MLX never times out.
         # Shutting the ring's sockets down fails that receive, and the main thread ends the
         # command as after any error (history finished, exit status); else end it from here.
-        _shut_ring_sockets()
+        shut_ring_sockets()
         deadline = time.monotonic() + 2 * GRACE_S
         while not self.closing and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -210,7 +212,7 @@ class Cluster:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         with contextlib.suppress(OSError):
-            os.write(_stderr_fd(), f"apertus-mlx: error: {message}\n".encode())
+            os.write(stderr_fd(), f"apertus-mlx: error: {message}\n".encode())
         for child in self.children:  # a stopped one would outlive us, holding our stderr
             child.process.kill()
         os._exit(1)
@@ -239,7 +241,7 @@ def join(children: list[Rank] | None = None) -> Cluster | None:
     """
     backend = os.environ.get("APERTUS_MLX_BACKEND", "any")
     host = os.environ.get("APERTUS_MLX_HOST") or socket.gethostname()
-    _quiet_ring_logs()
+    quiet_ring_logs()
     cluster = None
     known = _rank_and_size()
     if known is not None and known[1] > 1:
@@ -350,70 +352,3 @@ def _watch_address() -> tuple[str, int] | None:
         ip, port = coordinator.rsplit(":", 1)
         return ip, int(port) + 1
     return None
-
-
-def _shut_ring_sockets() -> None:
-    """Shut down this process's connections of MLX's ring (found by the addresses in its
-    hostfile), so that a send or receive waiting on one fails instead of waiting forever."""
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if not hostfile or not os.path.isfile(hostfile):
-        return
-    with open(hostfile) as f:
-        nodes = json.load(f)
-    addresses = set()
-    for node in nodes:
-        for address in node:
-            ip, port = address.rsplit(":", 1)
-            addresses.add((ip, int(port)))
-    import resource
-    import stat
-
-    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 65536)
-    for fd in range(3, limit):
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        with s, contextlib.suppress(OSError):
-            ends = {s.getsockname()[:2], s.getpeername()[:2]}
-            if s.type == socket.SOCK_STREAM and ends & addresses:
-                s.shutdown(socket.SHUT_RDWR)
-
-
-_real_stderr: int | None = None
-
-
-def _stderr_fd() -> int:
-    return _real_stderr if _real_stderr is not None else 2
-
-
-def _quiet_ring_logs() -> None:
-    """MLX's ring writes a dozen lines to stderr when a peer goes ('[ring] Socket 4 was closed
-    by the peer', ...); our one line says it better. So the C++ side's stderr goes through a
-    filter that drops those lines, and Python's sys.stderr writes to the terminal directly."""
-    global _real_stderr
-    if _real_stderr is not None:
-        return
-    try:
-        sys.stderr.flush()
-        real = os.dup(2)
-        read, write = os.pipe()
-        os.dup2(write, 2)
-        os.close(write)
-    except (OSError, ValueError, AttributeError):
-        return
-    _real_stderr = real
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(real, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-        line_buffering=True,
-    )  # fmt: skip
-
-    def forward() -> None:
-        with os.fdopen(read, "rb") as pipe:
-            for line in pipe:
-                if not line.startswith((b"[ring]", b"[jaccl]")):
-                    os.write(real, line)
-
-    threading.Thread(target=forward, daemon=True).start()

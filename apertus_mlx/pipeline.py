@@ -1,24 +1,11 @@
 """Pipeline parallel: rank 0 drives a model whose layers are split across ranks.
 
 Each rank holds one contiguous block of layers (`model.Part`) and only that block's KV cache.
-Messages go round the ring of ranks with `mx.distributed.send`/`recv`: from rank r to r + 1,
-and from the last rank back to rank 0, which is what MLX's ring backend allows (neighbours
-only). Rank 0 speaks first and decides everything; the others (`servant.py`) only answer.
-
-    header    int32[8]: op, length, position, slot, flags, kv bits, token, 0
-    STEP      `length` tokens at cache `position` of cache `slot` (NO_CACHE: none): the ids
-              (1, length) int32 when flagged IDS (a decode step's one token is in the header),
-              then rank r's output (1, length, hidden) for rank r + 1. The last rank answers
-              SAMPLE with the next token (int32, sampled with the slot's settings) and LOGITS
-              with the logits (1, length, vocab) float32.
-    CONTROL   `length` bytes of JSON follow: load a model, begin an answer (sampling settings
-              for a slot), free slots, report what each rank holds.
-    EXIT      every rank stops serving.
-
-Every rank forwards header, ids and JSON to the next before working, so its neighbour can
-prepare while it computes; prompt chunks therefore flow through the ranks one behind the other.
-Each message is queued with its own evaluation, in protocol order: distributed operations run
-on one stream per group, in the order they are queued, which keeps sends and receives paired.
+`Pipeline` is rank 0's side: it loads a model on every rank (`handshake.py` checks they agree
+first), hands each prompt chunk on as rank 0's layers finish it, sends one hidden state per
+decoded token and receives the token the last rank sampled (`wire.py` is the message format;
+`servant.py` the other ranks' side). Calling the model, `generate.generate` and everything
+built on them therefore run across the ranks unchanged.
 
 Rank 0's KV caches are paired with the other ranks' by slot: a `KVCache` gets a slot the first
 time it is used here, and when it is garbage-collected the slot is freed on every rank.
@@ -28,10 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
-import os
-import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -41,176 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .device import generation_stream, model_bytes
-from .errors import ApertusError, CheckpointError, UsageError
+from .device import generation_stream
+from .errors import ApertusError, UsageError
+from .handshake import Agreement, describe, negotiate, ready
+from .wire import EXIT, IDS, LOGITS, NO_CACHE, SAMPLE, STEP, Link, uninterrupted
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .distributed import Cluster
     from .generate import Forward, PromptProgress
-    from .model import Model, Part
+    from .model import Model
     from .sampling import SamplingParams
-
-STEP, CONTROL, EXIT = 1, 2, 3
-SAMPLE, LOGITS, IDS = 1, 2, 4
-NO_CACHE = -1
-HEADER = 8
-
-
-@contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Hold Ctrl+C and SIGTERM until the block is done, then deliver them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only
-        return
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _: held.append(s)) for sig in SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in held[:1]:
-            handler = previous[sig]
-            if callable(handler):
-                handler(sig, None)  # Python's: KeyboardInterrupt (SIGTERM too, in the CLI)
-            else:
-                os.kill(os.getpid(), sig)  # the default action, or ignored, as before
-
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Link:
-    """This rank's place in the ring: messages come from the previous rank, go to the next."""
-
-    def __init__(self, cluster: Cluster):
-        self.cluster = cluster
-        self.group = cluster.group
-        self.rank, self.size = cluster.rank, cluster.size
-        self.previous, self.next = (self.rank - 1) % self.size, (self.rank + 1) % self.size
-        self.last = self.rank == self.size - 1
-
-    def send(self, x: mx.array) -> None:
-        """Queue `x` to the next rank (the last rank's next is rank 0)."""
-        mx.async_eval(mx.distributed.send(x, self.next, group=self.group))
-
-    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-        """Queue a receive from the previous rank; evaluate it to wait for it."""
-        out = mx.distributed.recv(shape, dtype, self.previous, group=self.group)
-        mx.async_eval(out)
-        return out
-
-    def wait(self, x: mx.array) -> mx.array:
-        """Evaluate `x`; a transport failure becomes one line naming the rank lost."""
-        return self.cluster.call(lambda: x)
-
-    def send_header(self, op: int, length: int = 0, position: int = 0, slot: int = NO_CACHE,
-                    flags: int = 0, kv_bits: int = 0, token: int = -1) -> None:  # fmt: skip
-        self.send(mx.array([op, length, position, slot, flags, kv_bits, token, 0], mx.int32))
-
-    def send_json(self, message: dict) -> None:
-        data = json.dumps(message).encode()
-        self.send_header(CONTROL, len(data))
-        self.send(mx.array(list(data), dtype=mx.uint8))
-
-
-@dataclasses.dataclass
-class Agreement:
-    """What every rank agreed on at a load: who holds which layers, in what dtype."""
-
-    parts: list[Part]
-    dtype: str
-    hosts: list[str]
-
-
-def negotiate(
-    cluster: Cluster, path: Path | None, dtype: str | None, split: list[int] | None,
-    problem: ApertusError | None = None,
-) -> Agreement | ApertusError:  # fmt: skip
-    """Run on every rank at a load: exchange identities, refuse a mismatch, plan the split.
-
-    Every rank sees every record and decides alike, so a refused load leaves all of them
-    ready for the next message. Returns the agreement, or the error that refuses it (rank 0
-    raises it; the others wait for what rank 0 does next).
-    """
-    from . import __version__
-    from .placement import footprint, memory_bytes, plan_parts
-    from .plan import compute_dtype
-
-    record: dict[str, Any] = {"host": cluster.host, "version": f"{__version__}/{mx.__version__}"}
-    fp = None
-    if problem is None and path is not None:
-        try:
-            fp = footprint(path)
-            on_gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
-            compute = compute_dtype(dtype, getattr(mx, fp.stored), on_gpu)
-            record.update(checkpoint=fp.digest, dtype=str(compute).removeprefix("mlx.core."),
-                          memory=memory_bytes())  # fmt: skip
-        except ApertusError as e:
-            problem = e
-    if problem is not None:
-        record.update(error=str(problem), code=problem.exit_code)
-    records = cluster.exchange(record)
-    cluster.hosts = [r["host"] for r in records]
-    first = records[0]
-    for rank, r in enumerate(records):
-        where = cluster.host_of(rank)
-        if r.get("error"):
-            return _remote_error(f"{where}: {r['error']}", r.get("code", 1))
-        if r["version"] != first["version"]:
-            return _mismatch(
-                f"{where} runs apertus-mlx/mlx {r['version']}, {cluster.host_of(0)} "
-                f"{first['version']}: install the same version on every host"
-            )
-        if r["checkpoint"] != first["checkpoint"]:
-            return _mismatch(
-                f"{where} holds another checkpoint than {cluster.host_of(0)} "
-                "(config.json or tensors differ): copy the same one to every host"
-            )
-        if r["dtype"] != first["dtype"]:
-            return _mismatch(f"{where} would compute in {r['dtype']}, {cluster.host_of(0)} in "
-                             f"{first['dtype']}: choose one with --dtype")  # fmt: skip
-    try:
-        parts = plan_parts(fp, [r["memory"] for r in records], split)
-    except UsageError as e:
-        return e
-    return Agreement(parts, first["dtype"], cluster.hosts)
-
-
-def _mismatch(message: str) -> ApertusError:
-    from .distributed import ClusterMismatchError
-
-    return ClusterMismatchError(message)
-
-
-def _remote_error(message: str, code: int) -> ApertusError:
-    error = CheckpointError(message) if code == 2 else ApertusError(message)
-    return error
-
-
-def ready(
-    cluster: Cluster, model: Model | None, problem: ApertusError | None
-) -> ApertusError | None:
-    """After each rank loaded its part: everyone's outcome, the first failure as an error."""
-    record = {"error": str(problem), "code": problem.exit_code} if problem else {}
-    for rank, r in enumerate(cluster.exchange(record)):
-        if r.get("error"):
-            return _remote_error(f"{cluster.host_of(rank)}: {r['error']}", r.get("code", 1))
-    return None
-
-
-def describe(cluster: Cluster, model: Model | None) -> dict:
-    """What this rank holds, for `Pipeline.ranks()`."""
-    part = model.part if model is not None else None
-    return {
-        "rank": cluster.rank,
-        "host": cluster.host,
-        "layers": [part.start, part.stop] if part else None,
-        "parameter_bytes": model_bytes(model) if model is not None else 0,
-        "active_memory": mx.get_active_memory(),
-        "peak_memory": mx.get_peak_memory(),
-    }
 
 
 class Pipeline:

@@ -20,21 +20,8 @@ import mlx.core as mx
 from .cache import KVCache
 from .distributed import Cluster, RankLostError, transport_error
 from .errors import ApertusError
-from .pipeline import (
-    CONTROL,
-    EXIT,
-    HEADER,
-    IDS,
-    LOGITS,
-    NO_CACHE,
-    SAMPLE,
-    STEP,
-    Agreement,
-    Link,
-    describe,
-    negotiate,
-    ready,
-)
+from .handshake import Agreement, describe, negotiate, ready
+from .wire import CONTROL, EXIT, HEADER, IDS, LOGITS, NO_CACHE, SAMPLE, STEP, Link
 
 
 def serve(cluster: Cluster) -> int:
