@@ -104,6 +104,8 @@ def start(hostfile: str | None = None, split: str | None = None) -> None:
             raise UsageError(
                 f"--split has {len(counts)} entries for {len(hosts.hosts)} hosts in {hostfile}"
             )
+        if len(hosts.hosts) == 1:
+            return  # this machine alone: one process, as mlx.launch runs one host
         ranks = launch(hosts)
     try:
         cluster = join(ranks)

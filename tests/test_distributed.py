@@ -457,3 +457,6 @@ def test_hostfile_and_split_flags_are_checked_before_anything_starts(models, tmp
     assert out.returncode == 2 and "--split has 1 entries for 2 hosts" in out.stderr
     out = cli("generate", "hi", "-m", str(models["f32"]), "--hostfile", str(tmp_path / "none"))
     assert out.returncode == 2 and "hostfile" in one_error_line(out.stderr)
+    args = ("generate", "hi", "-m", str(models["f32"]), "--temp", "0", "-n", "4")
+    alone = cli(*args, "--hostfile", str(local_hostfile(tmp_path, 1)))  # one process
+    assert alone.returncode == 0 and alone.stdout == cli(*args).stdout
