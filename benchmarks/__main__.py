@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
     args = parser.parse_args(argv)
     chosen = [name for name in sections if getattr(args, name)]
-    if args.only or args.quick:
+    if (args.only or args.quick) and not chosen:  # `--distributed --quick`: that one, quick
         chosen.append("models")
     for name in chosen or sections:
         if name != "models":
