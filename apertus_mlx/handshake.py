@@ -43,15 +43,14 @@ def negotiate(
     """
     from . import __version__
     from .placement import footprint, memory_bytes, plan_parts
-    from .plan import compute_dtype
+    from .plan import compute_dtype, metal_gpu
 
     record: dict[str, Any] = {"host": cluster.host, "version": f"{__version__}/{mx.__version__}"}
     fp = None
     if problem is None and path is not None:
         try:
             fp = footprint(path)
-            on_gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
-            compute = compute_dtype(dtype, getattr(mx, fp.stored), on_gpu)
+            compute = compute_dtype(dtype, getattr(mx, fp.stored), metal_gpu())
             record.update(checkpoint=fp.digest, dtype=str(compute).removeprefix("mlx.core."),
                           memory=memory_bytes())  # fmt: skip
         except ApertusError as e:

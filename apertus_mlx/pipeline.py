@@ -194,7 +194,7 @@ class Pipeline:
                            IDS | (SAMPLE if last else 0), bits,
                            answer=token_answer if last else None)  # fmt: skip
 
-        with self.transport(), mx.stream(generation_stream()):
+        with self.transport(), mx.stream(generation_stream(self.model.plan)):
             try:
                 if forward.read(ids, cache, stop, count, on_chunk=hand_on) is None:
                     return

@@ -70,7 +70,9 @@ def footprint(path: Path) -> Footprint:
 
 def memory_bytes() -> int:
     """This machine's memory as MLX sees it (a Mac's unified memory), else the OS's."""
-    info = mx.device_info() if mx.metal.is_available() else {}
+    from .plan import metal_gpu
+
+    info = mx.device_info() if metal_gpu() else {}
     size = info.get("memory_size")
     if size:
         return int(size)

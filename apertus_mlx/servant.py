@@ -117,7 +117,7 @@ class Servant:
             problem = e
         if ready(self.cluster, model, problem) is None:
             self.model, self.forward = model, Forward(model)
-            _keep_wired()
+            _keep_wired(model)
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -176,12 +176,10 @@ class Servant:
         return cache
 
 
-def _keep_wired() -> None:
+def _keep_wired(model) -> None:
     """On a Mac, keep the part's weights in GPU memory for as long as this rank serves (rank 0
     does it per answer, `device.wired_limit`); this process does nothing else."""
-    from .device import on_metal
-
-    if on_metal():
+    if model.plan.on_gpu:
         limit = mx.device_info().get("max_recommended_working_set_size")
         if limit:
             mx.set_wired_limit(limit)

@@ -35,7 +35,7 @@ def workload(model, tokenizer) -> dict:
     cache = model.make_cache()
     first = tokens(PROMPT, seeded, 6, cache)
     follow_up = PROMPT + first + [5, 6, 7]
-    cache.keep_prefix((PROMPT + first)[: cache.offset], follow_up)
+    cache.keep_prefix(follow_up)
     out["chat"] = [first, tokens(follow_up, seeded, 6, cache)]
     out["long"] = tokens(LONG_PROMPT, greedy, 4)
     out["kv8"] = tokens(PROMPT, greedy, 6, model.make_cache(bits=8))
