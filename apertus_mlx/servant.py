@@ -115,6 +115,8 @@ class Servant:
             model = load_model(path, dtype=agreement.dtype, fuse=message["fuse"], part=part)
         except ApertusError as e:
             problem = e
+        except Exception as e:  # noqa: BLE001 - out of memory, say: rank 0 names it, in one line
+            problem = ApertusError(f"{type(e).__name__}: {e}")
         if ready(self.cluster, model, problem) is None:
             self.model, self.forward = model, Forward(model)
             _keep_wired(model)
