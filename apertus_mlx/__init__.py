@@ -26,6 +26,7 @@ def load(
     checkpoint's end tokens and sampling defaults as `model.generation`.
     """
     from .config import GenerationConfig, ModelArgs
+    from .distributed import active
     from .errors import TokenizerError
     from .hub import resolve_model
     from .loading import load_model
@@ -37,7 +38,11 @@ def load(
     ModelArgs.from_dir(path)  # config.json, then tokenizer: cheap checks before the weights
     tokenizer = load_tokenizer(path)
     generation = GenerationConfig.from_dir(path, tokenizer.end_token_ids())
-    model = load_model(path, dtype=dtype, fuse=fuse)
+    pipeline = active()  # rank 0 of several: each rank loads its part
+    if pipeline is not None:
+        model = pipeline.load(path_or_repo_id, path, dtype=dtype, fuse=fuse)
+    else:
+        model = load_model(path, dtype=dtype, fuse=fuse)
     vocab = model.args.vocab_size
     if tokenizer.max_token_id >= vocab:
         # The embedding may be larger than the tokenizer (padding); never smaller: an id past

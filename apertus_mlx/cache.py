@@ -211,8 +211,8 @@ class KVCache:
         out = forward(inputs, kv)
         self.keys, self.values = kv.keys, kv.values
         self.offset += length
-        if inputs.shape[0] == 1:
-            self._pending.append(inputs)
+        if inputs.shape[0] == 1 and inputs.ndim == 2:  # ids (a pipeline's later parts take
+            self._pending.append(inputs)  # hidden states, which stand for no token here)
         return out
 
     def reserve(self, needed: int) -> None:

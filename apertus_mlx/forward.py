@@ -58,7 +58,11 @@ class Forward:
 
     def __call__(self, inputs: mx.array, cache: KVCache) -> mx.array:
         """Logits (B, L, vocab) of the next token after each of `inputs` (B, L)."""
-        return self.model.logits(cache.run(self._compiled_pass, inputs))
+        return self.model.logits(self.hidden(inputs, cache))
+
+    def hidden(self, inputs: mx.array, cache: KVCache) -> mx.array:
+        """The model's (or its part's, see `model.Part`) output for `inputs`, compiled."""
+        return cache.run(self._compiled_pass, inputs)
 
     def prefill(
         self,
@@ -67,7 +71,19 @@ class Forward:
         stop: Callable[[], bool] = lambda: False,
         progress: Callable[[int], None] = lambda n: None,
     ) -> mx.array | None:
-        """Read `ids` into the cache; the logits (1, vocab) after the last one.
+        """Read `ids` into the cache; the logits (1, vocab) after the last one (see `read`)."""
+        hidden = self.read(ids, cache, stop, progress)
+        return None if hidden is None else self.model.logits(hidden[:, -1, :])
+
+    def read(
+        self,
+        ids: Sequence[int],
+        cache: KVCache,
+        stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        on_chunk: Callable[[Sequence[int], mx.array], None] | None = None,
+    ) -> mx.array | None:
+        """Read `ids` into the cache; the output (1, chunk, hidden) for the last chunk.
 
         Chunks are sized from the measured speed. One that should take longer than
         `PREFILL_BUDGET_S` is evaluated layer by layer, with `stop()` asked after every layer
@@ -76,7 +92,8 @@ class Forward:
         a quicker one runs as one graph and is asked after. The first chunk is sized from a
         cautious guess (`ASSUMED_FLOPS`) and starts over smaller if its first layer alone
         overruns the budget. A stop returns None with the cache holding the chunks read whole.
-        `progress(n)` hears how many tokens are in so far.
+        `progress(n)` hears how many tokens are in so far, and `on_chunk(chunk ids, output)`
+        sees each chunk once it is read (a pipeline hands it on to the next process).
         """
         layers = len(self.model.layers)
         done = 0
@@ -96,14 +113,16 @@ class Forward:
                 continue
             if not by_layer and stop():
                 return None
-            done += size
             self._measure(size, time.perf_counter() - start)
+            if on_chunk is not None:
+                on_chunk(ids[done : done + size], hidden)
+            done += size
             progress(done)
             if done < len(ids):
                 # The chunk's activations are garbage now: hand their buffers back before the
                 # next chunk allocates its own, so a long prompt's peak stays one chunk's.
                 mx.clear_cache()
-        return self.model.logits(hidden[:, -1, :])
+        return hidden
 
     def _rate(self) -> float:
         """Prompt tokens per second: as measured, else a cautious guess from the model's size
@@ -112,7 +131,7 @@ class Forward:
             return self.tokens_per_s
         a = self.model.args
         attention = (2 * a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
-        flops = 2 * a.num_hidden_layers * a.hidden_size * (attention + 2 * a.intermediate_size)
+        flops = 2 * len(self.model.layers) * a.hidden_size * (attention + 2 * a.intermediate_size)
         return ASSUMED_FLOPS["gpu" if self.model.plan.on_gpu else "cpu"] / flops
 
     def _chunk_size(self, layers: int) -> int:

@@ -192,6 +192,8 @@ def generate(
         raise UsageError("constrained output does not work with a draft model")
     processors = [*make_logits_processors(params), *logits_processors]
     cache = cache if cache is not None else model.make_cache()
+    if model.pipeline is not None:  # split across processes: their caches may hold less
+        model.pipeline.reconcile(cache)
     cached = cache.offset
     prompt = check_prompt(prompt_ids, model, cached, max_tokens)
     max_tokens = min(max_tokens, model.args.max_position_embeddings - len(prompt))
@@ -199,7 +201,19 @@ def generate(
     stop = stop_event.is_set if stop_event is not None else lambda: False
     progress = PromptProgress()
     forward = forward if forward is not None else Forward(model)
-    if draft is None:
+    if model.pipeline is not None:  # the last process samples: settings travel, not callables
+        if draft is not None or logits_processors:
+            raise UsageError("a draft model or constrained output does not run across hosts")
+        steps = model.pipeline.generate_step(
+            prompt,
+            forward,
+            cache,
+            params=params,
+            max_tokens=max_tokens,
+            stop=stop,
+            progress=progress,
+        )
+    elif draft is None:
         steps = generate_step(
             prompt,
             forward,

@@ -8,7 +8,9 @@ holds two copies of the weights.
 from __future__ import annotations
 
 import json
+import re
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .errors import CorruptCheckpointError, WeightsError
 from .fusion import can_fuse, fuse_qkv
-from .model import Model
+from .model import Model, Part
 from .plan import make_plan
 
 OPTIONAL_SUFFIXES = (".act_fn.beta", ".act_fn.eps")  # buffers some exports leave out
@@ -84,19 +86,25 @@ def check_safetensors(file: Path) -> dict[str, Any]:
     return header
 
 
-def read_weights(path: Path) -> tuple[dict[str, mx.array], mx.Dtype]:
-    """All tensors, lazily, and the floating dtype most of them are stored in."""
+def read_weights(
+    path: Path, wanted: Callable[[str], bool] | None = None
+) -> tuple[dict[str, mx.array], mx.Dtype]:
+    """The tensors (those `wanted` by name, else all), lazily, and the floating dtype most of
+    them are stored in. A file holding none of the wanted ones is not opened past its header."""
     weights: dict[str, mx.array] = {}
     counts: dict[str, int] = {}
     for file in safetensors_files(path):
         header = check_safetensors(file)
-        for name, info in header.items():
-            if name != "__metadata__":
-                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+        names = [n for n in header if n != "__metadata__" and (wanted is None or wanted(n))]
+        for name in names:
+            counts[header[name]["dtype"]] = counts.get(header[name]["dtype"], 0) + 1
+        if not names:
+            continue
         try:
-            weights.update(mx.load(str(file)))
+            tensors = mx.load(str(file))  # lazy: a tensor not kept is never read
         except (RuntimeError, ValueError) as e:
             raise CorruptCheckpointError(f"cannot read {file}: {e}") from None
+        weights.update((name, tensors[name]) for name in names if name in tensors)
     floats = {k: v for k, v in counts.items() if k in _DTYPES}
     stored = _DTYPES[max(floats, key=floats.get)] if floats else mx.float32
     return weights, stored
@@ -113,6 +121,51 @@ def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.arra
             w = w.reshape(())  # stored as (1,) by transformers, () by mlx-lm
         out[name] = w
     return out
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)(?=\.|$)")  # a layer's tensors and module path
+
+
+def holds(part: Part, tie_word_embeddings: bool) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor, by name, belongs to `part` (names we do not know are kept,
+    so that the strict checks still see them)."""
+
+    def wanted(name: str) -> bool:
+        layer = _LAYER.match(name)
+        if layer:
+            return part.start <= int(layer.group(1)) < part.stop
+        if name.startswith("model.embed_tokens."):
+            return part.first or (part.last and tie_word_embeddings)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return part.last
+        return True
+
+    return wanted
+
+
+def localize(
+    weights: dict[str, mx.array], quant: dict[str, Any] | None, part: Part
+) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
+    """Layer numbers from the checkpoint's to the part's (its first layer is 0), in tensor
+    names and in the quantization block's per-layer overrides (those of other parts' layers
+    dropped)."""
+    if part == Part(0, part.total, part.total):
+        return weights, quant
+
+    def outside(name: str) -> bool:
+        layer = _LAYER.match(name)
+        return bool(layer) and not part.start <= int(layer.group(1)) < part.stop
+
+    def rename(name: str) -> str:
+        layer = _LAYER.match(name)
+        if not layer:
+            return name
+        return f"model.layers.{int(layer.group(1)) - part.start}{name[layer.end() :]}"
+
+    weights = {rename(k): v for k, v in weights.items()}
+    if quant is not None:
+        quant = {rename(k): v for k, v in quant.items() if not outside(k)}
+    return weights, quant
 
 
 def quantize_like_checkpoint(
@@ -219,24 +272,29 @@ def cast_weights(
 
 
 def load_model(
-    path: str | Path, dtype: mx.Dtype | str | None = None, fuse: bool = True, **plan: bool
+    path: str | Path,
+    dtype: mx.Dtype | str | None = None,
+    fuse: bool = True,
+    part: Part | None = None,
+    **plan: bool,
 ) -> Model:
     """Build the model for the checkpoint at `path` (a local directory).
 
     The execution plan (compute dtype, kernels, fusion) is made here, once, from the machine
     and the checkpoint; `fuse=False` keeps q, k and v apart (what `convert` saves), and
     `plan` forces other fields of it (tests run the Metal path's `fast_ops=True` on a CPU).
+    `part` loads one block of layers (see `model.Part`), reading only that block's tensors.
     """
     path = Path(path)
     args = ModelArgs.from_dir(path)
-    weights, stored = read_weights(path)
-    weights = sanitize(weights, args)
-    quant = args.quantization
+    part = part or Part.whole(args)
+    weights, stored = read_weights(path, holds(part, args.tie_word_embeddings))
+    weights, quant = localize(sanitize(weights, args), args.quantization, part)
     fuse = fuse and can_fuse(weights, quant)
     if fuse:
         weights, quant = fuse_qkv(weights, quant)
     plan = replace(make_plan(stored, dtype, fuse), **plan)
-    model = Model(args, plan)
+    model = Model(args, plan, part)
     if quant:
         quantize_like_checkpoint(model, weights, quant)
         check_quantized_layers(model, weights)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -220,12 +221,45 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.feedforward_layernorm(h))
 
 
+@dataclass(frozen=True)
+class Part:
+    """The contiguous block of layers `start` .. `stop` - 1 (of `total`) one process holds.
+
+    A whole model is the one part of one process. Across several (`pipeline.py`), the first
+    part embeds token ids and the last one ends in the final norm and the head; those in
+    between take hidden states in and give hidden states out. Layers keep the checkpoint's
+    numbers in the checkpoint and are numbered from 0 in the part (see `loading.localize`).
+    """
+
+    start: int
+    stop: int
+    total: int
+
+    @classmethod
+    def whole(cls, args: ModelArgs) -> Part:
+        return cls(0, args.num_hidden_layers, args.num_hidden_layers)
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.total
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 class ApertusModel(nn.Module):
-    def __init__(self, args: ModelArgs, plan: Plan):
+    def __init__(self, args: ModelArgs, plan: Plan, part: Part | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, plan) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
+        self.part = part = part or Part.whole(args)
+        if part.first or (part.last and args.tie_word_embeddings):  # a tied head reads it
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, plan) for _ in range(len(part))]
+        if part.last:
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, plan.fast_ops)
         self.rope = RoPE(args, plan)
         self._dtype = plan.dtype
 
@@ -237,6 +271,8 @@ class ApertusModel(nn.Module):
     ) -> mx.array:
         """Final hidden states (B, L, hidden) of `inputs` (B, L), after those `kv` holds.
 
+        A part after the first takes the previous part's hidden states (B, L, hidden) as
+        `inputs`; a part before the last gives its last layer's output, without the final norm.
         `after_layer(h)`, if given, sees each layer's output: reading a long prompt evaluates
         layer by layer there, so that a stop request can land between two layers.
         """
@@ -246,12 +282,12 @@ class ApertusModel(nn.Module):
         else:
             position, mask = kv.position[0], kv.mask(length)
         rotate = self.rope.rotation(length, position)
-        h = self.embed(inputs)
+        h = self.embed(inputs) if self.part.first else inputs
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, kv, i, rotate)
             if after_layer is not None:
                 after_layer(h)
-        return self.norm(h)
+        return self.norm(h) if self.part.last else h
 
     def embed(self, inputs: mx.array) -> mx.array:
         """Token embeddings in the compute dtype.
@@ -278,22 +314,34 @@ class ApertusModel(nn.Module):
 
 
 class Model(nn.Module):
-    """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab)."""
+    """ApertusForCausalLM: `model(input_ids, cache=None)` -> logits (batch, length, vocab).
+
+    `part` (default: the whole model) makes it one block of a model split across processes;
+    on the first process `pipeline` then runs the others (`pipeline.Pipeline`), so calling
+    the model and generating from it work as they do on one process.
+    """
 
     generation = GenerationConfig()  # the checkpoint's, set by apertus_mlx.load; none: no stops
+    pipeline: Any = None  # on the first of several processes: how it drives the others
 
-    def __init__(self, args: ModelArgs, plan: Plan):
+    def __init__(self, args: ModelArgs, plan: Plan, part: Part | None = None):
         super().__init__()
         self.args = args
         self.plan = plan
-        self.model = ApertusModel(args, plan)
-        if not args.tie_word_embeddings:
+        self.model = ApertusModel(args, plan, part)
+        if self.part.last and not args.tie_word_embeddings:
             self.lm_head = projection(args.hidden_size, args.vocab_size, False, plan)
 
     def __call__(self, inputs: mx.array, cache: KVCache | None = None) -> mx.array:
         """Logits of every position; with a cache, continue it (it then holds `inputs` too)."""
+        if self.pipeline is not None:
+            return self.pipeline.logits(inputs, cache)
         hidden = self.model(inputs) if cache is None else cache.run(self.model, inputs)
         return self.logits(hidden)
+
+    @property
+    def part(self) -> Part:
+        return self.model.part
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
@@ -308,7 +356,7 @@ class Model(nn.Module):
         """An empty KV cache; `bits` (8 or 4) stores keys and values quantized."""
         a = self.args
         return KVCache(
-            a.num_hidden_layers,
+            len(self.layers),
             a.num_key_value_heads,
             a.head_dim,
             self.plan.dtype,

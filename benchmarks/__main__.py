@@ -14,6 +14,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --kv            # a quantized KV cache's fidelity (benchmarks/kv.py)
     python -m benchmarks --grammar       # constrained output's cost (benchmarks/grammar.py)
     python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
+    python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
 """
 
 from __future__ import annotations
@@ -62,12 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=names, help="Run only this model.")
     parser.add_argument("--quick", action="store_true", help="Fewer tokens, one run each.")
     parser.add_argument("--repeats", type=int, help="Runs per engine [default: 2, 1 with --quick].")
-    sections = ("models", "turns", "filter", "speculative", "kv", "grammar", "kernels")
+    sections = (
+        "models",
+        "turns",
+        "filter",
+        "speculative",
+        "kv",
+        "grammar",
+        "kernels",
+        "distributed",
+    )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
     args = parser.parse_args(argv)
     chosen = [name for name in sections if getattr(args, name)]
-    if args.only or args.quick:
+    if (args.only or args.quick) and not chosen:  # `--distributed --quick`: that one, quick
         chosen.append("models")
     for name in chosen or sections:
         if name != "models":
@@ -156,7 +166,14 @@ def _kernels(args: argparse.Namespace) -> None:
     kernels([])
 
 
+def _distributed(args: argparse.Namespace) -> None:
+    from .distributed import main as distributed
+
+    distributed(["--quick"] if args.quick else [])
+
+
 SECTIONS = {
+    "distributed": _distributed,
     "kernels": _kernels,
     "kv": _kv,
     "grammar": _grammar,

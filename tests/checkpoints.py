@@ -102,7 +102,9 @@ def reference_model(path: Path, dtype: str = "float32"):
     return ApertusForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
 
-def build_endless_checkpoint(out_dir: Path, tokenizer_dir: Path, vocab_size: int) -> Path:
+def build_endless_checkpoint(
+    out_dir: Path, tokenizer_dir: Path, vocab_size: int, overrides: dict[str, Any] | None = None
+) -> Path:
     """A long-context checkpoint whose stop tokens' logits are 0: greedy decoding (the largest
     of many random logits, positive) never picks them, so an answer streams until stopped."""
     from safetensors.numpy import load_file, save_file
@@ -110,7 +112,10 @@ def build_endless_checkpoint(out_dir: Path, tokenizer_dir: Path, vocab_size: int
     from apertus_mlx import load
 
     path = build_checkpoint(
-        out_dir, tokenizer_dir, vocab_size, {"max_position_embeddings": 100_000}
+        out_dir,
+        tokenizer_dir,
+        vocab_size,
+        {"max_position_embeddings": 100_000, **(overrides or {})},
     )
     weights = load_file(path / "model.safetensors")
     for token in load(path)[0].generation.eos_token_ids:

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from ..errors import StoreError, UsageError
 from . import model_option
+from .across_hosts import across_hosts
 
 
 def utf8(text: str, what: str) -> str:
@@ -64,6 +65,7 @@ def format_stats(stats, backend: str) -> str:
     )
 
 
+@across_hosts
 @click.command()
 @click.argument("prompt", required=False)
 @model_option(required=False, extra_help=" Optional with --continue.")
