@@ -138,6 +138,8 @@ class TurnService:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.model_id, self.revision = model_id, revision
+        if getattr(model, "pipeline", None) is not None:
+            saved = None  # this process holds only its own layers' keys and values
         self.store, self.saved = store, saved
         self.output_filter = output_filter or (lambda: None)
         self.draft = draft

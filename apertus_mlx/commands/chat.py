@@ -13,12 +13,14 @@ from collections.abc import Iterator
 import click
 
 from . import model_option
+from .across_hosts import across_hosts
 
 # The app quits in a second or two; these are for one that is stuck (see _watch_the_way_out).
 STUCK_AFTER_SIGNAL_S = 30.0
 AFTER_HANGUP_S = 8.0
 
 
+@across_hosts
 @click.command()
 @model_option(
     required=False,
