@@ -36,7 +36,7 @@ Buffer = tuple[mx.array, ...]  # one layer's keys (or values): (array,) or (pack
 
 @dataclass(frozen=True)
 class PlainBuffers:
-    """Keys and values kept as computed, in the model's compute dtype."""
+    """Keys and values kept as computed (in the cache's dtype: see `Plan.kv_dtype`)."""
 
     name = "plain"
     bits = None
@@ -134,7 +134,7 @@ class KVBuffers:
         for buffers, new in ((self.keys, keys), (self.values, values)):
             parts = self.layout.encode(new)
             buffers[layer] = tuple(
-                mx.slice_update(b, n, self.position, axes=(2,))
+                mx.slice_update(b, n.astype(b.dtype), self.position, axes=(2,))
                 for b, n in zip(buffers[layer], parts)
             )
             whole = buffers[layer]

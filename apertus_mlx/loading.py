@@ -293,7 +293,7 @@ def load_model(
     fuse = fuse and can_fuse(weights, quant)
     if fuse:
         weights, quant = fuse_qkv(weights, quant)
-    plan = replace(make_plan(stored, dtype, fuse), **plan)
+    plan = replace(make_plan(stored, dtype, fuse, quantized=bool(quant)), **plan)
     model = Model(args, plan, part)
     if quant:
         quantize_like_checkpoint(model, weights, quant)

@@ -359,7 +359,7 @@ class Model(nn.Module):
             len(self.layers),
             a.num_key_value_heads,
             a.head_dim,
-            self.plan.dtype,
+            self.plan.cache_dtype,
             batch,
             bits=bits,
         )

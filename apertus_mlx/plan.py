@@ -65,12 +65,18 @@ class KernelRecord:
 @dataclass(frozen=True)
 class Plan:
     on_gpu: bool  # MLX computes on a Metal GPU (a Mac): ask this, never the device again
-    dtype: mx.Dtype  # activations, float weights and the KV cache
+    dtype: mx.Dtype  # activations and float weights
     fast_ops: bool  # mx.fast RMSNorm and RoPE (one Metal kernel each) vs plain fusable ops
     metal_kernels: bool  # our Metal kernels may run (self-checked, some also timed, on first use)
     fuse_qkv: bool  # q, k and v as one matmul, their weights concatenated while loading
+    # The KV cache's keys and values (attention reads them as they are: MLX mixes types).
+    kv_dtype: mx.Dtype | None = None  # None: the activations' dtype
     # What the kernels decided at run time (shared by copies of the plan; not part of equality).
     kernels: KernelRecord = field(default_factory=KernelRecord, compare=False, repr=False)
+
+    @property
+    def cache_dtype(self) -> mx.Dtype:
+        return self.kv_dtype or self.dtype
 
     def kernels_off(self) -> str | None:
         """Why our Metal kernels do not run at all, or None when they may."""
@@ -84,8 +90,9 @@ class Plan:
 
         device = "metal" if self.on_gpu else "cpu"
         dtype = str(self.dtype).removeprefix("mlx.core.")
+        kv = str(self.cache_dtype).removeprefix("mlx.core.")
         fused = ", fused qkv" if self.fuse_qkv else ""
-        return f"{device}, {dtype} activations, {describe_kernels(self)}{fused}"
+        return f"{device}, {dtype} activations, {kv} KV, {describe_kernels(self)}{fused}"
 
 
 def metal_gpu() -> bool:
@@ -108,18 +115,37 @@ def check_dtype(requested: object) -> None:
         raise UsageError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
 
 
-def compute_dtype(requested: mx.Dtype | str | None, stored: mx.Dtype, on_gpu: bool) -> mx.Dtype:
+def compute_dtype(
+    requested: mx.Dtype | str | None, stored: mx.Dtype, on_gpu: bool, quantized: bool = False
+) -> mx.Dtype:
     """What the model computes in: as asked, else what the backend is fast at.
 
-    MLX's CPU backend runs float32 matmuls (dense and quantized) many times faster than
-    bfloat16 ones; Metal is fastest in the checkpoint's own dtype.
+    Metal is fastest in the checkpoint's own dtype. MLX's CPU backend is measured (make bench,
+    docs/architecture.md): its quantized matmuls are about 10x faster with float32
+    activations than with bfloat16 ones, while dense bfloat16 matmuls are about 2x faster
+    than float32 at prompt sizes, as fast for one token, and read half the bytes. So on the
+    CPU: float32 for quantized checkpoints, a dense bfloat16 checkpoint's own dtype, float32
+    for the rest (float16 matmuls are slow there; float32 holds float16 weights exactly).
     """
     check_dtype(requested)
     if isinstance(requested, str):
         requested = DTYPES[requested]
     if requested is not None:
         return requested
-    return stored if on_gpu else mx.float32
+    if on_gpu or (stored == mx.bfloat16 and not quantized):
+        return stored
+    return mx.float32
+
+
+def cache_dtype(requested: object, compute: mx.Dtype, stored: mx.Dtype) -> mx.Dtype | None:
+    """The KV cache's dtype: the checkpoint's own where it is narrower than the activations
+    (a quantized checkpoint's bfloat16 on the CPU: half the memory of float32 buffers, as
+    mlx-lm keeps them), else the activations'. A dtype asked for applies to the cache too."""
+    if requested is not None or compute == stored:
+        return None
+    if not mx.issubdtype(stored, mx.floating) or stored.size >= compute.size:
+        return None
+    return stored
 
 
 def make_plan(
@@ -127,14 +153,17 @@ def make_plan(
     dtype: mx.Dtype | str | None = None,
     fuse: bool = True,
     environ: Mapping[str, str] | None = None,
+    quantized: bool = False,
 ) -> Plan:
-    """The plan for this machine and a checkpoint stored in `stored`; `environ` (default: the
-    process's) is read here and nowhere else."""
+    """The plan for this machine and a checkpoint stored in `stored` (quantized or not);
+    `environ` (default: the process's) is read here and nowhere else."""
     on_gpu = metal_gpu()
+    compute = compute_dtype(dtype, stored, on_gpu, quantized)
     return Plan(
         on_gpu=on_gpu,
-        dtype=compute_dtype(dtype, stored, on_gpu),
+        dtype=compute,
         fast_ops=on_gpu,
         metal_kernels=on_gpu and not kernels_switched_off(environ),
         fuse_qkv=fuse,
+        kv_dtype=cache_dtype(dtype, compute, stored),
     )

@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hostfile")
     parser.add_argument("--split")
+    parser.add_argument("--dtype")
     parser.add_argument("models", nargs="+")
     args = parser.parse_args()
 
@@ -54,7 +55,7 @@ def main() -> None:
 
     distributed.start(args.hostfile, args.split)
     for path in args.models:
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, dtype=args.dtype)
         loaded = model.pipeline.ranks()  # memory peaks since the load began: the load's
         result = workload(model, tokenizer)
         result["ranks"], result["loaded"] = model.pipeline.ranks(), loaded

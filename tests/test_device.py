@@ -104,7 +104,30 @@ def test_the_plan_reads_the_device_and_the_switch_once(monkeypatch):
     on = make_plan(mx.bfloat16, environ={"APERTUS_MLX_NO_METAL_KERNELS": "0"})
     assert on.metal_kernels and on.kernels_off() is None and on.dtype == mx.bfloat16
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
-    cpu = make_plan(mx.bfloat16, environ={})
+    cpu = make_plan(mx.float32, environ={})
     assert not (cpu.on_gpu or cpu.fast_ops or cpu.metal_kernels) and cpu.dtype == mx.float32
     assert cpu.kernels_off() == "no Metal GPU"
-    assert cpu.describe().startswith("cpu, float32 activations, xielu compiled, qk-norm+rope plain")
+    assert cpu.describe().startswith("cpu, float32 activations, float32 KV, xielu compiled")
+
+
+@pytest.mark.parametrize(
+    ("stored", "quantized", "asked", "compute", "kv"),
+    [
+        # dense bfloat16: its own dtype (2x faster matmuls than float32 at prompt sizes)
+        (mx.bfloat16, False, None, mx.bfloat16, mx.bfloat16),
+        # quantized (bfloat16 scales): float32 activations, the checkpoint's dtype in the cache
+        (mx.bfloat16, True, None, mx.float32, mx.bfloat16),
+        (mx.float16, False, None, mx.float32, mx.float16),
+        (mx.float32, False, None, mx.float32, mx.float32),
+        # a dtype asked for applies to the cache too
+        (mx.bfloat16, True, "float32", mx.float32, mx.float32),
+        (mx.bfloat16, False, "float32", mx.float32, mx.float32),
+    ],
+)
+def test_the_cpu_plan_picks_dtypes_by_checkpoint(
+    monkeypatch, stored, quantized, asked, compute, kv
+):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    plan = make_plan(stored, asked, environ={}, quantized=quantized)
+    assert (plan.dtype, plan.cache_dtype) == (compute, kv)
+    assert f"{str(kv)[9:]} KV" in plan.describe()
