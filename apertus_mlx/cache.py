@@ -134,9 +134,10 @@ class KVBuffers:
         for buffers, new in ((self.keys, keys), (self.values, values)):
             parts = self.layout.encode(new)
             buffers[layer] = tuple(
-                mx.slice_update(b, n.astype(b.dtype), self.position, axes=(2,))
+                mx.slice_update(b, n if n.dtype == b.dtype else n.astype(b.dtype),
+                                self.position, axes=(2,))
                 for b, n in zip(buffers[layer], parts)
-            )
+            )  # fmt: skip
             whole = buffers[layer]
             stored.append(
                 whole if self.end is None else tuple(b[..., : self.end, :] for b in whole)
