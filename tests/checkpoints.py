@@ -105,11 +105,12 @@ def reference_model(path: Path, dtype: str = "float32"):
 def build_endless_checkpoint(
     out_dir: Path, tokenizer_dir: Path, vocab_size: int, overrides: dict[str, Any] | None = None
 ) -> Path:
-    """A long-context checkpoint whose stop tokens' logits are 0: greedy decoding (the largest
-    of many random logits, positive) never picks them, so an answer streams until stopped."""
+    """A long-context checkpoint whose control tokens' logits are 0: greedy decoding (the largest
+    of many random logits, positive) never picks them, so a plain-text answer (no stop, no tool
+    call or deliberation marker) streams until stopped."""
     from safetensors.numpy import load_file, save_file
 
-    from apertus_mlx import load
+    from fixtures.tokenizer import FIRST_BPE_ID
 
     path = build_checkpoint(
         out_dir,
@@ -118,8 +119,7 @@ def build_endless_checkpoint(
         {"max_position_embeddings": 100_000, **(overrides or {})},
     )
     weights = load_file(path / "model.safetensors")
-    for token in load(path)[0].generation.eos_token_ids:
-        weights["lm_head.weight"][token] = 0
+    weights["lm_head.weight"][:FIRST_BPE_ID] = 0
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
@@ -139,6 +139,25 @@ def stream_generate(model: Path, *flags: str):
         encoding="utf-8",
         env={**os.environ, "PYTHONIOENCODING": "utf-8"},
     )
+
+
+def finish(proc, timeout: float = 60) -> tuple[str, str]:
+    """`proc.communicate()` for a process whose stdout was already read from: communicate reads
+    the pipe beneath the text reader and loses what that reader had buffered (`read(1)` buffers
+    a whole chunk), so a test would miss the start of the answer."""
+    import threading
+
+    outs: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, f=f: outs.__setitem__(name, f.read()))
+        for name, f in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout=timeout)
+    for reader in readers:
+        reader.join(timeout)
+    return outs["out"], outs["err"]
 
 
 # Scripted answers (see `build_scripted_checkpoint`): trigger -> what the model says after it.

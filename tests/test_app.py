@@ -531,7 +531,7 @@ async def test_the_installed_output_filter_guards_screen_and_store(tiny_model_di
         await pilot.press("ctrl+r")
         answer = await answered(app, pilot, 1)
         assert not {said[0], second} & set(words(answer.text))
-        assert app.store.branch(app.conversation.id)[-1].content == answer.text
+        assert app.store.branch(app.chat.conversation.id)[-1].content == answer.text
 
 
 def test_quits_cleanly_after_chatting(tiny_model_dir, home):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from apertus_mlx import load
-from tests.checkpoints import stream_generate
+from tests.checkpoints import finish, stream_generate
 
 
 def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -159,7 +159,7 @@ def test_ctrl_c_or_sigterm_flushes_the_partial_answer(endless_model, sig, status
     try:
         first = proc.stdout.read(1)  # the answer is streaming: the model is generating
         proc.send_signal(sig)
-        rest, stderr = proc.communicate(timeout=60)
+        rest, stderr = finish(proc, 60)
     finally:
         proc.kill()
     assert first and proc.returncode == status, stderr

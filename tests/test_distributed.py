@@ -28,7 +28,7 @@ from apertus_mlx.loading import load_model
 from apertus_mlx.model import Part
 from apertus_mlx.placement import Footprint, footprint, plan_parts
 from apertus_mlx.quantize import quantize_checkpoint
-from tests.checkpoints import build_checkpoint, build_endless_checkpoint, stream_generate
+from tests.checkpoints import build_checkpoint, build_endless_checkpoint, finish, stream_generate
 from tests.pipeline_driver import PROMPT, workload
 
 pytestmark = pytest.mark.skipif(
@@ -280,7 +280,7 @@ def test_a_lost_rank_ends_every_rank_with_one_line_naming_it(streaming, sig, ran
     lost = ranks[rank - 1]
     os.kill(lost, sig)
     start = time.monotonic()
-    rest, stderr = proc.communicate(timeout=30)
+    rest, stderr = finish(proc, 30)
     took = time.monotonic() - start
     assert proc.returncode == 1 and took < LOST_WITHIN_S, (took, stderr)
     line = one_error_line(stderr)
@@ -300,7 +300,7 @@ def test_ctrl_c_on_rank_0_stops_every_rank(streaming):
     proc, _, ranks, _ = streaming
     proc.send_signal(signal.SIGINT)
     stopped = gone_within(ranks, 5.0)  # told to stop by rank 0 (it kills them only after 2 s)
-    rest, stderr = proc.communicate(timeout=30)
+    rest, stderr = finish(proc, 30)
     assert proc.returncode == 130 and "error" not in stderr, stderr
     assert rest.endswith("\n")
     print(f"\nthe other ranks ended {stopped:.2f} s after Ctrl+C")

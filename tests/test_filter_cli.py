@@ -215,7 +215,7 @@ def test_ctrl_c_with_a_hostile_pattern_installed_keeps_the_answer(endless_model,
     """With `(.|.)*\\x01` installed, `generate` printed nothing for 30 s and, after Ctrl+C, the
     stored answer was empty with finish reason "error": the interrupt landed in the filter."""
     from apertus_mlx.store import Store
-    from tests.checkpoints import stream_generate
+    from tests.checkpoints import finish, stream_generate
 
     src = write_filter(tmp_path / "f.json", ["nobody"], patterns=["(.|.)*\\x01", "(a+)+$"])
     assert cli("filter", "install", src).returncode == 0
@@ -223,7 +223,7 @@ def test_ctrl_c_with_a_hostile_pattern_installed_keeps_the_answer(endless_model,
     try:
         first = proc.stdout.read(1)  # the answer streams through the filter
         proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=60)
+        rest, stderr = finish(proc, 60)
     finally:
         proc.kill()
     assert first and proc.returncode == 130, stderr

@@ -19,7 +19,7 @@ import pytest
 from apertus_mlx.prompt import conversation_ids
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
-from tests.checkpoints import stream_generate
+from tests.checkpoints import finish, stream_generate
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_ctrl_c_saves_the_answer_as_interrupted(home, endless_model):
     try:
         first = proc.stdout.read(1)  # the answer is streaming
         proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=60)
+        rest, stderr = finish(proc, 60)
     finally:
         proc.kill()
     assert first and proc.returncode == 130, stderr

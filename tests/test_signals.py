@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from apertus_mlx.store import Store
-from tests.checkpoints import stream_generate
+from tests.checkpoints import finish, stream_generate
 
 EXIT_HANGUP = 128 + signal.SIGHUP
 
@@ -41,7 +41,7 @@ def test_sighup_during_generate_save_keeps_the_answer_and_its_cache(home, endles
     try:
         first = proc.stdout.read(1)  # the answer is streaming
         proc.send_signal(signal.SIGHUP)
-        rest, stderr = proc.communicate(timeout=60)
+        rest, stderr = finish(proc, 60)
     finally:
         proc.kill()
     assert first and proc.returncode == EXIT_HANGUP, stderr
