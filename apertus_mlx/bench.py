@@ -56,11 +56,14 @@ class Result:
     peak_memory_gb: float
     graph_ops_per_token: int
     ops: dict[str, int] = field(default_factory=dict, repr=False)  # primitive -> count
+    # metric -> (worst - best) / best over the runs: how far apart alternating runs landed
+    spread: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self, with_ops: bool = False) -> dict:
+    def as_dict(self, detailed: bool = False) -> dict:
+        """The metrics; `detailed` adds per-primitive op counts and the runs' spread."""
         d = asdict(self)
-        if not with_ops:
-            del d["ops"]
+        if not detailed:
+            del d["ops"], d["spread"]
         return d
 
 
@@ -192,14 +195,21 @@ def bench_mlx_lm(path: str | Path, prompt: list[int], gen_tokens: int) -> Result
 
 
 def best(results: Sequence[Result]) -> Result:
-    """Each metric at its best over the runs (graph ops are the same in every run)."""
+    """Each metric at its best over the runs (graph ops are the same in every run), with how
+    far the worst run was from it."""
+    picked, spread = {}, {}
+    for _, key, _, higher_is_better in METRICS:
+        if key == "graph_ops_per_token":
+            continue
+        values = [getattr(r, key) for r in results]
+        top, bottom = (max(values), min(values)) if higher_is_better else (min(values), max(values))
+        picked[key] = top
+        spread[key] = abs(bottom - top) / top if top else 0.0
     return Result(
-        prefill_tps=max(r.prefill_tps for r in results),
-        decode_tps=max(r.decode_tps for r in results),
-        ttft_s=min(r.ttft_s for r in results),
-        peak_memory_gb=min(r.peak_memory_gb for r in results),
+        **picked,
         graph_ops_per_token=results[0].graph_ops_per_token,
         ops=results[0].ops,
+        spread=spread,
     )
 
 
@@ -236,44 +246,63 @@ def run(
     return {name: best(rs) for name, rs in runs.items()}
 
 
-# (label, Result field, format)
+# (label, Result field, format, higher is better)
 METRICS = [
-    ("prefill tok/s", "prefill_tps", "{:.1f}"),
-    ("decode tok/s", "decode_tps", "{:.2f}"),
-    ("TTFT s", "ttft_s", "{:.3f}"),
-    ("peak memory GB", "peak_memory_gb", "{:.2f}"),
-    ("graph ops/token", "graph_ops_per_token", "{:d}"),
+    ("prefill tok/s", "prefill_tps", "{:.1f}", True),
+    ("decode tok/s", "decode_tps", "{:.2f}", True),
+    ("TTFT s", "ttft_s", "{:.3f}", False),
+    ("peak memory GB", "peak_memory_gb", "{:.2f}", False),
+    ("graph ops/token", "graph_ops_per_token", "{:d}", False),
 ]
+# The rows the contract holds us to: never slower, never more memory than mlx-lm.
+CONTRACT = {"prefill_tps", "decode_tps", "peak_memory_gb"}
+
+
+def verdict(key: str, ours: Result, theirs: Result) -> str:
+    """ "✗" on a contract row where we are behind mlx-lm; "(within spread)" when the gap is no
+    larger than how far our own runs or theirs were apart."""
+    if key not in CONTRACT:
+        return ""
+    a, b = getattr(ours, key), getattr(theirs, key)
+    higher = next(h for _, k, _, h in METRICS if k == key)
+    behind = a < b if higher else a > b
+    if not behind:
+        return ""
+    gap = abs(a - b) / b if b else float("inf")
+    noise = max(ours.spread.get(key, 0.0), theirs.spread.get(key, 0.0))
+    return "✗ (within spread)" if gap <= noise else "✗"
 
 
 def format_table(results: dict[str, dict[str, Result]]) -> str:
-    """One block of rows per model: each metric for ours, mlx-lm and their ratio."""
-    header = ["model", "metric", "ours", "mlx-lm", "ours/mlx-lm"]
+    """One block of rows per model: each metric for ours and mlx-lm (with the spread of the
+    runs), their ratio, and a mark where we are behind."""
+    header = ["model", "metric", "ours", "mlx-lm", "ours/mlx-lm", ""]
     rows = []
     for label, engines in results.items():
         ours, theirs = engines.get("ours"), engines.get("mlx_lm")
-        for i, (metric, key, fmt) in enumerate(METRICS):
+        for i, (metric, key, fmt, _) in enumerate(METRICS):
+            cells = [label if i == 0 else "", metric]
+            for r in (ours, theirs):
+                value = getattr(r, key) if r else None
+                text = fmt.format(value) if value is not None else "-"
+                if r and r.spread.get(key):
+                    text += f" ±{100 * r.spread[key]:.0f}%"
+                cells.append(text)
             a = getattr(ours, key) if ours else None
             b = getattr(theirs, key) if theirs else None
-            ratio = f"{a / b:.2f}" if a is not None and b else "-"
-            rows.append(
-                [
-                    label if i == 0 else "",
-                    metric,
-                    fmt.format(a) if a is not None else "-",
-                    fmt.format(b) if b is not None else "-",
-                    ratio,
-                ]
-            )
+            cells.append(f"{a / b:.2f}" if a is not None and b else "-")
+            cells.append(verdict(key, ours, theirs) if ours and theirs else "")
+            rows.append(cells)
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines = []
     for j, r in enumerate([header, *rows]):
         if j > 1 and r[0]:
             lines.append("")
         cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-        cells += [v.rjust(w) for v, w in zip(r[2:], widths[2:])]
+        cells += [v.rjust(w) for v, w in zip(r[2:5], widths[2:5])]
+        cells.append(r[5])
         lines.append("  ".join(cells).rstrip())
-    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)
 
 

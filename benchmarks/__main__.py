@@ -115,7 +115,7 @@ def models_table(args: argparse.Namespace) -> None:
         record[m.name] = {
             "prompt_tokens": prompt,
             "gen_tokens": gen,
-            **{name: r.as_dict(with_ops=True) for name, r in results.items()},
+            **{name: r.as_dict(detailed=True) for name, r in results.items()},
         }
     wall = time.perf_counter() - started
 

@@ -8,8 +8,16 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import pytest
 
-from apertus_mlx.bench import compute_ops, dot_primitives, graph_primitives
+from apertus_mlx.bench import (
+    Result,
+    best,
+    compute_ops,
+    dot_primitives,
+    format_table,
+    graph_primitives,
+)
 
 KEYS = {"prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "graph_ops_per_token"}
 
@@ -56,3 +64,28 @@ def test_bench_json_against_mlx_lm(checkpoint):
         assert all(engine[k] > 0 for k in KEYS), engine
     # Fused q/k/v and the compiled step: fewer operations than mlx-lm's plain graph.
     assert result["ours"]["graph_ops_per_token"] < result["mlx_lm"]["graph_ops_per_token"]
+
+
+METRIC_NAMES = ("prefill", "decode", "memory")
+
+
+def _result(prefill: float, decode: float, memory: float) -> Result:
+    return Result(prefill, decode, ttft_s=0.1, peak_memory_gb=memory, graph_ops_per_token=1)
+
+
+def test_best_takes_each_metric_at_its_best_and_says_how_far_the_worst_run_was():
+    r = best([_result(100, 10, 1.2), _result(80, 12, 1.0)])
+    assert (r.prefill_tps, r.decode_tps, r.peak_memory_gb) == (100, 12, 1.0)
+    assert r.spread["prefill_tps"] == pytest.approx(0.2)  # 80 is 20% below 100
+    assert r.spread["decode_tps"] == pytest.approx(2 / 12)
+    assert r.spread["peak_memory_gb"] == pytest.approx(0.2)
+
+
+def test_the_table_marks_a_row_behind_mlx_lm_and_says_when_it_is_within_the_spread():
+    ours = best([_result(90, 10, 1.1), _result(89, 10, 1.1)])  # prefill behind by 10%
+    theirs = best([_result(100, 9, 1.0), _result(70, 9, 1.0)])  # their runs 30% apart
+    lines = format_table({"m": {"ours": ours, "mlx_lm": theirs}}).splitlines()
+    rows = {name: next(line for line in lines if name in line) for name in METRIC_NAMES}
+    assert rows["prefill"].endswith("✗ (within spread)") and "0.90" in rows["prefill"]
+    assert "✗" not in rows["decode"] and "1.11" in rows["decode"]
+    assert rows["memory"].endswith("1.10  ✗")  # more memory, and the runs agree
