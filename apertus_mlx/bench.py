@@ -100,13 +100,14 @@ def unload() -> None:
     mx.clear_cache()
 
 
-def ours_step_ops(forward, prompt: list[int]) -> Counter[str]:
+def ours_step_ops(forward, prompt: list[int], gen_tokens: int) -> Counter[str]:
     """Warm up our compiled forward and return the primitives of one decode step's graph."""
     model = forward.model
     cache = model.make_cache()
     logits = forward.prefill(prompt[:WARMUP_TOKENS], cache)
-    # The measured run's first decode step has this capacity: compile for the same shapes.
-    cache.reserve(len(prompt) + 1)
+    # The measured run's decode steps have this capacity (see `generate_step`): compile for
+    # the same shapes.
+    cache.reserve(len(prompt) + 1, most=len(prompt) + gen_tokens)
     y = mx.argmax(logits, axis=-1)
     mx.eval(y, *cache.arrays())
     logits = forward(y[:, None], cache)
@@ -123,7 +124,7 @@ def bench_ours(path: str | Path, prompt: list[int], gen_tokens: int) -> Result:
     from .sampling import SamplingParams, make_sampler
 
     forward = Forward(load_model(path))
-    prims = ours_step_ops(forward, prompt)
+    prims = ours_step_ops(forward, prompt, gen_tokens)
     unload()
     steps = generate_step(
         prompt,

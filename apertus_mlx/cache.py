@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 DEFAULT_STEP = 256
+FINE_STEP = 64  # see `KVCache.reserve`: fewer shapes than exact sizes, so fewer compiles
 KV_BITS = (4, 8)
 
 Buffer = tuple[mx.array, ...]  # one layer's keys (or values): (array,) or (packed, scales, biases)
@@ -216,11 +217,19 @@ class KVCache:
             self._pending.append(inputs)  # hidden states, which stand for no token here)
         return out
 
-    def reserve(self, needed: int) -> None:
-        """Grow every layer's buffers to hold `needed` positions (a multiple of `step`)."""
+    def reserve(self, needed: int, most: int | None = None) -> None:
+        """Grow every layer's buffers to hold `needed` positions (a multiple of `step`).
+
+        `most`, the most positions the cache will hold for now (a prompt plus its answer
+        budget), caps the growth at that, rounded to `FINE_STEP`: a short exchange does not
+        allocate a whole step it will never fill, and a long prompt reserved up front is not
+        grown (copied) chunk by chunk.
+        """
         if needed <= self.capacity:
             return
-        size = -(-needed // self.step) * self.step
+        size = _round_up(needed, self.step)
+        if most is not None:
+            size = min(size, _round_up(max(needed, most), FINE_STEP))
         tail = self._empty(size - self.capacity)
 
         def grown(buffer: Buffer) -> Buffer:
@@ -318,3 +327,7 @@ class KVCache:
             and self.dtype == other.dtype
             and self.layout == other.layout
         )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

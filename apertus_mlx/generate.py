@@ -77,6 +77,8 @@ def generate_step(
 
     started = time.perf_counter()
     with mx.stream(generation_stream(forward.model.plan)):
+        # The whole prompt and the answer budget: reserved once, not grown step by step.
+        cache.reserve(len(prompt) + 1, most=len(prompt) + max_tokens)
         logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
         if logits is None:
             return

@@ -255,3 +255,36 @@ def test_an_answer_cut_mid_character_keeps_its_last_bytes(tiny_model_dir):
     done = run(model, tokenizer, [1, 200, 201], params=params, max_tokens=cut)
     assert done.tokens == tokens[:cut]
     assert done.text == tokenizer.decode(done.tokens) and done.text.endswith("\ufffd")
+
+
+def test_the_cache_is_reserved_once_for_the_prompt_and_the_answer_budget(
+    tiny_model_dir, monkeypatch
+):
+    """A short exchange allocated a whole step of 256 positions (more memory than mlx-lm on a
+    short benchmark row), and a long prompt grew its buffers, copying them, chunk by chunk."""
+    import apertus_mlx.forward as chunking
+    from apertus_mlx.cache import KVCache
+    from apertus_mlx.generate import generate_step
+    from apertus_mlx.sampling import make_sampler
+
+    assert KVCache(2, 1, 32, mx.float32).capacity == 0
+    short = KVCache(2, 1, 32, mx.float32)
+    short.reserve(11, most=11)
+    assert short.capacity == 64  # not the step's 256
+    grown = KVCache(2, 1, 32, mx.float32)
+    grown.reserve(11)
+    grown.reserve(300, most=200)  # more than `most` asked for: at least what is needed
+    assert grown.capacity == 320
+
+    monkeypatch.setattr(chunking, "MAX_CHUNK", 16)  # a long prompt, in many chunks
+    forward = Forward(load_model(tiny_model_dir))
+    cache = forward.model.make_cache()
+    sizes = []
+    reserve = cache.reserve
+    cache.reserve = lambda needed, most=None: (reserve(needed, most), sizes.append(cache.capacity))
+    prompt = list(range(200, 500))
+    steps = generate_step(prompt, forward, cache, sampler=make_sampler(SamplingParams()),
+                          max_tokens=5)  # fmt: skip
+    assert len(list(steps)) == 5
+    assert set(sizes) == {320}  # 300 + 5, rounded: from the first chunk on, never regrown
+
