@@ -287,4 +287,3 @@ def test_the_cache_is_reserved_once_for_the_prompt_and_the_answer_budget(
                           max_tokens=5)  # fmt: skip
     assert len(list(steps)) == 5
     assert set(sizes) == {320}  # 300 + 5, rounded: from the first chunk on, never regrown
-
