@@ -52,15 +52,15 @@ MUTANTS = [
     Mutant(
         "top-p-never-reaches-p",
         "apertus_mlx/sampling.py",
-        "keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < top_p",
-        "keep_sorted = mx.cumsum(probs, axis=-1) < top_p",
+        "keep = (mx.cumsum(probs, axis=-1) - probs) < top_p",
+        "keep = mx.cumsum(probs, axis=-1) < top_p",
         SAMPLING,
     ),
     Mutant(
         "top-p-not-renormalised-after-top-k",
         "apertus_mlx/sampling.py",
-        "probs = mx.softmax(sorted_lp, axis=-1)",
-        "probs = mx.exp(sorted_lp)",
+        "probs = mx.softmax(ordered, axis=-1)",
+        "probs = mx.exp(ordered)",
         SAMPLING,
     ),
     Mutant(
@@ -129,10 +129,24 @@ MUTANTS = [
     ),
     Mutant(
         "chat-never-reloads-a-replaced-filter",
-        "app/worker.py",
-        "if self._filter is None or self._filter[0] != stamp:",
-        "if self._filter is None:",
+        "apertus_mlx/output_filter.py",
+        "if self._loaded is None or self._loaded[0] != stamp:",
+        "if self._loaded is None:",
         ("tests/test_app.py", "-k", "output_filter"),
+    ),
+    Mutant(
+        "cache-grown-chunk-by-chunk",
+        "apertus_mlx/generate.py",
+        "cache.reserve(len(prompt) + 1, most=len(prompt) + max_tokens)",
+        "cache.reserve(len(prompt) + 1)",
+        ("tests/test_generate.py", "-k", "reserved"),
+    ),
+    Mutant(
+        "bench-gap-never-within-the-spread",
+        "apertus_mlx/bench.py",
+        'return "✗ (within spread)" if gap <= noise else "✗"',
+        'return "✗ (within spread)" if gap < 0 else "✗"',
+        ("tests/test_bench.py",),
     ),
     Mutant(
         "template-tojson-escapes-html",
