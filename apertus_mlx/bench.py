@@ -104,10 +104,10 @@ def ours_step_ops(forward, prompt: list[int], gen_tokens: int) -> Counter[str]:
     """Warm up our compiled forward and return the primitives of one decode step's graph."""
     model = forward.model
     cache = model.make_cache()
-    logits = forward.prefill(prompt[:WARMUP_TOKENS], cache)
     # The measured run's decode steps have this capacity (see `generate_step`): compile for
     # the same shapes.
     cache.reserve(len(prompt) + 1, most=len(prompt) + gen_tokens)
+    logits = forward.prefill(prompt[:WARMUP_TOKENS], cache)
     y = mx.argmax(logits, axis=-1)
     mx.eval(y, *cache.arrays())
     logits = forward(y[:, None], cache)

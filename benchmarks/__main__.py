@@ -15,6 +15,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --grammar       # constrained output's cost (benchmarks/grammar.py)
     python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
     python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
+    python -m benchmarks --chunking      # stop-aware prompt reading vs one graph
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "grammar",
         "kernels",
         "distributed",
+        "chunking",
     )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
@@ -172,7 +174,14 @@ def _distributed(args: argparse.Namespace) -> None:
     distributed(["--quick"] if args.quick else [])
 
 
+def _chunking(args: argparse.Namespace) -> None:
+    from .chunking import main as chunking
+
+    chunking(["--repeats", "2"] if args.quick else [])
+
+
 SECTIONS = {
+    "chunking": _chunking,
     "distributed": _distributed,
     "kernels": _kernels,
     "kv": _kv,
