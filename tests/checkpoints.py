@@ -1,4 +1,5 @@
-"""Tiny random Apertus checkpoints, written by transformers itself (the reference).
+"""Tiny random Apertus checkpoints, written by transformers itself (the reference), and the
+`apertus-mlx` processes tests run on them.
 
 Learned scalars and norm weights are perturbed away from their initial values, so a port that
 ignores them, or folds xIELU wrongly, cannot pass the parity tests by luck.
@@ -122,6 +123,23 @@ def build_endless_checkpoint(
     weights["lm_head.weight"][:FIRST_BPE_ID] = 0
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120, **kw):
+    """A finished `apertus-mlx ARGS...` process (text out and err, UTF-8 whatever the locale)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "apertus_mlx", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", **kw.pop("env", {})},
+        **kw,
+    )
 
 
 def stream_generate(model: Path, *flags: str):

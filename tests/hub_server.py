@@ -22,6 +22,17 @@ _TREE = re.compile(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
+def point_client_at(monkeypatch, url: str) -> None:
+    """Point huggingface_hub in this process at the hub at `url` (plain HTTP, no Xet)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
 class FakeHub:
     """`FakeHub({"org/name": directory})`; `url` once started. `cut[file] = n` makes the next
     download of `file` stop after n bytes (a dropped connection), once; `before[file] = fn`

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,18 +10,7 @@ import sys
 import pytest
 
 from apertus_mlx import load
-from tests.checkpoints import finish, stream_generate
-
-
-def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "apertus_mlx", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+from tests.checkpoints import cli, finish, stream_generate
 
 
 def test_greedy_json_matches_the_engine(tiny_model_dir):

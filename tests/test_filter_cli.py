@@ -12,7 +12,7 @@ from datetime import date
 import pytest
 
 from apertus_mlx.output_filter import MARKER, phrase_digest, words
-from tests.test_cli import cli
+from tests.checkpoints import cli
 
 
 @pytest.fixture

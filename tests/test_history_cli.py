@@ -19,7 +19,7 @@ import pytest
 from apertus_mlx.prompt import conversation_ids
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
-from tests.checkpoints import finish, stream_generate
+from tests.checkpoints import cli, finish, stream_generate
 
 
 @pytest.fixture
@@ -28,18 +28,6 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("APERTUS_MLX_HOME", str(home))
     monkeypatch.delenv("APERTUS_MLX_MODEL", raising=False)
     return home
-
-
-def cli(*args: str, stdin: str | None = None, timeout: float = 120, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "apertus_mlx", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8", **kw.pop("env", {})},
-        **kw,
-    )
 
 
 def one_line_error(out: subprocess.CompletedProcess, code: int, text: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hub_server import FakeHub
+from tests.hub_server import FakeHub, point_client_at
 
 REPO = "test-org/apertus-tiny"
 
@@ -126,14 +126,7 @@ def in_process_hub(served_repo, tmp_path, monkeypatch):
 
     with FakeHub({REPO: served_repo}) as served:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-        monkeypatch.setattr(constants, "ENDPOINT", served.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            served.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        point_client_at(monkeypatch, served.url)
         yield served
 
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from apertus_mlx.loading import load_model
 from apertus_mlx.saved_caches import SavedCaches, identity
-from tests.test_history_cli import cli, home  # noqa: F401 - the fixture
+from tests.checkpoints import cli
+from tests.test_history_cli import home  # noqa: F401 - the fixture
 
 
 def filled(model, ids: list[int]):

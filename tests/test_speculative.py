@@ -4,9 +4,6 @@ distribution, caches hold exactly what was fed, mismatched drafts are refused.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import mlx.core as mx
@@ -19,7 +16,7 @@ from apertus_mlx.loading import load_model
 from apertus_mlx.sampling import SamplingParams, make_distribution
 from apertus_mlx.speculative import Draft, check_tokenizers, load_draft, verify
 from apertus_mlx.tokenizer import load_tokenizer
-from tests.checkpoints import build_checkpoint
+from tests.checkpoints import build_checkpoint, cli
 from tests.distributions import expected_distribution
 
 GREEDY = SamplingParams(temperature=0)
@@ -268,16 +265,6 @@ def test_mismatched_drafts_are_refused(target, tmp_path, tokenizer_dir, vocab_si
     assert load_draft(other_dir, model, tokenizer, num_tokens=2).num_tokens == 2
     with pytest.raises(UsageError, match="draft tokens"):
         Draft(model, num_tokens=0)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "apertus_mlx", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
 
 
 def test_cli_draft_model(tiny_model_dir, other_dir, tmp_path, tokenizer_dir, vocab_size):

@@ -19,7 +19,8 @@ from apertus_mlx.settings import TurnSettings
 from apertus_mlx.store import Store
 from apertus_mlx.tokenizer import load_tokenizer
 from apertus_mlx.turn import Note, Started, TurnRequest, TurnService
-from tests.test_history_cli import cli, home  # noqa: F401 - the fixture
+from tests.checkpoints import cli
+from tests.test_history_cli import home  # noqa: F401 - the fixture
 
 GREEDY = TurnSettings(temperature=0, max_tokens=6)
 
