@@ -67,8 +67,10 @@ class ChatScreen(Screen):
 
     generating: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, store, defaults: ChatSettings, model: str | None) -> None:
+    def __init__(self, store, defaults: ChatSettings, model: str | None,
+                 resume: str | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.resume = resume  # a model not (fully) downloaded: the models screen offers it
         self.chat = ChatController(
             store, defaults, error=lambda text: self.error(text, inline=False),
             lost=self.conversation_lost,
@@ -138,7 +140,8 @@ class ChatScreen(Screen):
             activity = f"deliberation on · {activity}" if activity else "deliberation on"
         if self.chat.editing is not None:
             activity = "editing your last message: Enter sends it as a new branch, Esc cancels"
-        self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity)
+        self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity,
+                                       self.app.downloads.status())  # fmt: skip
 
     def focus_prompt(self) -> None:
         if self.app.screen is self:
@@ -182,12 +185,28 @@ class ChatScreen(Screen):
 
     def open_models(self, first_start: bool = False) -> None:
         current = self.conversation.model if self.conversation else self.model_name
-        self.app.push_screen(ModelsScreen(current, first_start), self.model_chosen)
+        self.app.push_screen(ModelsScreen(current or self.resume, first_start),
+                             self.model_chosen)  # fmt: skip
+
+    def download_done(self, message) -> None:
+        """A download ended while the chat was shown: say so; a chat without a model (a
+        first start left during its download) takes the model at once."""
+        if message.error:
+            if not message.cancelled:
+                self.notify(f"{message.repo}: {message.error}", severity="error", timeout=10)
+            return
+        if self.model_name is None:
+            self.model_chosen(message.repo)
+            self.notify(f"{message.repo} downloaded; the chat uses it")
+        else:
+            self.notify(f"{message.repo} downloaded: ctrl+o chooses it")
 
     def model_chosen(self, repo: str | None) -> None:
         if repo is None:
+            self.update_status()  # a download started there shows here
             self.focus_prompt()
             return
+        self.resume = None
         if self.conversation is not None:
             updated = self.chat.call(self.chat.store.update_conversation, self.conversation.id,
                                      model=repo)  # fmt: skip

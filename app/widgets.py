@@ -152,19 +152,21 @@ class StatusBar(Static):
     """Model · tokens/s · context used / window · what the app is doing."""
 
     def show(self, model: str | None, tps: float | None, used: int, window: int | None,
-             activity: str = "") -> None:  # fmt: skip
+             activity: str = "", download: str = "") -> None:  # fmt: skip
         parts = [f"context {used}/{window or '–'}"]
         parts.append(f"{tps:.1f} tok/s" if tps is not None else "– tok/s")
-        parts.append(f"model: {short_model(model)}")
+        parts.append(short_model(model))
+        if download:
+            parts.append(download)
         if activity:
             parts.append(activity)
         self.update(" · ".join(parts))
 
 
-def short_model(model: str | None) -> str:
-    """A repo id as it is; a local directory by its name (the full path is in the title)."""
+def short_model(model: str | None, width: int = 28) -> str:
+    """A repo id by its name, a local directory by its folder's (the full one is in the
+    title), cut with "…" past `width` so the other fields keep their room."""
     if not model:
-        return "none"
-    if model.startswith(("/", ".", "~")):
-        return Path(model).name or model
-    return model
+        return "no model"
+    name = Path(model).name or model
+    return name if len(name) <= width else name[: width - 1] + "…"
