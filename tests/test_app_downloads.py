@@ -15,7 +15,7 @@ from apertus_mlx_app.screens.models import ModelsScreen  # noqa: E402
 
 from apertus_mlx.hub import catalog, recommended  # noqa: E402
 from tests.hub_server import FakeHub  # noqa: E402
-from tests.test_app import GREEDY, SIZE, anyio_backend, answered, ask, home, wait_for  # noqa: E402, F401
+from tests.test_app import GREEDY, SIZE, answered, anyio_backend, ask, home, wait_for  # noqa: E402, F401
 
 pytestmark = pytest.mark.anyio
 
@@ -87,9 +87,7 @@ async def test_cancel_keeps_the_row_partial_and_enter_resumes(served):
     assert names.count("model.safetensors") == 2 and names.count("config.json") == 1
 
 
-async def test_a_download_goes_on_while_chatting_and_a_second_one_queues(
-    served, tiny_model_dir
-):
+async def test_a_download_goes_on_while_chatting_and_a_second_one_queues(served, tiny_model_dir):
     app = ChatApp(str(tiny_model_dir), GREEDY)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.chat.loaded is not None, 60)
