@@ -13,6 +13,8 @@ from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
+from .display_text import DisplayFilter, for_display
+
 FINISH_LABELS = {
     "stop": "done",
     "length": "stopped: length (raise max tokens in Settings, ctrl+s, for longer answers)",
@@ -79,8 +81,8 @@ class UserMessage(Static):
     """A user turn; clicking it copies its text."""
 
     def __init__(self, text: str, message_id: int | None = None) -> None:
-        super().__init__(text, markup=False)
-        self.text = text
+        super().__init__(for_display(text), markup=False)
+        self.text = text  # as sent and stored; the screen shows it made safe
         self.message_id = message_id
 
     def on_click(self) -> None:
@@ -105,13 +107,17 @@ class AssistantMessage(Vertical):
     ) -> None:
         super().__init__()
         self.message_id = message_id
-        self.text = text
+        self.text = text  # as generated and stored; what is drawn goes through display_text
         self.finished = status is not None
         self._status = status or "generating… (Esc stops)"
         self._stream: MarkdownStream | None = None
+        self._shown = DisplayFilter()
+        # a finished answer is drawn whole; a running one redrawn (switching back to its
+        # chat) goes on streaming through the same filter from where its text so far ends
+        self._initial = for_display(text) if self.finished else self._shown.feed(text)
 
     def compose(self) -> ComposeResult:
-        yield Markdown(self.text, classes="answer")
+        yield Markdown(self._initial, classes="answer")
         yield AnswerStatus(self._status, classes="status", markup=False)
 
     def on_click(self, event: events.Click) -> None:
@@ -122,15 +128,19 @@ class AssistantMessage(Vertical):
 
     async def append(self, text: str) -> None:
         self.text += text
+        shown = self._shown.feed(text)
+        if not shown:
+            return
         if self._stream is None:
             self._stream = Markdown.get_stream(self.query_one(Markdown))
-        await self._stream.write(text)
+        await self._stream.write(shown)
 
     async def finish(self, status: str, error: bool = False) -> None:
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        await self.query_one(Markdown).update(self.text)  # one clean render of the whole answer
+        # one clean render of the whole answer
+        await self.query_one(Markdown).update(for_display(self.text))
         self.finished = True
         line = self.query_one(AnswerStatus)
         line.update(status)
