@@ -35,6 +35,7 @@ from .widgets import AssistantMessage, PromptArea, StatusBar, code_blocks, forma
 from .worker import (
     AnswerChunk,
     AnswerDone,
+    AnswerThought,
     ModelFailed,
     ModelLoaded,
     ModelLoading,
@@ -331,6 +332,15 @@ class ChatScreen(Screen):
         answer = self.live_answer()
         if answer is not None:
             await answer.append(message.text)
+
+    async def on_answer_thought(self, message: AnswerThought) -> None:
+        r = self._mine(message)
+        if r is None:
+            return
+        r.thoughts += message.text
+        answer = self.live_answer()
+        if answer is not None:
+            await answer.think(message.text)
 
     def on_turn_note(self, message: TurnNote) -> None:
         if self._mine(message) is not None:

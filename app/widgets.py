@@ -10,7 +10,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Markdown, Static, TextArea
+from textual.widgets import Collapsible, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
 from .display_text import DisplayFilter, for_display
@@ -99,14 +99,39 @@ class AnswerStatus(Static):
             self.app.action_details(answer.message_id)
 
 
+class Thoughts(Collapsible):
+    """The model's deliberation above its answer: open while it thinks, folded once the
+    answer starts (a click or Enter on its title opens it again)."""
+
+    def __init__(self, text: str, collapsed: bool) -> None:
+        super().__init__(Static(for_display(text), markup=False, classes="thoughts-text"),
+                         title="Thoughts", collapsed=collapsed)  # fmt: skip
+        self.text = text
+
+    def add(self, text: str) -> None:
+        self.text += text
+        self.query_one(".thoughts-text", Static).update(for_display(self.text))
+
+
+def stored_thoughts(parts: list[dict] | None) -> str:
+    """The thoughts of a stored answer (its `thoughts` blocks), "" if it has none."""
+    return "".join(str(p.get("text") or "") for p in parts or () if p.get("type") == "thoughts")
+
+
 class AssistantMessage(Vertical):
-    """The answer as Markdown, streamed while it is generated, then a status line."""
+    """The answer as Markdown, streamed while it is generated, then a status line; thoughts,
+    when the model deliberated, in a fold above it."""
 
     def __init__(
-        self, message_id: int | None = None, text: str = "", status: str | None = None
+        self,
+        message_id: int | None = None,
+        text: str = "",
+        status: str | None = None,
+        thoughts: str = "",
     ) -> None:
         super().__init__()
         self.message_id = message_id
+        self.thoughts = thoughts
         self.text = text  # as generated and stored; what is drawn goes through display_text
         self.finished = status is not None
         self._status = status or "generating… (Esc stops)"
@@ -117,6 +142,8 @@ class AssistantMessage(Vertical):
         self._initial = for_display(text) if self.finished else self._shown.feed(text)
 
     def compose(self) -> ComposeResult:
+        if self.thoughts:
+            yield Thoughts(self.thoughts, collapsed=bool(self.text) or self.finished)
         yield Markdown(self._initial, classes="answer")
         yield AnswerStatus(self._status, classes="status", markup=False)
 
@@ -126,7 +153,19 @@ class AssistantMessage(Vertical):
         self.app.copy_to_clipboard(self.text)
         self.notify("Answer copied")
 
+    async def think(self, text: str) -> None:
+        """More deliberation: into the fold above the answer (made on the first thought)."""
+        self.thoughts += text
+        folds = self.query(Thoughts)
+        if folds:
+            folds.first().add(text)
+        else:
+            await self.mount(Thoughts(self.thoughts, collapsed=False), before=0)
+
     async def append(self, text: str) -> None:
+        if not self.text:  # the answer starts: its thoughts fold away
+            for fold in self.query(Thoughts):
+                fold.collapsed = True
         self.text += text
         shown = self._shown.feed(text)
         if not shown:
