@@ -477,6 +477,9 @@ class ChatScreen(Screen):
                 self.chat.defaults = settings
                 self.app.save_defaults(settings)
                 self.notify("Saved as the default for new chats")
+            elif scope == "next":  # a new chat: its first message creates it with these
+                self.chat.defaults = settings
+                self.notify("Used for this new chat (the defaults are unchanged)")
             elif self.conversation is not None:
                 self.chat.save_settings(settings)
                 self.notify("Saved for this chat")

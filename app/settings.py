@@ -39,6 +39,18 @@ FIELDS: dict[str, tuple[str, type]] = {
 }
 
 
+# What an empty field means, shown in it.
+PLACEHOLDERS: dict[str, str] = {
+    "temperature": "model's default (0.8 if none)",
+    "top_p": "model's default (0.9 if none)",
+    "top_k": "off",
+    "min_p": "off",
+    "repetition_penalty": "off",
+    "max_tokens": "4096, at most a quarter of the window",
+    "seed": "random",
+}
+
+
 def parse_form(
     values: dict[str, str], system: str, thinking: bool, base: ChatSettings | None = None
 ) -> ChatSettings:
