@@ -48,6 +48,8 @@ from .worker import (
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
+        # ctrl+c stops a running answer (as in a shell); once stopped, ctrl+c again quits
+        Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+l", "edit_last", "Edit last"),
@@ -82,6 +84,8 @@ class ChatScreen(Screen):
         self.context_used = 0
         self.tps: float | None = None
         self.activity = ""
+        self.interrupted = False  # ctrl+c stopped an answer: the next ctrl+c quits
+        self.dropped_noted: dict[str, int] = {}  # conversation -> messages left out, told
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -236,6 +240,11 @@ class ChatScreen(Screen):
             running = None
         branch = self.chat.branch() if c else None
         await self.messages.show(branch, running)
+        found = self.versions() if c is not None and running is None else None
+        answers = self.messages.answers()
+        if found is not None and answers:
+            targets, i = found
+            answers[-1].set_version(f"version {i + 1}/{len(targets)} (alt+←/→)")
         self.context_used = 0
         stats = [m.stats for m in branch or () if m.stats]
         if stats:
@@ -279,7 +288,9 @@ class ChatScreen(Screen):
         c = self.conversation
         model = (c.model if c is not None else None) or self.model_name
         job = self.worker.turn(request, model)
+        self.interrupted = False
         self.chat.running = Running(job, c.id if c is not None else None, question=question)
+        self.chunks, self.first_chunk = 0, None  # live tok/s while it streams
         self.generating = True
         self.activity = "generating… (Esc stops)"
         self.update_status()
@@ -303,7 +314,9 @@ class ChatScreen(Screen):
         user = self.messages.pending_user()
         if user is not None:
             user.message_id = message.user_message_id
-        if message.dropped:
+        told = self.dropped_noted.get(message.conversation_id)
+        self.dropped_noted[message.conversation_id] = message.dropped
+        if message.dropped and message.dropped != told:  # once, and again when it grows
             note = (
                 f"The conversation is longer than the model's window: the oldest "
                 f"{message.dropped} messages are left out of this answer's prompt "
@@ -329,6 +342,7 @@ class ChatScreen(Screen):
         if r is None:
             return
         r.text += message.text
+        self.live_speed()
         answer = self.live_answer()
         if answer is not None:
             await answer.append(message.text)
@@ -342,6 +356,20 @@ class ChatScreen(Screen):
         if answer is not None:
             await answer.think(message.text)
 
+    def live_speed(self) -> None:
+        """tok/s while the answer streams (a chunk is about a token), twice a second."""
+        import time
+
+        now = time.monotonic()
+        self.chunks += 1
+        if self.first_chunk is None:
+            self.first_chunk, self.shown_at = now, now
+            return
+        if now - self.shown_at >= 0.5 and self.chunks > 1:
+            self.tps = (self.chunks - 1) / (now - self.first_chunk)
+            self.shown_at = now
+            self.update_status()
+
     def on_turn_note(self, message: TurnNote) -> None:
         if self._mine(message) is not None:
             self.notify(message.text, severity="warning", timeout=10)
@@ -353,14 +381,16 @@ class ChatScreen(Screen):
         answer = self.live_answer()
         self.end_running()
         if message.stats is not None:
-            self.tps = message.stats.decode_tps
+            # one token has no rate: "–", not "0.0 tok/s"
+            enough = message.stats.generated_tokens > 1
+            self.tps = message.stats.decode_tps if enough else None
             self.context_used = message.context_used
         if answer is not None:
             if message.error:
                 await answer.finish(f"error: {message.error}", error=True)
                 self.error(message.error, inline=False)
             else:
-                await answer.finish(format_stats(message.stats))
+                await answer.finish(format_stats(message.stats, self.context))
         elif message.error:
             self.notify(message.error, severity="error")
         if message.store_error and not message.deleted:
@@ -380,11 +410,24 @@ class ChatScreen(Screen):
 
     # --- actions ------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop":
+        if action == "stop":  # the search box has its own Esc (clear the search)
+            search = self.focused is not None and self.focused.id == "search"
             return (
-                self.generating or self.chat.editing is not None or self.focused is not self.prompt
+                self.generating
+                or self.chat.editing is not None
+                or (self.focused is not self.prompt and not search)
             )
+        if action == "interrupt":  # otherwise ctrl+c is the focused widget's (copy)
+            return self.generating or self.interrupted
         return True
+
+    def action_interrupt(self) -> None:
+        if self.generating:
+            self.worker.stop()
+            self.interrupted = True
+            self.notify("Stopped. ctrl+c again (or ctrl+q) quits.")
+        else:
+            self.app.exit()
 
     def action_stop(self) -> None:
         """Stop the answer (the part already generated stays, on screen and in the history);
@@ -398,6 +441,7 @@ class ChatScreen(Screen):
         self.prompt.focus()
 
     async def action_new_conversation(self) -> None:
+        self.tps = None  # the last chat's speed is not this one's
         await self.show_conversation(None)
         self.refresh_conversations()
         self.prompt.clear()
@@ -424,30 +468,43 @@ class ChatScreen(Screen):
         self.start_turn(request)
         await self.messages.add_answer()
 
-    async def action_version(self, step: int) -> None:
-        """Show another version of the last answer (or of the message it answers, when the
-        answer has none): the branches regenerate and edit left behind."""
-        if self.busy():
-            return
+    def versions(self) -> tuple[list[int], int] | None:
+        """Every version of the last exchange, in order: each version of the last user message
+        (edits) with each of its answers (regenerations), as the message ids to show; and
+        the index of the one shown. None when there is only one."""
         store = self.chat.store
         user, answer = self.chat.last_messages()
-        for message in (answer, user):
-            if message is None:
-                continue
-            versions = self.chat.call(store.siblings, message.id) or []
-            if len(versions) < 2:
-                continue
-            i = [v.id for v in versions].index(message.id)
-            target = versions[(i + step) % len(versions)]
-            leaf = self.chat.call(store.latest_leaf, target.id)
-            if leaf is None or not self.chat.do(store.set_current_leaf, self.conversation.id, leaf):
-                return
-            await self.show_conversation(self.conversation.id)
-            what = "answer" if message is answer else "message"
-            self.notify(f"{what} version {(i + step) % len(versions) + 1} of {len(versions)}")
+        if user is None:
+            return None
+        targets: list[int] = []
+        for u in self.chat.call(store.siblings, user.id) or [user]:
+            answers = [m for m in self.chat.call(store.children, u.id) or []
+                       if m.role == "assistant"]  # fmt: skip
+            targets += [m.id for m in answers] or [u.id]
+        if len(targets) < 2:
+            return None
+        shown = answer.id if answer is not None and answer.id in targets else user.id
+        return targets, targets.index(shown) if shown in targets else 0
+
+    async def action_version(self, step: int) -> None:
+        """Show the older or newer version of the last exchange (from regenerate and edit);
+        it stops at the first and the last, and every branch stays reachable."""
+        if self.busy():
             return
-        self.notify("Only one version: regenerate (ctrl+r) or edit (ctrl+l) makes more",
-                    severity="warning")  # fmt: skip
+        found = self.versions()
+        if found is None:
+            self.notify("Only one version: regenerate (ctrl+r) or edit (ctrl+l) makes more",
+                        severity="warning")  # fmt: skip
+            return
+        targets, i = found
+        if not 0 <= i + step < len(targets):
+            self.notify(f"{'Newest' if step > 0 else 'Oldest'} version ({i + 1}/{len(targets)})")
+            return
+        store = self.chat.store
+        leaf = self.chat.call(store.latest_leaf, targets[i + step])
+        if leaf is None or not self.chat.do(store.set_current_leaf, self.conversation.id, leaf):
+            return
+        await self.show_conversation(self.conversation.id)
 
     def action_edit_last(self) -> None:
         """Put the last user message in the prompt; Enter sends it as a new branch."""

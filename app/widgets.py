@@ -15,6 +15,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from .display_text import DisplayFilter, for_display
 
+CONTEXT_FULL = "stopped: the context window is full (ctrl+n starts a new chat)"
 FINISH_LABELS = {
     "stop": "done",
     "length": "stopped: length (raise max tokens in Settings, ctrl+s, for longer answers)",
@@ -30,9 +31,16 @@ def code_blocks(text: str) -> list[str]:
     return [m.group(1) for m in CODE_BLOCK.finditer(text)]
 
 
-def format_stats(stats) -> str:
-    """One line under an answer: what it cost and why it ended."""
+def format_stats(stats, window: int | None = None) -> str:
+    """One line under an answer: what it cost and why it ended (a "length" stop that filled
+    the model's context `window` says so: more max tokens would not help)."""
     reason = FINISH_LABELS.get(stats.finish_reason, f"stopped: {stats.finish_reason}")
+    if (
+        stats.finish_reason == "length"
+        and window
+        and (stats.prompt_tokens + stats.generated_tokens >= window - 1)
+    ):
+        reason = CONTEXT_FULL
     cached = f" ({stats.cached_tokens} cached)" if stats.cached_tokens else ""
     first = "no token" if stats.ttft_s is None else f"first token {stats.ttft_s:.2f} s"
     return (
@@ -188,6 +196,11 @@ class AssistantMessage(Vertical):
     @property
     def status(self) -> str:
         return str(self.query_one(AnswerStatus).render())
+
+    def set_version(self, text: str) -> None:
+        """ "version 2/3" in front of the status line, for an answer with siblings."""
+        line = self.query_one(AnswerStatus)
+        line.update(f"{text} · {self._status}")
 
 
 class Notice(Static):

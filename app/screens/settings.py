@@ -23,8 +23,8 @@ class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
     """Dismisses with (settings, "chat" | "next" | "default"), or None when cancelled.
     "next": a new chat's own settings, for its first message (not saved as the default).
     Tab and shift+Tab walk the fields and buttons (Textual's focus chain); Enter in a field
-    saves for this chat, Enter on a button presses it; the form scrolls when it is taller
-    than the terminal."""
+    saves for this chat (a new chat: as the default), Enter on a button presses it; the form
+    scrolls when it is taller than the terminal."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), *FOCUS_KEYS]
 
@@ -72,7 +72,7 @@ class SettingsScreen(ModalScreen[tuple[ChatSettings, str] | None]):
         self.save(event.button.id or "default")
 
     def on_input_submitted(self) -> None:
-        self.save("chat" if self.has_chat else "next")
+        self.save("chat" if self.has_chat else "default")
 
     def save(self, scope: str) -> None:
         try:
