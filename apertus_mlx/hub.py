@@ -42,7 +42,7 @@ class CatalogEntry:
     size_gb: float
     context: int
     description: str
-    # True when the repo id follows the publisher's naming but was not seen on the hub yet
+    # True when the repo id follows the publisher's naming but was not found on the hub yet
     unconfirmed: bool = False
     recommended: bool = False  # the chat app's suggestion for a first model
 
@@ -218,7 +218,7 @@ def download(
         entry = catalog_entry(repo)
         if entry is not None and entry.unconfirmed:
             raise ModelNotFoundError(
-                f"{repo}: the repo id was inferred from the naming and is not published (yet)"
+                f"{repo}: not found on the hub yet (the catalog lists it by the publisher's naming)"
             ) from None
         raise ModelNotFoundError(
             f"no repository {repo} on the hub (see `apertus-mlx models`)"
