@@ -119,6 +119,24 @@ class ChatApp(App):
         self.config.defaults = self.defaults = settings
         self.save_config()
 
+    def save_preset(self, name: str, settings: ChatSettings) -> None:
+        self.config.presets[name] = settings
+        self.save_config()
+
+    def delete_preset(self, name: str) -> None:
+        self.config.presets.pop(name, None)
+        self.config.model_presets = {m: p for m, p in self.config.model_presets.items()
+                                     if p != name}  # fmt: skip
+        self.save_config()
+
+    def set_model_preset(self, model: str, name: str | None) -> None:
+        """New chats on `model` start from preset `name` (None: from the defaults)."""
+        if name is None:
+            self.config.model_presets.pop(model, None)
+        else:
+            self.config.model_presets[model] = name
+        self.save_config()
+
     def save_config(self) -> None:
         try:
             self.config.save()

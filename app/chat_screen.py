@@ -174,6 +174,8 @@ class ChatScreen(Screen):
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.loaded = message.name
+        if self.app.defaults is None:  # no settings from the command line: new chats on this
+            self.chat.defaults = self.app.config.for_model(message.name)  # model, its preset
         self.context = message.context
         self.activity = ""
         self.app.remember_model(message.name)
@@ -524,7 +526,8 @@ class ChatScreen(Screen):
         self.open_models()
 
     def action_settings(self) -> None:
-        self.app.push_screen(SettingsScreen(self.settings, self.conversation is not None),
+        model = (self.conversation.model if self.conversation else None) or self.model_name
+        self.app.push_screen(SettingsScreen(self.settings, self.conversation is not None, model),
                              self.settings_chosen)  # fmt: skip
 
     def settings_chosen(self, result: tuple[ChatSettings, str] | None) -> None:

@@ -140,3 +140,17 @@ def test_history_search_lists_a_conversation_once():
         store.add_message(c.id, "user", "How do I make rosti?")
     out = CliRunner().invoke(history, ["search", "rosti"]).output
     assert out.count(c.id) == 1, out
+
+
+def test_answer_details_are_titled_by_time_not_by_an_internal_id():
+    from datetime import datetime
+
+    from apertus_mlx_app.screens.dialogs import details_text
+
+    message = SimpleNamespace(id=7, settings={"model": "m"}, stats={}, seed=None,
+                              finish_reason="stop", created_at=1_700_000_000.0)  # fmt: skip
+    first = details_text(message).splitlines()[0]
+    assert "7" not in first
+    assert first == "Answer of " + datetime.fromtimestamp(1_700_000_000.0).strftime(
+        "%Y-%m-%d %H:%M"
+    )

@@ -19,10 +19,11 @@ KEYS: list[tuple[str, str]] = [
     ("Enter", "send the message"),
     ("ctrl+j", "new line in the message (also shift+enter where the terminal reports it)"),
     ("Esc", "stop the answer (its text so far stays); cancel an edit; back to typing"),
+    ("ctrl+c", "stop the answer; pressed again, quit"),
     ("ctrl+n", "new conversation"),
     ("ctrl+r", "regenerate the last answer (a new branch)"),
     ("ctrl+l", "edit the last message (sent as a new branch)"),
-    ("alt+←/→", "older/newer version of the last answer (or of an edited message)"),
+    ("alt+←/→", "older/newer version of the last exchange (regenerations and edits)"),
     ("ctrl+o", "models: download, delete, choose"),
     ("ctrl+s", "settings of this conversation, or the defaults"),
     ("ctrl+t", "deliberation (thinking) on/off"),
@@ -144,4 +145,7 @@ def details_text(message) -> str:
         rows.append(("tokens/s", f"{stats['decode_tps']:.1f}"))
     if "ttft_s" in stats:
         rows.append(("first token", f"{stats['ttft_s']:.2f} s"))
-    return f"Answer {message.id}\n\n" + key_table([(k, str(v)) for k, v in rows])
+    from datetime import datetime
+
+    when = datetime.fromtimestamp(message.created_at).strftime("%Y-%m-%d %H:%M")
+    return f"Answer of {when}\n\n" + key_table([(k, str(v)) for k, v in rows])
