@@ -22,6 +22,7 @@ FINISH_LABELS = {
     "interrupted": "stopped: interrupted",
     "error": "stopped: error",
 }
+FLUSH_S = 0.1  # a streaming answer's redraws: ten a second at most
 NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
@@ -145,6 +146,8 @@ class AssistantMessage(Vertical):
         self._status = status or "generating… (Esc stops)"
         self._stream: MarkdownStream | None = None
         self._shown = DisplayFilter()
+        self._pending = ""  # shown text not yet handed to the Markdown stream
+        self._flush_timer = None
         # a finished answer is drawn whole; a running one redrawn (switching back to its
         # chat) goes on streaming through the same filter from where its text so far ends
         self._initial = for_display(text) if self.finished else self._shown.feed(text)
@@ -175,7 +178,15 @@ class AssistantMessage(Vertical):
             for fold in self.query(Thoughts):
                 fold.collapsed = True
         self.text += text
-        shown = self._shown.feed(text)
+        self._pending += self._shown.feed(text)
+        if self._pending and self._flush_timer is None:
+            # at most one Markdown update per FLUSH_S: each one restyles the answer's blocks,
+            # so a fast model would otherwise keep the event loop busy (benchmarks/ui_stall.py)
+            self._flush_timer = self.set_timer(FLUSH_S, self._flush)
+
+    async def _flush(self) -> None:
+        self._flush_timer = None
+        shown, self._pending = self._pending, ""
         if not shown:
             return
         if self._stream is None:
@@ -183,6 +194,10 @@ class AssistantMessage(Vertical):
         await self._stream.write(shown)
 
     async def finish(self, status: str, error: bool = False) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+            self._flush_timer = None
+        self._pending = ""  # the whole answer is drawn below
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None

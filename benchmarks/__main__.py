@@ -15,6 +15,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --grammar       # constrained output's cost (benchmarks/grammar.py)
     python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
     python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
+    python -m benchmarks --ui            # the chat UI's worst stall while streaming (ui_stall.py)
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "grammar",
         "kernels",
         "distributed",
+        "ui",
     )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
@@ -172,6 +174,12 @@ def _distributed(args: argparse.Namespace) -> None:
     distributed(["--quick"] if args.quick else [])
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from .ui_stall import main as ui_stall
+
+    ui_stall(["--answers", "1"] if args.quick else [])
+
+
 SECTIONS = {
     "distributed": _distributed,
     "kernels": _kernels,
@@ -181,6 +189,7 @@ SECTIONS = {
     "turns": _turns,
     "filter": _filter,
     "speculative": _speculative,
+    "ui": _ui,
 }
 
 
