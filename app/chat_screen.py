@@ -52,7 +52,7 @@ class ChatScreen(Screen):
         Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("ctrl+l", "edit_last", "Edit"),
         Binding("alt+left", "version(-1)", "Older version", show=False),
         Binding("alt+right", "version(1)", "Newer version", show=False),
         Binding("ctrl+o", "models", "Models"),

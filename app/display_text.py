@@ -6,7 +6,8 @@ costs every redraw. So, for display only:
 - C0 and C1 control characters (and DEL) other than newline and tab become their visible
   pictures (U+2400 block) or a `\\x..` escape; bidirectional overrides are escaped likewise,
   so they cannot reorder what follows them; a CR before a newline goes;
-- special tokens such as `<|inner_prefix|>` become a short marker `⟨inner_prefix⟩`;
+- special tokens such as `<|inner_prefix|>` or `<SPECIAL_12>` become a short marker
+  `⟨inner_prefix⟩` (a plain-text Markdown view has no dim style to give them);
 - a line longer than MAX_LINE is cut, with a note of how much was left out.
 `DisplayFilter` does this as text streams in, keeping back the start of a token cut between
 chunks, so the result is the same however the text is split (tested as a property).
@@ -17,8 +18,10 @@ from __future__ import annotations
 import re
 
 MAX_LINE = 2000
-_TOKEN = re.compile(r"<\|([A-Za-z0-9_]{1,40})\|>")
-_TOKEN_START = re.compile(r"<(\|[A-Za-z0-9_]{0,40}(\|)?)?$")  # a token cut at the chunk's end
+# Apertus's control tokens (`<|inner_prefix|>`) and its reserved ones (`<SPECIAL_12>`)
+_TOKEN = re.compile(r"<\|([A-Za-z0-9_]{1,40})\|>|<(SPECIAL_\d{1,6})>")
+# the start of one of those, cut at the chunk's end: held back until the next chunk
+_TOKEN_START = re.compile(r"<(\|[A-Za-z0-9_]{0,40}\|?|S(P(E(C(I(A(L(_\d{0,6})?)?)?)?)?)?)?)?$")
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
@@ -62,7 +65,7 @@ class DisplayFilter:
             text, self._held = text[: m.start()], text[m.start() :]
         elif text.endswith("\r"):
             text, self._held = text[:-1], "\r"
-        return self._lines(_TOKEN.sub(lambda t: f"⟨{t.group(1)}⟩", _escape(text)))
+        return self._lines(_TOKEN.sub(lambda t: f"⟨{t.group(1) or t.group(2)}⟩", _escape(text)))
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -22,7 +22,8 @@ from apertus_mlx.store import Store  # noqa: E402
 
 PIECES = [
     "```", "```python\n", "    \x08\x07code", "| a | b |\n", "|---|\n", "| x |", "<|inner_prefix|>",
-    "<|", "|>", "<|assistant_end|>", "\r\n", "\r", "\x1b[31m", "\x85", "\u202e", "\x00", "**",
+    "<|", "|>", "<|assistant_end|>", "<SPECIAL_12>", "<SPEC", "\r\n", "\r", "\x1b[31m", "\x85",
+    "\u202e", "\x00", "**",
     "# ", "> ", "- [ ] ", "[link](", "<div>", "\t", "\n\n", "$$", "\\", "~~~", "é",
     "👍🏽", "\u0301",
 ]  # fmt: skip
@@ -46,7 +47,7 @@ def test_the_display_filter_is_the_same_however_the_text_streams_in(text, cuts):
     streamed = "".join(f.feed(c) for c in chunks) + f.flush()
     assert streamed == for_display(text)
     assert not controls(streamed)
-    assert "<|inner_prefix|>" not in streamed
+    assert "<|inner_prefix|>" not in streamed and "<SPECIAL_12>" not in streamed
     note = len(" … (100000 more characters)")
     assert all(len(line) <= MAX_LINE + note for line in streamed.split("\n"))
 
@@ -56,6 +57,7 @@ def test_what_the_filter_shows_for_known_cases():
     assert for_display("x\r\ny") == "x\ny"
     assert for_display("<|inner_prefix|>hm<|inner_suffix|>ok") == "⟨inner_prefix⟩hm⟨inner_suffix⟩ok"
     assert for_display("\x85\u202eabc") == "\\x85\\u202eabc"
+    assert for_display("a<SPECIAL_9>b<SPECIAL") == "a⟨SPECIAL_9⟩b<SPECIAL"
     assert for_display("y" * 10, max_line=4) == "yyyy … (6 more characters)"
     assert for_display("plain *markdown* `code`\n\tok") == "plain *markdown* `code`\n\tok"
 
