@@ -138,7 +138,7 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
             await pilot.press("ctrl+o")  # the models screen: downloaded, with its size
             await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
             row = app.screen.query_one("#catalog").get_row(repo)
-            assert "✓" in row[0] and "on disk" in row[4]
+            assert "✓" in row[0] and "on disk" in row[2]
             await pilot.press("d")
             await wait_for(pilot, lambda: app.screen.query("#yes"))
             await pilot.press("y")

@@ -73,7 +73,7 @@ async def test_cancel_keeps_the_row_partial_and_enter_resumes(served):
         assert screen.selected == repo  # the cursor stayed on the row
         cells = row(screen, repo)
         assert "✓" not in cells[0] and "◐" in cells[0]
-        assert "partial (" in cells[4] and "on disk" not in cells[4]
+        assert "partial (" in cells[2] and "on disk" not in cells[2]
 
         await pilot.press("enter")  # resume: the same model, the rest of it
         served.gates[1].set()
@@ -100,7 +100,7 @@ async def test_a_download_goes_on_while_chatting_and_a_second_one_queues(served,
         table.move_cursor(row=table.get_row_index(served.second))
         await pilot.press("enter")
         assert app.downloads.queued == [served.second]
-        assert row(screen, served.second)[4] == "queued"
+        assert row(screen, served.second)[2] == "queued"
         await pilot.press("escape")  # back to the chat: the download goes on
         assert app.screen is app.chat and app.downloads.active is not None
         status = str(app.chat.query_one("#status").render())

@@ -69,7 +69,8 @@ class ModelsScreen(Screen[str | None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns(" ", "alias", "repo", "format", "size", "description")
+        # the size (or how much is downloaded) before the long repo id: seen at 80 columns
+        table.add_columns(" ", "alias", "size", "repo", "format", "description")
         self.query_one("#download-bar").display = False
         self.refresh_table(first=True)
         self.show_download()
@@ -118,8 +119,8 @@ class ModelsScreen(Screen[str | None]):
                 mark += "◐"
             else:
                 mark += "?" if e and e.unconfirmed else " "
-            table.add_row(mark, e.alias if e else "", repo, e.format if e else "",
-                          self.size_text(repo, e), e.description if e else "",
+            table.add_row(mark, e.alias if e else "", self.size_text(repo, e), repo,
+                          e.format if e else "", e.description if e else "",
                           key=repo)  # fmt: skip
             if repo == (keep or self.current or best):
                 highlight = i
@@ -156,7 +157,7 @@ class ModelsScreen(Screen[str | None]):
 
         table = self.query_one(DataTable)
         if repo in table.rows:
-            column = list(table.columns)[4]
+            column = list(table.columns)[2]
             table.update_cell(repo, column, self.size_text(repo, catalog_entry(repo)))
 
     def show_download(self) -> None:
