@@ -42,7 +42,8 @@ def download(model: str) -> None:
     try:
         path = fetch(model, progress=report)
     finally:
-        bar.stop()
+        if bar.live.is_started:  # stopping a bar never shown would print an empty line
+            bar.stop()
     click.echo(f"ready: {path}")
 
 
