@@ -393,6 +393,11 @@ class ChatScreen(Screen):
                 self.error(message.error, inline=False)
             else:
                 await answer.finish(format_stats(message.stats, self.context))
+                if self.conversation is not None and self.conversation.id == r.conversation_id:
+                    found = self.versions()  # a regenerated or edited answer: "version 2/2"
+                    if found is not None:
+                        targets, i = found
+                        answer.set_version(f"version {i + 1}/{len(targets)} (alt+←/→)")
         elif message.error:
             self.notify(message.error, severity="error")
         if message.store_error and not message.deleted:

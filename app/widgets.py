@@ -204,6 +204,7 @@ class AssistantMessage(Vertical):
         # one clean render of the whole answer
         await self.query_one(Markdown).update(for_display(self.text))
         self.finished = True
+        self._status = status
         line = self.query_one(AnswerStatus)
         line.update(status)
         line.set_class(error, "error")

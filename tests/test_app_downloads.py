@@ -82,6 +82,10 @@ async def test_cancel_keeps_the_row_partial_and_enter_resumes(served):
         await ask(app, pilot, "Hi")
         answer = await answered(app, pilot, 1)
         assert answer.text
+        await pilot.press("ctrl+o")  # the row of this chat's model: ▶, downloaded
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        mark = row(app.screen, repo)[0]
+        assert "▶" in mark and "✓" in mark
     # only the weights were asked for again, not the files that had arrived
     names = [name for name, _ in served.downloads]
     assert names.count("model.safetensors") == 2 and names.count("config.json") == 1

@@ -59,7 +59,8 @@ async def test_versions_stop_at_both_ends_and_show_where_they_are(tiny_model_dir
         await ask(app, pilot, "Hi")
         await answered(app, pilot, 1)
         await pilot.press("ctrl+r")
-        await answered(app, pilot, 1)
+        regenerated = await answered(app, pilot, 1)
+        assert "version 2/2" in regenerated.status  # shown as soon as it is done
         await pilot.press("ctrl+l")  # an edit: a third version of the exchange
         app.chat.prompt.text = "Hello"
         await pilot.press("enter")
