@@ -14,13 +14,19 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import CacheError, ModelNotFoundError, NetworkError
+from .errors import ApertusError, CacheError, ModelNotFoundError, NetworkError
+from .hub_state import LocalState, forget, local_state, remote_files, write_manifest
 
 
 class DownloadCancelled(Exception):
     """The user stopped a download; the files that arrived whole stay in the cache, and the
     next download fetches only the rest (a file cut short starts over: huggingface_hub 1.18
     and later keep no partial files)."""
+
+
+# The hub client reads this many bytes between progress reports (and cancel checks); its
+# default, 10 MiB, makes a small model's bar jump and a cancel wait seconds.
+CHUNK_BYTES = 512 * 1024
 
 
 # Files a checkpoint needs to run here; never *.bin, *.pt or code.
@@ -36,7 +42,7 @@ class CatalogEntry:
     size_gb: float
     context: int
     description: str
-    # True when the repo id follows the publisher's naming but was not seen on the hub yet
+    # True when the repo id follows the publisher's naming but was not found on the hub yet
     unconfirmed: bool = False
     recommended: bool = False  # the chat app's suggestion for a first model
 
@@ -91,8 +97,13 @@ def resolve_model(name: str | Path) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+        snapshot = Path(
+            snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True)
+        )
     except (LocalEntryNotFoundError, OSError, ValueError):
+        partial = _partly_downloaded(repo)
+        if partial is not None:
+            raise ModelNotFoundError(partial) from None
         if repo == str(name):  # shaped like a repo id, maybe meant as a relative directory
             raise ModelNotFoundError(
                 f"no directory {name} here, and {repo} is not in the Hugging Face cache: "
@@ -101,6 +112,23 @@ def resolve_model(name: str | Path) -> Path:
         raise ModelNotFoundError(
             f"{repo} is not downloaded yet: run `apertus-mlx download {repo}`"
         ) from None
+    if not local_state(repo, snapshot, snapshot.parent.parent).complete:
+        raise ModelNotFoundError(_partly_downloaded(repo) or f"{repo} is incomplete")
+    return snapshot
+
+
+def _partly_downloaded(repo: str) -> str | None:
+    """The error for a model the cache holds only part of; None if it holds none of it."""
+    try:
+        here = local_models().get(repo)
+    except CacheError:
+        return None
+    if here is None or here.complete:
+        return None
+    return (
+        f"{repo} is only partly downloaded ({here.state.percent}%): "
+        f"run `apertus-mlx download {repo}` to finish it"
+    )
 
 
 def model_identity(name: str | Path) -> tuple[str, str | None]:
@@ -156,7 +184,7 @@ def download(
     progress: called with (bytes done, bytes total) instead of drawing bars; cancel: set it to
     stop the download with DownloadCancelled (finished files stay for the next download).
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -172,8 +200,16 @@ def download(
         kwargs = {}
         if progress is not None or cancel is not None:
             kwargs["tqdm_class"] = progress_class(progress or (lambda done, total: None), cancel)
+        _remember_file_list(repo)
+        constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES)
         with _hub_warnings_quiet():
-            return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, **kwargs))
+            path = Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, **kwargs))
+        state = local_state(repo, path, path.parent.parent)
+        if not state.complete:  # the hub changed the files under us, or the disk lost some
+            raise CacheError(
+                f"download of {repo} ended with {state.percent}% of its files whole: run it again"
+            )
+        return path
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its terms on huggingface.co, then `hf auth login`"
@@ -182,7 +218,7 @@ def download(
         entry = catalog_entry(repo)
         if entry is not None and entry.unconfirmed:
             raise ModelNotFoundError(
-                f"{repo}: the repo id was inferred from the naming and is not published (yet)"
+                f"{repo}: not found on the hub yet (the catalog lists it by the publisher's naming)"
             ) from None
         raise ModelNotFoundError(
             f"no repository {repo} on the hub (see `apertus-mlx models`)"
@@ -198,6 +234,23 @@ def download(
         raise CacheError(f"download of {repo} stopped: {e.strerror or e}") from None
     except ValueError as e:  # e.g. a name huggingface_hub does not accept as a repo id
         raise ModelNotFoundError(f"{repo!r} is not a valid repo id ({e})") from None
+
+
+def _remember_file_list(repo: str) -> None:
+    """Write the hub's file list (names, sizes) for the completeness check; a repo the hub
+    does not know, or a gated one, is raised as it is; other failures leave the download to
+    report them in its own words."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        files = remote_files(repo, ALLOW_PATTERNS)
+    except (GatedRepoError, RepositoryNotFoundError):
+        raise
+    except Exception:  # noqa: BLE001 - offline, hub down: snapshot_download says which
+        return
+    if files:  # an unwritable home: the check falls back to what a load needs
+        with contextlib.suppress(OSError):
+            write_manifest(repo, files)
 
 
 def _cached_repos() -> frozenset:
@@ -250,14 +303,48 @@ def _hub_warnings_quiet() -> Iterator[None]:
         hub_logging.set_verbosity(level)
 
 
-def cached_models() -> dict[str, tuple[Path, int]]:
-    """repo id -> (snapshot directory, bytes on disk) for every model in the local cache."""
+@dataclass(frozen=True)
+class LocalModel:
+    """A model in the cache: its newest snapshot, bytes on disk, and how whole it is."""
+
+    repo: str
+    path: Path
+    size_on_disk: int
+    state: LocalState
+
+    @property
+    def complete(self) -> bool:
+        return self.state.complete
+
+
+def local_models() -> dict[str, LocalModel]:
+    """repo id -> LocalModel for every model in the cache, whole or partly downloaded."""
     out = {}
     for repo in _cached_repos():
-        if repo.repo_type == "model" and repo.revisions:
-            newest = max(repo.revisions, key=lambda r: r.last_modified)
-            out[repo.repo_id] = (Path(newest.snapshot_path), repo.size_on_disk)
+        if repo.repo_type != "model":
+            continue
+        path = None
+        if repo.revisions:
+            path = Path(max(repo.revisions, key=lambda r: r.last_modified).snapshot_path)
+        state = local_state(repo.repo_id, path, Path(repo.repo_path))
+        out[repo.repo_id] = LocalModel(
+            repo.repo_id, path or Path(repo.repo_path), repo.size_on_disk, state
+        )
     return out
+
+
+def is_ready(name: str) -> bool:
+    """Whether `name` (a directory, alias or repo id) can be loaded without a download."""
+    try:
+        resolve_model(name)
+    except ApertusError:
+        return False
+    return True
+
+
+def cached_models() -> dict[str, tuple[Path, int]]:
+    """repo id -> (snapshot directory, bytes on disk) for every *whole* model in the cache."""
+    return {r: (m.path, m.size_on_disk) for r, m in local_models().items() if m.complete}
 
 
 def cached_repo(name: str) -> tuple[str, Path, int]:
@@ -293,4 +380,5 @@ def remove(name: str) -> int:
         raise CacheError(f"{repo} is only partly deleted ({first}); {path} remains")
     lock = path.parent / ".locks" / path.name  # huggingface_hub's download locks
     shutil.rmtree(lock, ignore_errors=True)
+    forget(repo)
     return size

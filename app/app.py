@@ -16,6 +16,7 @@ from textual.screen import Screen
 from apertus_mlx.errors import ApertusError
 
 from .chat_screen import ChatScreen
+from .downloads import DownloadFinished, DownloadProgress, Downloads
 from .settings import AppConfig, ChatSettings
 from .worker import ModelWorker
 
@@ -37,6 +38,7 @@ class ChatApp(App):
         self.config = AppConfig()
         self.worker: ModelWorker | None = None
         self.chat: ChatScreen | None = None
+        self.downloads = Downloads(self.post_message)
 
     async def on_mount(self) -> None:
         from apertus_mlx.store import Store
@@ -52,10 +54,17 @@ class ChatApp(App):
                 self.store = Store.open(":memory:")
                 self.notify(f"{e}. This session is not saved.", title="History unavailable",
                             severity="error", timeout=30)  # fmt: skip
-        self.chat = ChatScreen(
-            self.store, self.defaults or self.config.defaults,
-            self.model_name or self.config.last_model,
-        )  # fmt: skip
+        model, resume = self.model_name, None
+        if model is None and self.config.last_model:
+            # the last model is gone or was never whole (a first start stopped mid-download):
+            # the models screen, on it, not an error in an empty chat
+            from apertus_mlx.hub import is_ready
+
+            model = self.config.last_model
+            if not is_ready(model):
+                model, resume = None, model
+        self.chat = ChatScreen(self.store, self.defaults or self.config.defaults, model,
+                               resume=resume)  # fmt: skip
         self.worker = ModelWorker(self.chat.post_message, self.store)
         await self.push_screen(self.chat)
         self.remind_filter()
@@ -72,8 +81,32 @@ class ChatApp(App):
             self.notify(note, title="Output filter", severity="warning", timeout=15)
 
     def on_unmount(self) -> None:
+        self.downloads.shutdown()
         if self.worker is not None:
             self.worker.shutdown(timeout=2.0)
+
+    # --- downloads: they outlive the models screen -------------------------------------
+    def _models_screens(self):
+        from .screens.models import ModelsScreen
+
+        return [s for s in self.screen_stack if isinstance(s, ModelsScreen)]
+
+    def on_download_progress(self, message: DownloadProgress) -> None:
+        self.downloads.progress(message)
+        for screen in self._models_screens():
+            screen.download_progress(message)
+        if self.chat is not None:
+            self.chat.update_status()
+
+    def on_download_finished(self, message: DownloadFinished) -> None:
+        self.downloads.finished(message)
+        screens = self._models_screens()
+        for screen in screens:
+            screen.download_finished(message)
+        if self.chat is not None:
+            self.chat.update_status()
+            if not screens:  # finished in the background, while the user chats
+                self.chat.download_done(message)
 
     # --- the config file ----------------------------------------------------------------
     def remember_model(self, name: str) -> None:
@@ -84,6 +117,24 @@ class ChatApp(App):
 
     def save_defaults(self, settings: ChatSettings) -> None:
         self.config.defaults = self.defaults = settings
+        self.save_config()
+
+    def save_preset(self, name: str, settings: ChatSettings) -> None:
+        self.config.presets[name] = settings
+        self.save_config()
+
+    def delete_preset(self, name: str) -> None:
+        self.config.presets.pop(name, None)
+        self.config.model_presets = {m: p for m, p in self.config.model_presets.items()
+                                     if p != name}  # fmt: skip
+        self.save_config()
+
+    def set_model_preset(self, model: str, name: str | None) -> None:
+        """New chats on `model` start from preset `name` (None: from the defaults)."""
+        if name is None:
+            self.config.model_presets.pop(model, None)
+        else:
+            self.config.model_presets[model] = name
         self.save_config()
 
     def save_config(self) -> None:

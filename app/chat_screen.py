@@ -35,6 +35,7 @@ from .widgets import AssistantMessage, PromptArea, StatusBar, code_blocks, forma
 from .worker import (
     AnswerChunk,
     AnswerDone,
+    AnswerThought,
     ModelFailed,
     ModelLoaded,
     ModelLoading,
@@ -47,9 +48,11 @@ from .worker import (
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
+        # ctrl+c stops a running answer (as in a shell); once stopped, ctrl+c again quits
+        Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("ctrl+l", "edit_last", "Edit"),
         Binding("alt+left", "version(-1)", "Older version", show=False),
         Binding("alt+right", "version(1)", "Newer version", show=False),
         Binding("ctrl+o", "models", "Models"),
@@ -67,8 +70,10 @@ class ChatScreen(Screen):
 
     generating: reactive[bool] = reactive(False, bindings=True)
 
-    def __init__(self, store, defaults: ChatSettings, model: str | None) -> None:
+    def __init__(self, store, defaults: ChatSettings, model: str | None,
+                 resume: str | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.resume = resume  # a model not (fully) downloaded: the models screen offers it
         self.chat = ChatController(
             store, defaults, error=lambda text: self.error(text, inline=False),
             lost=self.conversation_lost,
@@ -79,6 +84,8 @@ class ChatScreen(Screen):
         self.context_used = 0
         self.tps: float | None = None
         self.activity = ""
+        self.interrupted = False  # ctrl+c stopped an answer: the next ctrl+c quits
+        self.dropped_noted: dict[str, int] = {}  # conversation -> messages left out, told
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -138,7 +145,8 @@ class ChatScreen(Screen):
             activity = f"deliberation on · {activity}" if activity else "deliberation on"
         if self.chat.editing is not None:
             activity = "editing your last message: Enter sends it as a new branch, Esc cancels"
-        self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity)
+        self.query_one(StatusBar).show(model, self.tps, self.context_used, self.context, activity,
+                                       self.app.downloads.status())  # fmt: skip
 
     def focus_prompt(self) -> None:
         if self.app.screen is self:
@@ -166,6 +174,8 @@ class ChatScreen(Screen):
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.loaded = message.name
+        if self.app.defaults is None:  # no settings from the command line: new chats on this
+            self.chat.defaults = self.app.config.for_model(message.name)  # model, its preset
         self.context = message.context
         self.activity = ""
         self.app.remember_model(message.name)
@@ -182,12 +192,28 @@ class ChatScreen(Screen):
 
     def open_models(self, first_start: bool = False) -> None:
         current = self.conversation.model if self.conversation else self.model_name
-        self.app.push_screen(ModelsScreen(current, first_start), self.model_chosen)
+        self.app.push_screen(ModelsScreen(current or self.resume, first_start),
+                             self.model_chosen)  # fmt: skip
+
+    def download_done(self, message) -> None:
+        """A download ended while the chat was shown: say so; a chat without a model (a
+        first start left during its download) takes the model at once."""
+        if message.error:
+            if not message.cancelled:
+                self.notify(f"{message.repo}: {message.error}", severity="error", timeout=10)
+            return
+        if self.model_name is None:
+            self.model_chosen(message.repo)
+            self.notify(f"{message.repo} downloaded; the chat uses it")
+        else:
+            self.notify(f"{message.repo} downloaded: ctrl+o chooses it")
 
     def model_chosen(self, repo: str | None) -> None:
         if repo is None:
+            self.update_status()  # a download started there shows here
             self.focus_prompt()
             return
+        self.resume = None
         if self.conversation is not None:
             updated = self.chat.call(self.chat.store.update_conversation, self.conversation.id,
                                      model=repo)  # fmt: skip
@@ -216,6 +242,11 @@ class ChatScreen(Screen):
             running = None
         branch = self.chat.branch() if c else None
         await self.messages.show(branch, running)
+        found = self.versions() if c is not None and running is None else None
+        answers = self.messages.answers()
+        if found is not None and answers:
+            targets, i = found
+            answers[-1].set_version(f"version {i + 1}/{len(targets)} (alt+←/→)")
         self.context_used = 0
         stats = [m.stats for m in branch or () if m.stats]
         if stats:
@@ -259,7 +290,9 @@ class ChatScreen(Screen):
         c = self.conversation
         model = (c.model if c is not None else None) or self.model_name
         job = self.worker.turn(request, model)
+        self.interrupted = False
         self.chat.running = Running(job, c.id if c is not None else None, question=question)
+        self.chunks, self.first_chunk = 0, None  # live tok/s while it streams
         self.generating = True
         self.activity = "generating… (Esc stops)"
         self.update_status()
@@ -283,7 +316,9 @@ class ChatScreen(Screen):
         user = self.messages.pending_user()
         if user is not None:
             user.message_id = message.user_message_id
-        if message.dropped:
+        told = self.dropped_noted.get(message.conversation_id)
+        self.dropped_noted[message.conversation_id] = message.dropped
+        if message.dropped and message.dropped != told:  # once, and again when it grows
             note = (
                 f"The conversation is longer than the model's window: the oldest "
                 f"{message.dropped} messages are left out of this answer's prompt "
@@ -309,9 +344,33 @@ class ChatScreen(Screen):
         if r is None:
             return
         r.text += message.text
+        self.live_speed()
         answer = self.live_answer()
         if answer is not None:
             await answer.append(message.text)
+
+    async def on_answer_thought(self, message: AnswerThought) -> None:
+        r = self._mine(message)
+        if r is None:
+            return
+        r.thoughts += message.text
+        answer = self.live_answer()
+        if answer is not None:
+            await answer.think(message.text)
+
+    def live_speed(self) -> None:
+        """tok/s while the answer streams (a chunk is about a token), twice a second."""
+        import time
+
+        now = time.monotonic()
+        self.chunks += 1
+        if self.first_chunk is None:
+            self.first_chunk, self.shown_at = now, now
+            return
+        if now - self.shown_at >= 0.5 and self.chunks > 1:
+            self.tps = (self.chunks - 1) / (now - self.first_chunk)
+            self.shown_at = now
+            self.update_status()
 
     def on_turn_note(self, message: TurnNote) -> None:
         if self._mine(message) is not None:
@@ -324,14 +383,21 @@ class ChatScreen(Screen):
         answer = self.live_answer()
         self.end_running()
         if message.stats is not None:
-            self.tps = message.stats.decode_tps
+            # one token has no rate: "–", not "0.0 tok/s"
+            enough = message.stats.generated_tokens > 1
+            self.tps = message.stats.decode_tps if enough else None
             self.context_used = message.context_used
         if answer is not None:
             if message.error:
                 await answer.finish(f"error: {message.error}", error=True)
                 self.error(message.error, inline=False)
             else:
-                await answer.finish(format_stats(message.stats))
+                await answer.finish(format_stats(message.stats, self.context))
+                if self.conversation is not None and self.conversation.id == r.conversation_id:
+                    found = self.versions()  # a regenerated or edited answer: "version 2/2"
+                    if found is not None:
+                        targets, i = found
+                        answer.set_version(f"version {i + 1}/{len(targets)} (alt+←/→)")
         elif message.error:
             self.notify(message.error, severity="error")
         if message.store_error and not message.deleted:
@@ -351,11 +417,24 @@ class ChatScreen(Screen):
 
     # --- actions ------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop":
+        if action == "stop":  # the search box has its own Esc (clear the search)
+            search = self.focused is not None and self.focused.id == "search"
             return (
-                self.generating or self.chat.editing is not None or self.focused is not self.prompt
+                self.generating
+                or self.chat.editing is not None
+                or (self.focused is not self.prompt and not search)
             )
+        if action == "interrupt":  # otherwise ctrl+c is the focused widget's (copy)
+            return self.generating or self.interrupted
         return True
+
+    def action_interrupt(self) -> None:
+        if self.generating:
+            self.worker.stop()
+            self.interrupted = True
+            self.notify("Stopped. ctrl+c again (or ctrl+q) quits.")
+        else:
+            self.app.exit()
 
     def action_stop(self) -> None:
         """Stop the answer (the part already generated stays, on screen and in the history);
@@ -369,6 +448,7 @@ class ChatScreen(Screen):
         self.prompt.focus()
 
     async def action_new_conversation(self) -> None:
+        self.tps = None  # the last chat's speed is not this one's
         await self.show_conversation(None)
         self.refresh_conversations()
         self.prompt.clear()
@@ -395,30 +475,43 @@ class ChatScreen(Screen):
         self.start_turn(request)
         await self.messages.add_answer()
 
-    async def action_version(self, step: int) -> None:
-        """Show another version of the last answer (or of the message it answers, when the
-        answer has none): the branches regenerate and edit left behind."""
-        if self.busy():
-            return
+    def versions(self) -> tuple[list[int], int] | None:
+        """Every version of the last exchange, in order: each version of the last user message
+        (edits) with each of its answers (regenerations), as the message ids to show; and
+        the index of the one shown. None when there is only one."""
         store = self.chat.store
         user, answer = self.chat.last_messages()
-        for message in (answer, user):
-            if message is None:
-                continue
-            versions = self.chat.call(store.siblings, message.id) or []
-            if len(versions) < 2:
-                continue
-            i = [v.id for v in versions].index(message.id)
-            target = versions[(i + step) % len(versions)]
-            leaf = self.chat.call(store.latest_leaf, target.id)
-            if leaf is None or not self.chat.do(store.set_current_leaf, self.conversation.id, leaf):
-                return
-            await self.show_conversation(self.conversation.id)
-            what = "answer" if message is answer else "message"
-            self.notify(f"{what} version {(i + step) % len(versions) + 1} of {len(versions)}")
+        if user is None:
+            return None
+        targets: list[int] = []
+        for u in self.chat.call(store.siblings, user.id) or [user]:
+            answers = [m for m in self.chat.call(store.children, u.id) or []
+                       if m.role == "assistant"]  # fmt: skip
+            targets += [m.id for m in answers] or [u.id]
+        if len(targets) < 2:
+            return None
+        shown = answer.id if answer is not None and answer.id in targets else user.id
+        return targets, targets.index(shown) if shown in targets else 0
+
+    async def action_version(self, step: int) -> None:
+        """Show the older or newer version of the last exchange (from regenerate and edit);
+        it stops at the first and the last, and every branch stays reachable."""
+        if self.busy():
             return
-        self.notify("Only one version: regenerate (ctrl+r) or edit (ctrl+l) makes more",
-                    severity="warning")  # fmt: skip
+        found = self.versions()
+        if found is None:
+            self.notify("Only one version: regenerate (ctrl+r) or edit (ctrl+l) makes more",
+                        severity="warning")  # fmt: skip
+            return
+        targets, i = found
+        if not 0 <= i + step < len(targets):
+            self.notify(f"{'Newest' if step > 0 else 'Oldest'} version ({i + 1}/{len(targets)})")
+            return
+        store = self.chat.store
+        leaf = self.chat.call(store.latest_leaf, targets[i + step])
+        if leaf is None or not self.chat.do(store.set_current_leaf, self.conversation.id, leaf):
+            return
+        await self.show_conversation(self.conversation.id)
 
     def action_edit_last(self) -> None:
         """Put the last user message in the prompt; Enter sends it as a new branch."""
@@ -438,7 +531,8 @@ class ChatScreen(Screen):
         self.open_models()
 
     def action_settings(self) -> None:
-        self.app.push_screen(SettingsScreen(self.settings, self.conversation is not None),
+        model = (self.conversation.model if self.conversation else None) or self.model_name
+        self.app.push_screen(SettingsScreen(self.settings, self.conversation is not None, model),
                              self.settings_chosen)  # fmt: skip
 
     def settings_chosen(self, result: tuple[ChatSettings, str] | None) -> None:
@@ -448,6 +542,9 @@ class ChatScreen(Screen):
                 self.chat.defaults = settings
                 self.app.save_defaults(settings)
                 self.notify("Saved as the default for new chats")
+            elif scope == "next":  # a new chat: its first message creates it with these
+                self.chat.defaults = settings
+                self.notify("Used for this new chat (the defaults are unchanged)")
             elif self.conversation is not None:
                 self.chat.save_settings(settings)
                 self.notify("Saved for this chat")

@@ -29,6 +29,7 @@ class Running:
     conversation_id: str | None  # None until a new conversation's row exists
     message_id: int | None = None
     text: str = ""
+    thoughts: str = ""
     question: str = ""  # what the user sent, given back to the message box if refused
 
 

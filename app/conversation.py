@@ -13,7 +13,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from .controller import Running
-from .widgets import AssistantMessage, Notice, UserMessage, format_stored
+from .widgets import AssistantMessage, Notice, UserMessage, format_stored, stored_thoughts
 
 EMPTY_HINT = "Type a message below and press Enter. F1 lists the keys; ctrl+p has every action."
 
@@ -34,10 +34,12 @@ class ConversationView(VerticalScroll):
                     widgets.append(UserMessage(m.content, m.id))
                 elif m.role == "assistant":
                     if running is not None and running.message_id == m.id:
-                        widgets.append(AssistantMessage(m.id, running.text))
+                        widgets.append(AssistantMessage(m.id, running.text,
+                                                        thoughts=running.thoughts))  # fmt: skip
                     else:
                         status = format_stored(m.finish_reason, m.stats)
-                        widgets.append(AssistantMessage(m.id, m.content, status))
+                        thoughts = stored_thoughts(m.parts)
+                        widgets.append(AssistantMessage(m.id, m.content, status, thoughts))
             if running is not None and running.message_id is None:
                 widgets.append(AssistantMessage())  # its row is not in the store yet
         await self.mount_all(widgets)

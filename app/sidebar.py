@@ -4,22 +4,56 @@ history's full-text index finds. It reads the store and says which one the user 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
+from .display_text import for_display
+
 LIST_LIMIT = 200  # most recent conversations listed without a search
 
 
+TITLE_WIDTH = 24  # fits the wide list; the narrow one cuts it again with "…" (CSS)
+
+
+def short_title(title: str | None, width: int = TITLE_WIDTH) -> str:
+    """One line, cut with "…" when it is longer than `width`."""
+    text = " ".join(for_display(title or "untitled").split()) or "untitled"
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def when(timestamp: float, now: float | None = None) -> str:
+    """ "14:05" today, "Mar 3" this year, "2024-03-03" before."""
+    t = datetime.fromtimestamp(timestamp)
+    today = datetime.fromtimestamp(now) if now is not None else datetime.now()
+    if t.date() == today.date():
+        return t.strftime("%H:%M")
+    return t.strftime("%b %-d") if t.year == today.year else t.strftime("%Y-%m-%d")
+
+
 class ConversationItem(ListItem):
-    def __init__(self, conversation_id: str, title: str, detail: str = "") -> None:
+    def __init__(self, conversation_id: str, title: str, detail: str = "",
+                 date: str = "") -> None:  # fmt: skip
         super().__init__(
-            Label(title, markup=False),
-            *([Label(detail, classes="hit", markup=False)] if detail else []),
+            Label(short_title(title), markup=False, classes="title"),
+            Label(date, classes="date", markup=False),
+            *([Label(for_display(detail), classes="hit", markup=False)] if detail else []),
         )
         self.conversation_id = conversation_id
+
+
+class SearchInput(Input):
+    """The search box: Esc clears the search and goes back to the message box."""
+
+    BINDINGS = [Binding("escape", "clear", "Clear search")]
+
+    def action_clear(self) -> None:
+        self.parent.clear_search()
 
 
 class Sidebar(Vertical):
@@ -33,7 +67,7 @@ class Sidebar(Vertical):
         self.current: str | None = None  # highlighted when listed
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="Search history (F3)", id="search")
+        yield SearchInput(placeholder="Search history (F3)", id="search")
         yield ListView(id="conversations")
 
     def refill(self, current: str | None = None) -> None:
@@ -50,11 +84,22 @@ class Sidebar(Vertical):
                     items.append(ConversationItem(hit.conversation_id, title, hit.snippet))
         else:
             for c in self.app.store.list_conversations(limit=LIST_LIMIT):
-                items.append(ConversationItem(c.id, c.title or "untitled"))
+                items.append(ConversationItem(c.id, c.title or "untitled",
+                                              date=when(c.updated_at)))  # fmt: skip
+        for item in items:  # the open conversation, marked whether or not it is highlighted
+            item.set_class(item.conversation_id == current, "-open")
         view = self.query_one("#conversations", ListView)
         view.clear()
         view.extend(items)
-        view.index = next((i for i, it in enumerate(items) if it.conversation_id == current), None)
+        index = next((i for i, it in enumerate(items) if it.conversation_id == current), None)
+        view.index = index if index is not None else (0 if items else None)
+
+    def clear_search(self) -> None:
+        """Esc in the search box: the search text goes, the whole list comes back."""
+        search = self.query_one("#search", Input)
+        if search.value:
+            search.value = ""  # Changed refills the list
+        self.screen.focus_prompt()
 
     def focus_search(self) -> None:
         self.display = True

@@ -16,6 +16,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
     python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
     python -m benchmarks --chunking      # stop-aware prompt reading vs one graph
+    python -m benchmarks --ui            # the chat UI's worst stall while streaming (ui_stall.py)
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels",
         "distributed",
         "chunking",
+        "ui",
     )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
@@ -180,6 +182,12 @@ def _chunking(args: argparse.Namespace) -> None:
     chunking(["--repeats", "2"] if args.quick else [])
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from .ui_stall import main as ui_stall
+
+    ui_stall(["--answers", "1"] if args.quick else [])
+
+
 SECTIONS = {
     "chunking": _chunking,
     "distributed": _distributed,
@@ -190,6 +198,7 @@ SECTIONS = {
     "turns": _turns,
     "filter": _filter,
     "speculative": _speculative,
+    "ui": _ui,
 }
 
 

@@ -3,6 +3,7 @@ against a hub served on 127.0.0.1 (tests/hub_server.py). Each command runs as a 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ REPO = "test-org/apertus-tiny"
 def run(*args: str, hf_home: Path, endpoint: str, offline: bool = False):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))} | {
         "HF_HOME": str(hf_home),
+        "APERTUS_MLX_HOME": str(hf_home.parent / "home"),  # the download manifests
         "HF_ENDPOINT": endpoint,
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
@@ -125,6 +127,7 @@ def in_process_hub(served_repo, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     with FakeHub({REPO: served_repo}) as served:
+        monkeypatch.setenv("APERTUS_MLX_HOME", str(tmp_path / "home"))
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
         point_client_at(monkeypatch, served.url)
         yield served
@@ -171,3 +174,50 @@ def test_a_cancelled_download_resumes_and_a_finished_one_is_never_fetched_again(
     served.downloads.clear()
     assert hub.download(REPO) == path
     assert served.downloads == []
+
+
+def test_a_cancelled_download_is_partial_everywhere_until_resumed(in_process_hub, served_repo):
+    """Cancelled before the weights arrive: the config and tokenizer are in the cache, but
+    the model is "partial (N%)" (N from the hub's sizes), not downloaded: it does not
+    resolve, `models` says so; the next download finishes it and then it is whole."""
+    from click.testing import CliRunner
+
+    from apertus_mlx import hub
+    from apertus_mlx.commands.models import list_models
+
+    served, big = in_process_hub, "model.safetensors"
+    cancel = threading.Event()
+    served.before[big] = cancel.set  # stop once the other files are written
+    with pytest.raises(hub.DownloadCancelled):
+        hub.download(REPO, progress=lambda done, total: None, cancel=cancel)
+
+    wanted = {p.name: p.stat().st_size for p in served_repo.iterdir()
+              if any(p.match(g) for g in hub.ALLOW_PATTERNS)}  # fmt: skip
+    here = hub.local_models()[REPO]
+    assert not here.complete
+    assert here.state.total == sum(wanted.values())
+    arrived = {p.name for p in here.path.iterdir()}  # the files that arrived before the stop
+    assert big not in arrived
+    assert here.state.done == sum(wanted[name] for name in arrived)
+    expected_percent = here.state.done * 100 // here.state.total
+    assert REPO not in hub.cached_models() and not hub.is_ready(REPO)
+    with pytest.raises(hub.ModelNotFoundError, match="partly downloaded"):
+        hub.resolve_model(REPO)
+    listed = CliRunner().invoke(list_models, ["--json"]).output
+    row = next(json.loads(line) for line in listed.splitlines() if REPO in line)
+    assert row["downloaded"] is False and row["partial_percent"] == expected_percent
+
+    path = hub.download(REPO)
+    assert hub.local_models()[REPO].complete and hub.resolve_model(REPO) == path
+    listed = CliRunner().invoke(list_models, ["--json"]).output
+    row = next(json.loads(line) for line in listed.splitlines() if REPO in line)
+    assert row["downloaded"] is True and row["partial_percent"] is None
+
+
+def test_cli_download_draws_one_bar_of_its_own_and_ready_on_its_own_line(served_repo, tmp_path):
+    with FakeHub({REPO: served_repo}) as served:
+        out = run("download", REPO, hf_home=tmp_path / "hf", endpoint=served.url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ready: ") and out.stdout.count("\n") == 1
+    assert "Fetching" not in out.stderr  # the hub client's own bars are not drawn
+    assert REPO in out.stderr  # ours is

@@ -163,7 +163,7 @@ def start_chat_answering(endless_model: Path, home: Path) -> tuple[str, int]:
 
     def loaded() -> bool:
         text = tmux("capture-pane", "-p", "-t", session)
-        return "model:" in text and "loading" not in text
+        return Path(endless_model).name in text and "loading" not in text
 
     wait_for(loaded, "the model to load")
     tmux("send-keys", "-t", session, "Erzähl mir alles", "Enter")

@@ -70,6 +70,12 @@ def format_stats(stats, backend: str) -> str:
 @click.argument("prompt", required=False)
 @model_option(required=False, extra_help=" Optional with --continue.")
 @click.option("-s", "--system", help="System prompt (replaces the model's default one).")
+@click.option(
+    "--preset",
+    metavar="NAME",
+    help="Start from preset NAME (system prompt and sampling, made in the chat's Settings); "
+    "the other options here override it.",
+)
 @click.option("--no-chat-template", is_flag=True, help="Raw completion: the prompt as plain text.")
 @click.option("--think/--no-think", default=None, help="The model's deliberation (thinking) mode.")
 @click.option(
@@ -146,6 +152,7 @@ def generate(
     prompt,
     model_name,
     system,
+    preset,
     no_chat_template,
     think,
     max_tokens,
@@ -188,7 +195,17 @@ def generate(
     flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                  repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens,
                  stop=stop_strings, system=system, thinking=think)  # fmt: skip
-    settings = TurnSettings().merged(**flags)  # bad flags fail before the model loads
+    config = None
+    if preset is not None or not model_name:
+        from ..user_config import AppConfig
+
+        try:
+            config = AppConfig.load()
+        except UsageError:
+            if preset is not None:  # needed: its error is the answer
+                raise
+    base = config.preset(preset) if preset is not None else TurnSettings()
+    settings = base.merged(**flags)  # bad flags fail before the model loads
     stored = save or continue_id is not None
     if stored and no_chat_template:
         raise UsageError("--save and --continue keep chats: drop --no-chat-template")
@@ -201,8 +218,11 @@ def generate(
     store = saved = store_error = None
     if stored:
         store, saved, store_error, model_name = _open_history(continue_id, model_name)
+    if not model_name and config is not None and config.last_model:
+        model_name = config.last_model  # the chat's last model
     if not model_name:
-        raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL)")
+        raise UsageError("no model given: use -m/--model (or set APERTUS_MLX_MODEL); "
+                         "the chat has not chosen one yet")  # fmt: skip
     model, tokenizer = load(model_name, dtype=dtype)
     draft = None
     if draft_model:

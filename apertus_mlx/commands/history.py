@@ -99,6 +99,9 @@ def search(words: tuple[str, ...], limit: int, as_json: bool) -> None:
 
     with _store(readonly=True) as store:
         hits = store.search(" ".join(words), limit=limit)
+    # a conversation once, at its best hit (title and message can both match)
+    seen: set[str] = set()
+    hits = [h for h in hits if not (h.conversation_id in seen or seen.add(h.conversation_id))]
     if as_json:
         _echo_json([asdict(h) for h in hits])
         return

@@ -14,9 +14,36 @@ def download(model: str) -> None:
 
     Run again after an interruption, it fetches only the files still missing.
     """
-    from ..hub import download as fetch
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
-    path = fetch(model)
+    from ..hub import download as fetch
+    from ..hub import repo_for
+
+    # one bar of our own on stderr (the hub client's own bars are off), shown from the first
+    # bytes on (a refused name is one line, no bar); it ends its line before "ready:"
+    bar = Progress(
+        "{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True),
+    )  # fmt: skip
+    task = bar.add_task(repo_for(model), total=None)
+
+    def report(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total or None)
+
+    try:
+        path = fetch(model, progress=report)
+    finally:
+        if bar.live.is_started:  # stopping a bar never shown would print an empty line
+            bar.stop()
     click.echo(f"ready: {path}")
 
 
@@ -24,51 +51,52 @@ def download(model: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_models(as_json: bool) -> None:
     """List the catalog of known Apertus models and what is downloaded."""
-    from ..hub import cached_models, catalog
+    from ..hub import catalog, local_models
 
-    cached = cached_models()
+    local = local_models()
     rows = []
+
+    def row(repo: str, entry) -> dict:
+        here = local.get(repo)
+        complete = here is not None and here.complete
+        size = here.state.total if here is not None and here.state.total else 0
+        if not size:
+            size = here.size_on_disk if complete else (entry.size_gb * 1e9 if entry else 0)
+        return {
+            "alias": entry.alias if entry else "",
+            "repo": repo,
+            "params": entry.params if entry else "",
+            "format": entry.format if entry else "",
+            "downloaded": complete,
+            # partly downloaded (a cancelled or broken download): how much, to resume
+            "partial_percent": here.state.percent if here and not complete else None,
+            "size_gb": round(size / 1e9, 2),
+            "description": entry.description if entry else "",
+            "unconfirmed": entry.unconfirmed if entry else False,
+        }
+
     for entry in catalog():
-        path, size = cached.get(entry.repo, (None, 0))
-        rows.append(
-            {
-                "alias": entry.alias,
-                "repo": entry.repo,
-                "params": entry.params,
-                "format": entry.format,
-                "downloaded": path is not None,
-                "size_gb": round((size or entry.size_gb * 1e9) / 1e9, 2),
-                "description": entry.description,
-                "unconfirmed": entry.unconfirmed,
-            }
-        )
+        rows.append(row(entry.repo, entry))
     known = {r["repo"] for r in rows}
-    for repo, (_, size) in sorted(cached.items()):
+    for repo in sorted(local):
         if repo not in known and "apertus" in repo.lower():
-            rows.append(
-                {
-                    "alias": "",
-                    "repo": repo,
-                    "params": "",
-                    "format": "",
-                    "downloaded": True,
-                    "size_gb": round(size / 1e9, 2),
-                    "description": "",
-                    "unconfirmed": False,
-                }
-            )
+            rows.append(row(repo, None))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
         _filter_reminder()
         return
     for r in rows:
-        mark = "✓" if r["downloaded"] else "?" if r["unconfirmed"] else " "
+        partial = r["partial_percent"] is not None
+        mark = "✓" if r["downloaded"] else "◐" if partial else "?" if r["unconfirmed"] else " "
         size = f"{r['size_gb']:>7.2f} GB"
-        click.echo(f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {r['description']}")
+        note = f"partial ({r['partial_percent']}%)  " if partial else ""
+        click.echo(
+            f"{mark} {r['alias'] or '-':<22} {r['repo']:<48} {size}  {note}{r['description']}"
+        )
     click.echo(
-        "\n✓ downloaded. ? repo id inferred from the naming, not seen on the hub yet."
-        " Get one with `apertus-mlx download ALIAS`."
+        "\n✓ downloaded. ◐ partly downloaded: `apertus-mlx download` resumes it."
+        " ? not found on the hub yet. Get one with `apertus-mlx download ALIAS`."
     )
     _filter_reminder()
 

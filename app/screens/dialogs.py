@@ -6,16 +6,24 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Footer, Input, Label, Static
+
+# Shown in every dialog's footer: Textual's own focus chain, named (its screen bindings are
+# hidden by default). Nothing of ours handles Tab.
+FOCUS_KEYS = [
+    Binding("tab", "app.focus_next", "Next", show=True),
+    Binding("shift+tab", "app.focus_previous", "Previous", show=False),
+]
 
 KEYS: list[tuple[str, str]] = [
     ("Enter", "send the message"),
     ("ctrl+j", "new line in the message (also shift+enter where the terminal reports it)"),
     ("Esc", "stop the answer (its text so far stays); cancel an edit; back to typing"),
+    ("ctrl+c", "stop the answer; pressed again, quit"),
     ("ctrl+n", "new conversation"),
     ("ctrl+r", "regenerate the last answer (a new branch)"),
     ("ctrl+l", "edit the last message (sent as a new branch)"),
-    ("alt+←/→", "older/newer version of the last answer (or of an edited message)"),
+    ("alt+←/→", "older/newer version of the last exchange (regenerations and edits)"),
     ("ctrl+o", "models: download, delete, choose"),
     ("ctrl+s", "settings of this conversation, or the defaults"),
     ("ctrl+t", "deliberation (thinking) on/off"),
@@ -40,9 +48,13 @@ def key_table(rows: list[tuple[str, str]]) -> str:
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Yes or no; Esc is no."""
+    """Yes or no; Esc and n are no, y is yes; Tab moves between the buttons, Enter presses."""
 
-    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("y", "dismiss(True)", "Yes")]
+    BINDINGS = [
+        Binding("y", "dismiss(True)", "Yes"),
+        Binding("n,escape", "dismiss(False)", "No"),
+        *FOCUS_KEYS,
+    ]
 
     def __init__(self, question: str, yes: str = "Delete") -> None:
         super().__init__()
@@ -50,11 +62,12 @@ class ConfirmScreen(ModalScreen[bool]):
         self.yes = yes
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label(self.question, markup=False)
+        with VerticalScroll(classes="dialog", can_focus=False):
+            yield Static(self.question, markup=False, classes="question")
             with Horizontal(classes="buttons"):
-                yield Button(self.yes, variant="error", id="yes")
-                yield Button("Cancel", id="no")
+                yield Button(f"{self.yes} (y)", variant="error", id="yes")
+                yield Button("Cancel (n)", id="no")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -66,7 +79,7 @@ class ConfirmScreen(ModalScreen[bool]):
 class TextPromptScreen(ModalScreen[str | None]):
     """One line of text (e.g. a new title); Esc cancels."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), *FOCUS_KEYS]
     AUTO_FOCUS = "#answer"
 
     def __init__(self, question: str, value: str = "") -> None:
@@ -78,6 +91,8 @@ class TextPromptScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog"):
             yield Label(self.question, markup=False)
             yield Input(self.value, id="answer")
+            yield Static("Enter saves, Esc cancels", classes="hint")
+        yield Footer()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
@@ -90,6 +105,7 @@ class HelpScreen(ModalScreen[None]):
         with VerticalScroll(classes="dialog wide"):
             yield Label("Keys", classes="title")
             yield Static(key_table(KEYS), classes="keys", markup=False)
+        yield Footer()
 
 
 class DetailsScreen(ModalScreen[None]):
@@ -104,6 +120,7 @@ class DetailsScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog wide"):
             yield Static(self.text, id="details", markup=False)
+        yield Footer()
 
 
 def details_text(message) -> str:
@@ -128,4 +145,7 @@ def details_text(message) -> str:
         rows.append(("tokens/s", f"{stats['decode_tps']:.1f}"))
     if "ttft_s" in stats:
         rows.append(("first token", f"{stats['ttft_s']:.2f} s"))
-    return f"Answer {message.id}\n\n" + key_table([(k, str(v)) for k, v in rows])
+    from datetime import datetime
+
+    when = datetime.fromtimestamp(message.created_at).strftime("%Y-%m-%d %H:%M")
+    return f"Answer of {when}\n\n" + key_table([(k, str(v)) for k, v in rows])

@@ -1,98 +1,28 @@
-"""The models screen: the catalog, what is downloaded and its size on disk; download (with
-progress, cancel and resume), delete, and choose the model of the conversation.
+"""The models screen: the catalog, what is downloaded (whole, or partly with how much) and its
+size on disk; download (with progress, cancel and resume), delete, and choose the model of the
+conversation.
 
-Downloads run on their own thread (network work, no MLX) and report through messages;
-huggingface_hub keeps partial files, so a cancelled download resumes where it stopped.
+Downloads belong to the app (`app.downloads`): they go on when this screen closes, and two
+can queue. This screen shows them and starts or cancels them.
 """
 
 from __future__ import annotations
-
-import threading
-import time
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
+from ..downloads import DownloadFinished, DownloadProgress, human_bytes
 from .dialogs import ConfirmScreen
 
 INTRO = (
-    "Enter downloads the highlighted model (if needed) and chats with it. "
-    "▶ this chat's model · ★ recommended · ✓ downloaded · "
-    "? repo id inferred from the naming, not seen on the hub yet"
+    "Enter downloads the highlighted model (if needed) and chats with it; downloads go on "
+    "while you chat. ▶ this chat's model · ★ recommended · ✓ downloaded · "
+    "◐ partly downloaded (Enter resumes) · ? not found on the hub yet"
 )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def progress_line(done: int, total: int, rate: float) -> str:
-    """ "1.2 GB / 2.3 GB · 45.1 MB/s · 24 s left": bytes, rate (bytes/s, 0 unknown) and ETA."""
-    line = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
-    if rate > 0:
-        line += f" · {human_bytes(rate)}/s"
-        if total > done:
-            line += f" · {(total - done) / rate:.0f} s left"
-    return line
-
-
-class DownloadProgress(Message):
-    def __init__(self, repo: str, done: int, total: int) -> None:
-        super().__init__()
-        self.repo, self.done, self.total = repo, done, total
-
-
-class DownloadFinished(Message):
-    """`error` is one line, None on success; `cancelled` when the user stopped it."""
-
-    def __init__(self, repo: str, error: str | None, cancelled: bool = False) -> None:
-        super().__init__()
-        self.repo, self.error, self.cancelled = repo, error, cancelled
-
-
-class Download:
-    """One download on its own thread; `cancel()` stops it (its partial files stay)."""
-
-    def __init__(self, repo: str, post) -> None:
-        self.repo = repo
-        self.first: tuple[float, int] | None = None  # (time, bytes) of the first report
-        self._cancel = threading.Event()
-        self._post = post
-        self._last = 0.0
-        self.thread = threading.Thread(target=self._run, name="apertus-mlx-download", daemon=True)
-        self.thread.start()
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def _progress(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= 0.1 or done >= total:  # at most ten updates a second
-            self._last = now
-            self._post(DownloadProgress(self.repo, done, total))
-
-    def _run(self) -> None:
-        from apertus_mlx import hub
-
-        try:
-            hub.download(self.repo, progress=self._progress, cancel=self._cancel)
-        except hub.DownloadCancelled:
-            self._post(DownloadFinished(self.repo, "download cancelled", cancelled=True))
-        except Exception as e:  # noqa: BLE001 - one line on the screen
-            from ..worker import describe_error
-
-            self._post(DownloadFinished(self.repo, describe_error(e)))
-        else:
-            self._post(DownloadFinished(self.repo, None))
 
 
 class ModelsScreen(Screen[str | None]):
@@ -109,13 +39,23 @@ class ModelsScreen(Screen[str | None]):
         super().__init__()
         self.current = current
         self.first_start = first_start
-        self.download: Download | None = None
-        self.cached: dict = {}
+        self.local: dict = {}  # repo -> apertus_mlx.hub.LocalModel
+        self.waiting: str | None = None  # downloading to chat with it as soon as it is whole
+
+    @property
+    def downloads(self):
+        return self.app.downloads
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="models"):
-            if self.first_start:
+            if self.first_start and self.current:
+                yield Static(
+                    f"{self.current} is not (fully) downloaded. Press Enter to download the "
+                    "rest, or choose another model.",
+                    id="first-start",
+                )
+            elif self.first_start:
                 yield Static(
                     "Welcome. No model is on this machine yet: the recommended one is "
                     "highlighted (small, fast, good on an 8 GB Mac). Press Enter to download it.",
@@ -129,42 +69,60 @@ class ModelsScreen(Screen[str | None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns(" ", "alias", "repo", "format", "size", "description")
+        # the size (or how much is downloaded) before the long repo id: seen at 80 columns
+        table.add_columns(" ", "alias", "size", "repo", "format", "description")
         self.query_one("#download-bar").display = False
-        self.refresh_table()
+        self.refresh_table(first=True)
+        self.show_download()
         table.focus()
 
     def entries(self):
-        from apertus_mlx.hub import cached_models, catalog
+        from apertus_mlx.hub import catalog, local_models
 
-        self.cached = cached_models()
+        self.local = local_models()
         rows = [(e.repo, e) for e in catalog()]
         known = {repo for repo, _ in rows}
-        rows += [(repo, None) for repo in sorted(self.cached) if repo not in known]
+        rows += [(repo, None) for repo in sorted(self.local) if repo not in known]
         return rows
 
-    def refresh_table(self) -> None:
+    def is_downloaded(self, repo: str) -> bool:
+        here = self.local.get(repo)
+        return here is not None and here.complete
+
+    def size_text(self, repo: str, entry) -> str:
+        here = self.local.get(repo)
+        state = self.downloads.state(repo)
+        if state is not None:
+            return state
+        if here is not None and here.complete:
+            return human_bytes(here.size_on_disk) + " on disk"
+        if here is not None and here.size_on_disk:
+            return f"partial ({here.state.percent}%)"
+        return f"~{entry.size_gb:g} GB" if entry else ""
+
+    def refresh_table(self, first: bool = False) -> None:
+        """Redraw the rows; the cursor stays on the row it was on (first: on this chat's
+        model, else the recommended one)."""
         from apertus_mlx.hub import recommended
 
         table = self.query_one(DataTable)
+        keep = None if first else self.selected
         table.clear()
         best = recommended().repo
         highlight = 0
         for i, (repo, e) in enumerate(self.entries()):
-            on_disk = self.cached.get(repo)
-            mark = ("★" if repo == best else " ") + (
-                "✓" if on_disk else "?" if e and e.unconfirmed else " "
-            )
-            size = (
-                human_bytes(on_disk[1]) + " on disk"
-                if on_disk
-                else f"~{e.size_gb:g} GB"
-                if e
-                else ""
-            )
-            table.add_row(mark, e.alias if e else "", repo, e.format if e else "", size,
-                          e.description if e else "", key=repo)  # fmt: skip
-            if repo == (self.current or best):
+            here = self.local.get(repo)
+            mark = ("▶" if repo == self.current else " ") + ("★" if repo == best else " ")
+            if self.is_downloaded(repo):
+                mark += "✓"
+            elif here is not None and here.size_on_disk:
+                mark += "◐"
+            else:
+                mark += "?" if e and e.unconfirmed else " "
+            table.add_row(mark, e.alias if e else "", self.size_text(repo, e), repo,
+                          e.format if e else "", e.description if e else "",
+                          key=repo)  # fmt: skip
+            if repo == (keep or self.current or best):
                 highlight = i
         table.move_cursor(row=highlight)
 
@@ -177,75 +135,101 @@ class ModelsScreen(Screen[str | None]):
 
     @on(DataTable.RowSelected)
     def choose(self) -> None:
+        """A whole model: chat with it. Otherwise download it (or the rest of it), or queue it
+        behind the running download; the chat opens on it when it is whole."""
         repo = self.selected
         if repo is None:
             return
-        if repo in self.cached:
-            if self.download is not None:
-                self.download.cancel()  # it resumes when chosen again
+        if self.is_downloaded(repo):
             self.dismiss(repo)
-        elif self.download is None:
-            self.start_download(repo)
-        else:
-            self.notify(f"{self.download.repo} is downloading; c cancels it", severity="warning")
+            return
+        self.waiting = repo
+        how = self.downloads.add(repo)
+        if how == "queued":
+            self.notify(f"{repo} is queued after {self.downloads.active.repo}")
+        elif how == "already":
+            self.notify(f"{repo} is downloading; c cancels it")
+        self.show_download()
+        self.refresh_row(repo)
 
-    def start_download(self, repo: str) -> None:
+    def refresh_row(self, repo: str) -> None:
+        from apertus_mlx.hub import catalog_entry
+
+        table = self.query_one(DataTable)
+        if repo in table.rows:
+            column = list(table.columns)[2]
+            table.update_cell(repo, column, self.size_text(repo, catalog_entry(repo)))
+
+    def show_download(self) -> None:
+        """The bar and the line under the table, from the app's running download."""
         bar = self.query_one("#download-bar", ProgressBar)
+        active = self.downloads.active
+        if active is None:
+            bar.display = False
+            return
         bar.display = True
-        bar.update(total=None, progress=0)
-        self.status(f"Downloading {repo}… (c cancels; a later download resumes)")
-        self.download = Download(repo, self.post_message)
+        bar.update(total=active.total or None, progress=active.done)
+        if active.cancelling:
+            self.status(f"Cancelling {active.repo}… (the whole files stay)")
+            return
+        queued = f" · then {', '.join(self.downloads.queued)}" if self.downloads.queued else ""
+        self.status(f"{active.repo}: {active.line()} · c cancels{queued}")
 
     def status(self, text: str, error: bool = False) -> None:
         line = self.query_one("#download-status", Static)
         line.update(text)
         line.set_class(error, "error")
 
-    def on_download_progress(self, message: DownloadProgress) -> None:
-        bar = self.query_one("#download-bar", ProgressBar)
-        bar.update(total=message.total or None, progress=message.done)
-        rate = 0.0
-        if self.download is not None:
-            # measured from the first report: bytes already on disk (a resume) are not speed
-            if self.download.first is None:
-                self.download.first = (time.monotonic(), message.done)
-            since, start = self.download.first
-            elapsed = time.monotonic() - since
-            rate = (message.done - start) / elapsed if elapsed > 0.5 else 0.0
-        line = progress_line(message.done, message.total, rate)
-        self.status(f"{message.repo}: {line} · c cancels")
+    def download_progress(self, message: DownloadProgress) -> None:
+        """Called by the app for each progress report."""
+        self.show_download()
+        self.refresh_row(message.repo)
 
-    def on_download_finished(self, message: DownloadFinished) -> None:
-        self.download = None
-        self.query_one("#download-bar").display = False
+    def download_finished(self, message: DownloadFinished) -> None:
+        """Called by the app when a download ends (whole, failed or cancelled)."""
         self.refresh_table()
+        self.show_download()
         if message.error:
-            self.status(f"{message.repo}: {message.error}", error=not message.cancelled)
-            if not message.cancelled:
-                self.notify(message.error, severity="error", title="Download failed")
+            if self.downloads.active is None:
+                self.status(f"{message.repo}: {message.error}", error=not message.cancelled)
+            if message.repo == self.waiting:
+                self.waiting = None
             return
-        self.status(f"{message.repo} downloaded")
-        self.dismiss(message.repo)
+        if message.repo == self.waiting and self.app.screen is self:
+            self.dismiss(message.repo)
+        elif self.downloads.active is None:
+            self.status(f"{message.repo} downloaded")
 
     def action_cancel(self) -> None:
-        if self.download is not None:
-            self.download.cancel()
-            self.status(f"Cancelling {self.download.repo}…")
+        """Cancel the highlighted model's download (queued or running), else the running one."""
+        repo = self.selected
+        if repo is None or self.downloads.state(repo) is None:
+            repo = None
+        cancelled = self.downloads.cancel(repo)
+        if cancelled is None:
+            self.notify("Nothing is downloading", severity="warning")
+            return
+        if cancelled == self.waiting:
+            self.waiting = None
+        self.show_download()
+        self.refresh_row(cancelled)
 
     def action_refresh(self) -> None:
         self.refresh_table()
 
     def action_close(self) -> None:
-        if self.download is not None:
-            self.download.cancel()
+        """Back to the chat; a download goes on (the status bar shows it)."""
         self.dismiss(None)
 
     def action_delete(self) -> None:
         repo = self.selected
-        if repo is None or repo not in self.cached:
+        if repo is None or repo not in self.local:
             self.notify("That model is not downloaded", severity="warning")
             return
-        size = human_bytes(self.cached[repo][1])
+        if self.downloads.state(repo) is not None:
+            self.notify("It is downloading: cancel it first (c)", severity="warning")
+            return
+        size = human_bytes(self.local[repo].size_on_disk)
 
         def confirmed(yes: bool | None) -> None:
             if not yes:
