@@ -97,21 +97,13 @@ def gate(monkeypatch) -> threading.Event:
 async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_path, monkeypatch):
     """No model: the models screen with the recommended one highlighted; Enter downloads it
     from the (local) hub with progress, the chat opens on it, and the next start remembers it."""
-    from huggingface_hub import constants
 
     from apertus_mlx.hub import recommended
-    from tests.hub_server import FakeHub
+    from tests.hub_server import FakeHub, point_client_at
 
     repo = recommended().repo
     with FakeHub({repo: tiny_model_dir}) as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            hub.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        point_client_at(monkeypatch, hub.url)
         app = ChatApp(settings=GREEDY)
         progress: list[str] = []
         async with app.run_test(size=SIZE) as pilot:
@@ -165,21 +157,13 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
 
 
 def test_download_cancel_then_resume(tiny_model_dir, tmp_path, monkeypatch):
-    from huggingface_hub import constants
 
     from apertus_mlx import hub
-    from tests.hub_server import FakeHub
+    from tests.hub_server import FakeHub, point_client_at
 
     repo = "test-org/apertus-tiny"
     with FakeHub({repo: tiny_model_dir}) as served:
-        monkeypatch.setattr(constants, "ENDPOINT", served.url)
-        monkeypatch.setattr(
-            constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            served.url + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        point_client_at(monkeypatch, served.url)
         cancel = threading.Event()
         seen: list[tuple[int, int]] = []
 
@@ -673,7 +657,7 @@ def test_cli_and_chat_answers_are_stored_alike(tiny_model_dir, home):
     from apertus_mlx_app.screens.dialogs import details_text
 
     from apertus_mlx.store import Store
-    from tests.test_history_cli import cli
+    from tests.checkpoints import cli
 
     out = cli("generate", "Grüezi", "-m", str(tiny_model_dir), "--save", "--temp", "0",
               "-n", "5", "--stop", "xyz", "--json")  # fmt: skip

@@ -14,7 +14,7 @@ from apertus_mlx_app.app import ChatApp  # noqa: E402
 from apertus_mlx_app.screens.models import ModelsScreen  # noqa: E402
 
 from apertus_mlx.hub import catalog, recommended  # noqa: E402
-from tests.hub_server import FakeHub  # noqa: E402
+from tests.hub_server import FakeHub, point_client_at  # noqa: E402
 from tests.test_app import GREEDY, SIZE, answered, anyio_backend, ask, home, wait_for  # noqa: E402, F401
 
 pytestmark = pytest.mark.anyio
@@ -25,7 +25,6 @@ def served(tiny_model_dir, monkeypatch):
     """The recommended model and one other catalog model, both the tiny checkpoint, served
     by a local hub; the weights of each wait for `served.release[repo]` before they are sent
     (the client waits meanwhile), so a test can act while a download runs."""
-    from huggingface_hub import constants
 
     first = recommended().repo
     second = next(e.repo for e in catalog() if e.repo != first and not e.unconfirmed)
@@ -37,11 +36,7 @@ def served(tiny_model_dir, monkeypatch):
         hub.before["model.safetensors"] = lambda: next(calls).wait(30)
         hub.gates = gates
         hub.first, hub.second = first, second
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")  # fmt: skip
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        point_client_at(monkeypatch, hub.url)
         yield hub
         for gate in gates:
             gate.set()

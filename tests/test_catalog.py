@@ -27,13 +27,10 @@ def test_official_quantized_releases_are_listed():
 def test_a_404_for_an_unconfirmed_id_says_not_found_yet(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from tests.hub_server import FakeHub
+    from tests.hub_server import FakeHub, point_client_at
 
     with FakeHub({}) as served:
-        monkeypatch.setattr(constants, "ENDPOINT", served.url)
-        template = served.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        point_client_at(monkeypatch, served.url)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
         with pytest.raises(ModelNotFoundError) as e:
             hub.download("apertus-mini-0.5b-int3")
