@@ -27,7 +27,13 @@ from .cache import KVCache
 from .device import generation_stream, wired_limit
 from .errors import UsageError
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
-from .sampling import LogitsProcessor, SamplingParams, make_logits_processors, make_sampler
+from .sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    make_logits_processors,
+    make_sampler,
+    top_logprobs,
+)
 from .stopping import StopStrings
 
 if TYPE_CHECKING:
@@ -124,6 +130,10 @@ class Chunk:
 
     text: str
     token: int
+    # With `generate(logprobs=k)`: this token's log-probability and the k most likely
+    # (id, log-probability) at its step.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -173,6 +183,7 @@ def generate(
     draft: Draft | None = None,
     forward: Forward | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    logprobs: int | None = None,
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -185,7 +196,8 @@ def generate(
     does); without one, this call compiles its own (tens of milliseconds).
     `logits_processors` run after the sampling settings' own (e.g. a grammar's mask from
     `constrained.Constraint.processor`); they follow one answer token by token, so they do
-    not combine with a draft.
+    not combine with a draft. With `logprobs` (k >= 0) each `Chunk` carries its token's
+    log-probability and the k most likely alternatives.
     """
     params = params or SamplingParams()
     if draft is not None and logits_processors:
@@ -253,7 +265,7 @@ def generate(
     first_token_at = None
     with wired_limit(model):
         try:
-            for token, _ in steps:
+            for token, lp in steps:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 tokens.append(token)
@@ -262,7 +274,10 @@ def generate(
                     break
                 text, stopped_by_string = stops.feed(detok.add(token))
                 parts.append(text)
-                yield Chunk(text, token)
+                chunk = Chunk(text, token)
+                if logprobs is not None:
+                    chunk.logprob, chunk.top_logprobs = top_logprobs(lp, token, logprobs)
+                yield chunk
                 if stopped_by_string:
                     reason = "stop"
                     break

@@ -33,10 +33,17 @@ class PromptCaches:
     """A pool of KV caches, most recently used last; safe to share between threads."""
 
     def __init__(
-        self, budget_bytes: int = DEFAULT_BUDGET_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES
+        self,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        min_share: float = 0.0,
     ):
         self.budget_bytes = budget_bytes
         self.max_entries = max_entries
+        # A cache is taken (and cut to the shared prefix) only when that prefix is at least
+        # this part of it: a server's other conversations that merely share a system prompt
+        # keep their caches whole.
+        self.min_share = min_share
         self._entries: list[tuple[str | None, KVCache]] = []
         self._lock = threading.Lock()
 
@@ -56,6 +63,8 @@ class PromptCaches:
                 if not cache.fits(like):
                     continue
                 n = common_prefix(cache.tokens, prompt)
+                if n < self.min_share * len(cache.tokens):
+                    continue
                 if n > best_len:
                     best, best_len = i, n
             if best is None:
