@@ -197,7 +197,7 @@ class Scheduler:
                 new = turn.token_logprobs[sent:]
                 sent = len(turn.token_logprobs)
                 work.post("event", event, self._logprobs(service, new) if new else None)
-                self._remember(work.model, request, event)
+                self._remember(service, work.model, request, event)
         except ApiError as e:
             work.post("error", e)
         except (UsageError, ApertusError) as e:
@@ -207,12 +207,19 @@ class Scheduler:
             self.log(f"apertus-mlx: internal error: {type(e).__name__}: {e}")
             work.post("error", ApiError(500, "internal error: the answer failed"))
 
-    def _remember(self, model: str, request: TurnRequest, event: Any) -> None:
+    def _remember(self, service: TurnService, model: str, request: TurnRequest, event) -> None:
+        """Keep an answer's tokens without the end token it may close with: the template
+        writes its own end of turn after them (the same token for a real Apertus checkpoint,
+        and the only one it accepts when the model ended with another end token)."""
         from ..generate import Done
 
         if isinstance(event, Done) and event.tokens and request.kind == "messages":
+            tokens = list(event.tokens)
+            if tokens[-1] in service.model.generation.eos_token_ids:
+                tokens.pop()
             calls = [(c.name, c.arguments) for c in event.tool_calls]
-            self.answers.remember(AnswerTokens.key(model, event.text, calls), event.tokens)
+            if tokens:
+                self.answers.remember(AnswerTokens.key(model, event.text, calls), tokens)
 
     @staticmethod
     def _logprobs(service: TurnService, entries: list) -> list[dict]:
