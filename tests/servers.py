@@ -15,14 +15,13 @@ class Served:
 
     def __init__(self, model: Path | str, *flags: str, env: dict | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apertus_mlx", "serve", "-m", str(model), "--port", "0",
-             *flags],
+            [sys.executable, "-m", "apertus_mlx", "serve", "-m", str(model), "--port", "0", *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
             env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
-        )  # fmt: skip
+        )
         self.log: list[str] = []
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()

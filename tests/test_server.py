@@ -89,8 +89,12 @@ def test_logprobs_stream_and_not(client):
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
         assert entry.token == entry.top_logprobs[0].token
     _, chunks = streamed(client, logprobs=True, top_logprobs=3, max_tokens=6)
-    said = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs
-            for e in c.choices[0].logprobs.content or ()]  # fmt: skip
+    said = [
+        e.logprob
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or ()
+    ]
     assert said == pytest.approx([e.logprob for e in content])
 
 
@@ -117,24 +121,42 @@ def test_json_schema_answers_validate(client):
         "required": ["city", "n"],
         "additionalProperties": False,
     }
-    out = chat(client, max_tokens=80, temperature=1.0, seed=3, response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})  # fmt: skip
+    out = chat(
+        client,
+        max_tokens=80,
+        temperature=1.0,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)
     with pytest.raises(openai.BadRequestError, match="schema"):
-        chat(client, response_format={"type": "json_schema",
-                                      "json_schema": {"name": "x", "schema": {"type": 7}}})  # fmt: skip
+        chat(
+            client,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": 7}},
+            },
+        )
 
 
 def test_completions_from_text_and_from_ids(client):
-    text = client.completions.create(model=client.model_name, prompt="Es war einmal", max_tokens=6,
-                                     temperature=0)  # fmt: skip
+    text = client.completions.create(
+        model=client.model_name, prompt="Es war einmal", max_tokens=6, temperature=0
+    )
     assert text.usage.completion_tokens == 6
     ids = client.completions.create(
         model=client.model_name, prompt=[1, 300, 301], max_tokens=3, temperature=0
     )
     assert ids.usage.prompt_tokens == 3
-    chunks = list(client.completions.create(model=client.model_name, prompt="Es war einmal", max_tokens=6,
-                                            temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=client.model_name,
+            prompt="Es war einmal",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text.choices[0].text
 
 
@@ -142,8 +164,10 @@ def test_concurrent_streams_equal_sequential_ones(client):
     prompts = [[{"role": "user", "content": f"Frage {i}: warum?"}] for i in range(4)]
     sequential = [streamed(client, p)[0] for p in prompts]
     results: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-        i, streamed(client, prompts[i])[0])) for i in range(4)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, streamed(client, prompts[i])[0]))
+        for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -176,7 +200,11 @@ def test_errors_have_the_api_shapes(tiny, client):
         chat(client, [{"role": "user", "content": "Berg " * 600}])
     bad = httpx.post(tiny.base + "/chat/completions", content=b"{not json")
     assert bad.status_code == 400 and set(bad.json()["error"]) == {
-        "message", "type", "param", "code"}  # fmt: skip
+        "message",
+        "type",
+        "param",
+        "code",
+    }
     wrong = httpx.post(tiny.base + "/chat/completions", json={"messages": "hi"})
     assert wrong.status_code == 400 and "messages" in wrong.json()["error"]["message"]
     big = httpx.post(tiny.base + "/chat/completions", content=b" " * (17 << 20))
