@@ -39,6 +39,12 @@ class Served:
         for line in self.proc.stderr:
             self.log.append(line.rstrip("\n"))
 
+    def wait(self, timeout: float = 30) -> int:
+        """The exit status, once the process ends by itself."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
     def stop(self, sig: int | None = None, timeout: float = 30) -> int:
         import signal
 

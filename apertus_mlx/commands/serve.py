@@ -145,7 +145,12 @@ def serve(
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        app,
+        http="h11",  # the pure-Python protocol: the same on every machine
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
     )
     try:
         Server(config).run(sockets=[sock])

@@ -82,11 +82,12 @@ class Turn:
         self.request = request
         self.work = Work(model, build, asyncio.get_running_loop())
         scheduler.submit(self.work)
-        self._watch = asyncio.create_task(self._watch_disconnect())
+        self._watch: asyncio.Task | None = None
         self.done = None
 
     async def _watch_disconnect(self) -> None:
-        """The client hung up: the answer stops at its next token, its slot frees."""
+        """The client of a non-streamed answer hung up: the answer stops at its next token,
+        its slot frees. (A streamed answer's response listens itself and closes `events`.)"""
         try:
             while True:
                 message = await self.request.receive()
@@ -101,6 +102,9 @@ class Turn:
 
         try:
             while True:
+                # A queue that is never empty never suspends `get`: give the other
+                # requests their turn on the event loop after each event.
+                await asyncio.sleep(0)
                 kind, value, logprobs = await self.work.queue.get()
                 if kind == "end":
                     return
@@ -114,7 +118,8 @@ class Turn:
                 yield value, logprobs
         finally:
             self.work.stop.set()  # a consumer that went away ends the answer
-            self._watch.cancel()
+            if self._watch is not None:
+                self._watch.cancel()
 
     async def first(self) -> tuple[AsyncIterator, tuple[Any, list | None] | None]:
         """(the events, the first of them), raising the turn's refusal as ApiError."""
@@ -130,6 +135,7 @@ class Turn:
 
         answer = Answer()
         thoughts: list[str] = []
+        self._watch = asyncio.create_task(self._watch_disconnect())
         async for event, logprobs in self.events():
             answer.logprobs += logprobs or []
             if isinstance(event, fmt.Thought):
