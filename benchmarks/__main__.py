@@ -15,6 +15,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --grammar       # constrained output's cost (benchmarks/grammar.py)
     python -m benchmarks --kernels       # our Metal kernels vs MLX's (benchmarks/kernels.py)
     python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
+    python -m benchmarks --serve         # the HTTP server under load (benchmarks/serve.py)
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "grammar",
         "kernels",
         "distributed",
+        "serve",
     )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
@@ -172,6 +174,12 @@ def _distributed(args: argparse.Namespace) -> None:
     distributed(["--quick"] if args.quick else [])
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import main as serve
+
+    serve([])
+
+
 SECTIONS = {
     "distributed": _distributed,
     "kernels": _kernels,
@@ -181,6 +189,7 @@ SECTIONS = {
     "turns": _turns,
     "filter": _filter,
     "speculative": _speculative,
+    "serve": _serve,
 }
 
 
