@@ -3,6 +3,7 @@ output filter applies to streamed answers, and Ctrl+C / SIGTERM end it cleanly."
 
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses
@@ -110,3 +111,49 @@ def test_the_output_filter_applies_to_a_streamed_answer(tiny_model_dir, tmp_path
         assert said[1] not in words(text)
     finally:
         server.stop()
+
+
+def test_an_idle_model_is_unloaded_and_loads_again(tiny_model_dir):
+    server = Served(tiny_model_dir, "--idle-unload", "0.002")  # 0.12 s
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)
+        ask = dict(model="", messages=[{"role": "user", "content": "Hoi"}], max_tokens=3)
+        assert client.chat.completions.create(**ask).usage.completion_tokens == 3
+        with httpx.Client() as c:
+            for _ in range(100_000):  # round trips until the model thread lets go of it
+                if not c.get(server.url + "/health").json()["loaded"]:
+                    break
+            else:
+                raise AssertionError("the idle model was never unloaded")
+        assert client.chat.completions.create(**ask).usage.completion_tokens == 3
+        assert httpx.get(server.url + "/health").json()["loaded"]
+        assert sum(line.startswith("unloaded ") for line in server.log) >= 1
+    finally:
+        server.stop()
+
+
+def test_an_internal_error_is_one_line_and_a_500():
+    """The guard around the routes: a bug becomes a 500 in the API's shape and one log line."""
+    import asyncio
+
+    from apertus_mlx.server.app import Guard
+
+    async def broken(scope, receive, send):
+        raise ZeroDivisionError("boom")
+
+    lines: list[str] = []
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/messages", "headers": []}
+    asyncio.run(Guard(broken, None, lines.append)(scope, receive, send))
+    assert sent[0]["status"] == 500
+    body = json.loads(sent[1]["body"])
+    assert body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert lines[0] == "apertus-mlx: internal error: ZeroDivisionError: boom"
+    assert lines[1].startswith("POST /v1/messages 500 0 tokens")

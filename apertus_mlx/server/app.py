@@ -80,6 +80,7 @@ def build_app(
             {
                 "status": "ok",
                 "model": scheduler.loaded or scheduler.names.default,
+                "loaded": scheduler.loaded is not None,
                 "requests": scheduler.waiting,
             }
         )
