@@ -66,8 +66,9 @@ def ttft(client, model: str, messages: list[dict]) -> float:
     return first if first is not None else time.perf_counter() - started
 
 
-def follow_up(client, model: str, history_turns: int) -> tuple[float, float, int]:
-    """(TTFT with the cache reused, TTFT cold, cached tokens) of a follow-up turn."""
+def follow_up(client, model: str, history_turns: int) -> tuple[float, float, int, int]:
+    """(TTFT with the cache reused, TTFT cold, cached tokens, tokens of the previous prompt
+    and answer) of a follow-up turn."""
     convo = [
         {"role": "system", "content": "Du bist hilfreich."},
         {"role": "user", "content": TURN * history_turns},
@@ -83,7 +84,8 @@ def follow_up(client, model: str, history_turns: int) -> tuple[float, float, int
     cold_convo = [{"role": "system", "content": "Du bist sehr hilfreich."}, *convo[1:]]
     cold = ttft(client, model, cold_convo)
     again = client.chat.completions.create(model=model, messages=convo, max_tokens=1, temperature=0)
-    return warm, cold, again.usage.prompt_tokens_details.cached_tokens
+    before = first.usage.prompt_tokens + first.usage.completion_tokens
+    return warm, cold, again.usage.prompt_tokens_details.cached_tokens, before
 
 
 def free_port() -> int:
@@ -127,10 +129,11 @@ def measure(name: str, base: str, model: str, tokens: int, history: int) -> None
             f"| x{par / seq:.2f}",
             flush=True,
         )
-    warm, cold, cached = follow_up(client, model, history)
+    warm, cold, cached, before = follow_up(client, model, history)
     print(
-        f"{name:8} follow-up TTFT: {warm * 1000:.0f} ms with the cache ({cached} tokens "
-        f"reused), {cold * 1000:.0f} ms cold",
+        f"{name:8} follow-up TTFT: {warm * 1000:.0f} ms with the cache ({cached} of the "
+        f"previous turn's {before} prompt+answer tokens reused, {cached / before:.1%}), "
+        f"{cold * 1000:.0f} ms cold",
         flush=True,
     )
 

@@ -170,3 +170,36 @@ def test_anthropic_thinking_blocks(thinking):
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "Let me think."
+
+
+def test_a_request_for_another_cached_model_loads_it(tiny_model_dir, scripted, tmp_path):
+    """A repo id in the Hugging Face cache is loaded on request (never downloaded); the model
+    given at start comes back when named again."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--swiss-ai--Apertus-thinker" / "snapshots" / "0123abc"
+    shutil.copytree(scripted("deliberation"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    server = Served(tiny_model_dir, env={"HF_HUB_CACHE": str(hub)})
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)
+        owners = {m.id: m.owned_by for m in client.models.list().data}
+        assert owners["swiss-ai/Apertus-thinker"] == "cache"
+        on = {"chat_template_kwargs": {"enable_thinking": True}}
+        out = client.chat.completions.create(
+            model="swiss-ai/Apertus-thinker", messages=QUESTION, max_tokens=40, extra_body=on
+        )
+        assert out.choices[0].message.reasoning_content == "Let me think."
+        back = client.chat.completions.create(
+            model=tiny_model_dir.name, messages=QUESTION, max_tokens=3, extra_body=on
+        )
+        assert getattr(back.choices[0].message, "reasoning_content", None) != "Let me think."
+        assert [line.split()[1] for line in server.log if line.startswith("loaded ")] == [
+            str(tiny_model_dir),
+            "swiss-ai/Apertus-thinker",
+            str(tiny_model_dir),
+        ]
+    finally:
+        server.stop()
