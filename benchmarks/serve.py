@@ -54,16 +54,25 @@ def throughput(client, model: str, n: int, tokens: int, together: bool) -> float
     return said / (time.perf_counter() - started)
 
 
-def ttft(client, model: str, messages: list[dict]) -> float:
+def ttft(client, model: str, messages: list[dict]) -> tuple[float, int]:
+    """(seconds to the first answer text, prompt tokens served from a cache)."""
     started = time.perf_counter()
     stream = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=4, temperature=0, stream=True
+        model=model,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
-    first = None
+    first, cached = None, 0
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - started
-    return first if first is not None else time.perf_counter() - started
+        details = chunk.usage and chunk.usage.prompt_tokens_details
+        if details is not None:
+            cached = details.cached_tokens or 0
+    return (first if first is not None else time.perf_counter() - started), cached
 
 
 def follow_up(client, model: str, history_turns: int) -> tuple[float, float, int, int]:
@@ -80,12 +89,11 @@ def follow_up(client, model: str, history_turns: int) -> tuple[float, float, int
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "Und jetzt?"},
     ]
-    warm = ttft(client, model, convo)
+    warm, cached = ttft(client, model, convo)
     cold_convo = [{"role": "system", "content": "Du bist sehr hilfreich."}, *convo[1:]]
-    cold = ttft(client, model, cold_convo)
-    again = client.chat.completions.create(model=model, messages=convo, max_tokens=1, temperature=0)
+    cold, _ = ttft(client, model, cold_convo)
     before = first.usage.prompt_tokens + first.usage.completion_tokens
-    return warm, cold, again.usage.prompt_tokens_details.cached_tokens, before
+    return warm, cold, cached, before
 
 
 def free_port() -> int:
