@@ -20,7 +20,7 @@ HI = [{"role": "user", "content": "Grüezi! Wie geht es?"}]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    server = Served(tiny_model_dir)
+    server = Served(tiny_model_dir, "--cors-origin", "http://example.org")
     yield server
     server.stop()
 
@@ -67,8 +67,8 @@ def test_a_follow_up_reuses_the_prompt_and_the_answer(client):
     second = chat(client, follow, max_tokens=4)
     before = first.usage.prompt_tokens + first.usage.completion_tokens
     cached = second.usage.prompt_tokens_details.cached_tokens
-    # the answer's last token was never fed to the model: all of the rest is reused
-    assert cached == before - 1, (cached, before)
+    # all of it is reused but the answer's last token, when the model never read it
+    assert cached in (before - 1, before), (cached, before)
     assert cached / before >= 0.9
 
 
@@ -215,6 +215,11 @@ def test_errors_have_the_api_shapes(tiny, client):
     models = client.models.list().data
     assert {m.owned_by for m in models} >= {"local", "catalog"}
     assert httpx.get(tiny.url + "/health").json()["status"] == "ok"
+    allowed = httpx.options(
+        tiny.base + "/chat/completions",
+        headers={"Origin": "http://example.org", "Access-Control-Request-Method": "POST"},
+    )
+    assert allowed.headers["access-control-allow-origin"] == "http://example.org"
     assert chat(client, max_tokens=2).usage.completion_tokens == 2  # still serving
     assert not any("Traceback" in line for line in tiny.log)
 
