@@ -86,8 +86,9 @@ class Turn:
         self.done = None
 
     async def _watch_disconnect(self) -> None:
-        """The client of a non-streamed answer hung up: the answer stops at its next token,
-        its slot frees. (A streamed answer's response listens itself and closes `events`.)"""
+        """The client hung up: the answer stops at its next token (or never starts), its
+        place frees. (A streamed response, once started, listens itself and closes
+        `events`.)"""
         try:
             while True:
                 message = await self.request.receive()
@@ -124,10 +125,16 @@ class Turn:
     async def first(self) -> tuple[AsyncIterator, tuple[Any, list | None] | None]:
         """(the events, the first of them), raising the turn's refusal as ApiError."""
         events = self.events()
+        # Until the response starts, nobody else listens for a hang-up (a request waiting
+        # in the queue); then the streamed response does.
+        self._watch = asyncio.create_task(self._watch_disconnect())
         try:
             return events, await events.__anext__()
         except StopAsyncIteration:
             return events, None
+        finally:
+            self._watch.cancel()
+            self._watch = None
 
     async def gather(self) -> Answer:
         from .. import format as fmt
