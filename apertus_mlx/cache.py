@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -144,6 +145,10 @@ class KVBuffers:
             )
         return self.layout.attention(q, *stored, scale, mask)
 
+    def rotation(self, rope: Any, length: int) -> Any:
+        """The pass's RoPE rotation (`model.RoPE`), from its position."""
+        return rope.rotation(length, self.position[0])
+
     def mask(self, length: int) -> mx.array | str | None:
         """Which positions each of `length` queries sees: up to position + i, nothing after."""
         if self.end is not None:
@@ -203,18 +208,25 @@ class KVCache:
 
     def run(self, forward: Callable[[mx.array, KVBuffers], mx.array], inputs: mx.array):
         """Run `forward(inputs, buffers)` after the filled positions; keep what it wrote."""
-        length = inputs.shape[1]
+        kv = self.begin(inputs.shape[1])
+        out = forward(inputs, kv)
+        self.commit(kv, inputs)
+        return out
+
+    def begin(self, length: int) -> KVBuffers:
+        """The buffers a pass of `length` inputs after the filled positions writes."""
         self.reserve(self.offset + length)
         position = mx.array([self.offset], dtype=mx.int32)
-        kv = KVBuffers(
+        return KVBuffers(
             self.layout, list(self.keys), list(self.values), position, self.offset + length
         )
-        out = forward(inputs, kv)
+
+    def commit(self, kv: KVBuffers, inputs: mx.array) -> None:
+        """Keep what the pass on `kv` (from `begin`) wrote for `inputs`."""
         self.keys, self.values = kv.keys, kv.values
-        self.offset += length
+        self.offset += inputs.shape[1]
         if inputs.shape[0] == 1 and inputs.ndim == 2:  # ids (a pipeline's later parts take
             self._pending.append(inputs)  # hidden states, which stand for no token here)
-        return out
 
     def reserve(self, needed: int) -> None:
         """Grow every layer's buffers to hold `needed` positions (a multiple of `step`)."""

@@ -147,6 +147,18 @@ class Done:
     tool_calls: list = field(default_factory=list)
 
 
+class _Pending:
+    """What a token source yields (and `generate` passes on) while this answer's next token
+    is being computed with other answers' (`batch.BatchDecoder`): come back later."""
+
+    pending = True  # how layers that know nothing of this module recognize it
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
+
 Event = Chunk | Done
 
 
@@ -184,6 +196,7 @@ def generate(
     forward: Forward | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     logprobs: int | None = None,
+    steps: Callable | None = None,
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -197,7 +210,9 @@ def generate(
     `logits_processors` run after the sampling settings' own (e.g. a grammar's mask from
     `constrained.Constraint.processor`); they follow one answer token by token, so they do
     not combine with a draft. With `logprobs` (k >= 0) each `Chunk` carries its token's
-    log-probability and the k most likely alternatives.
+    log-probability and the k most likely alternatives. `steps` replaces the token layer
+    (`generate_step`'s signature): a batch decoder's source, which may yield `PENDING`
+    (passed on as an event) while other answers share the step.
     """
     params = params or SamplingParams()
     if draft is not None and logits_processors:
@@ -226,7 +241,7 @@ def generate(
             progress=progress,
         )
     elif draft is None:
-        steps = generate_step(
+        steps = (steps or generate_step)(
             prompt,
             forward,
             cache,
@@ -265,7 +280,11 @@ def generate(
     first_token_at = None
     with wired_limit(model):
         try:
-            for token, lp in steps:
+            for step in steps:
+                if step is PENDING:
+                    yield PENDING
+                    continue
+                token, lp = step
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 tokens.append(token)

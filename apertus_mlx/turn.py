@@ -156,8 +156,10 @@ class TurnService:
         self.window = model.args.max_position_embeddings
         model.make_cache(bits=kv_bits)  # refuses a layout this model cannot have, now
 
-    def start(self, request: TurnRequest, stop: threading.Event | None = None) -> Turn:
-        return Turn(self, request, stop)
+    def start(self, request: TurnRequest, stop: threading.Event | None = None, steps=None) -> Turn:
+        """The turn (run it by iterating `events`). `steps`: a batch decoder's token source
+        (`batch.BatchDecoder.steps`); its turns' events then include `generate.PENDING`."""
+        return Turn(self, request, stop, steps)
 
     def delete(self, conversation_id: str) -> Conversation:
         """Delete a stored conversation for good (rows, search entries, saved cache) and the
@@ -221,8 +223,11 @@ class TurnService:
 class Turn:
     """One turn under way: iterate `events`; afterwards the attributes say what was stored."""
 
-    def __init__(self, service: TurnService, request: TurnRequest, stop: threading.Event | None):
+    def __init__(
+        self, service: TurnService, request: TurnRequest, stop: threading.Event | None, steps=None
+    ):
         self.service, self.request, self.stop = service, request, stop
+        self.steps = steps
         self.conversation_id: str | None = request.conversation_id
         self.answer_message_id: int | None = None
         self.store_error: StoreError | None = None  # the answer is not (all) in the history
@@ -396,6 +401,7 @@ class Turn:
             forward=s.forward,
             logits_processors=shape.processors,
             logprobs=self.request.logprobs,
+            steps=self.steps,
         )
         removed = _Removals(f) if f is not None else None
         events = self._tokens_to_store(raw, writer, stream_ids=f is None)
@@ -413,6 +419,9 @@ class Turn:
                     event = next(events)
                 except StopIteration:
                     break
+                if getattr(event, "pending", False):  # the batch computes the next token
+                    yield event
+                    continue
                 if isinstance(event, Done):
                     done = self._done(event, kept, removed, shape, cache, writer)
                     event = done

@@ -83,6 +83,12 @@ def bind(host: str, port: int) -> socket.socket:
     multiple=True,
     help="Allow browser pages from this origin (repeatable); CORS is off otherwise.",
 )
+@click.option(
+    "--batch/--no-batch",
+    default=True,
+    show_default=True,
+    help="Decode concurrent answers together (continuous batching), or one at a time.",
+)
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
 def serve(
     model_name,
@@ -94,6 +100,7 @@ def serve(
     cache_gb,
     idle_minutes,
     cors_origins,
+    batch,
     no_output_filter,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and
@@ -128,6 +135,7 @@ def serve(
         cache_bytes=None if cache_gb is None else int(cache_gb * (1 << 30)),
         idle_unload_s=None if idle_minutes is None else idle_minutes * 60,
         output_filter=the_filter,
+        batching=batch,
     )
     scheduler.start(preload=names.default)
     app = build_app(scheduler, api_key=api_key, cors_origins=tuple(cors_origins))

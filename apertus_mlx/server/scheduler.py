@@ -1,9 +1,10 @@
 """The model thread: one loaded model, the queue of turns, and every MLX call.
 
 HTTP handlers never touch MLX. They hand a `Work` (how to build the `TurnRequest`, a stop
-event, an asyncio queue) to `Scheduler.submit`; this thread runs the turns one at a time, in
-order, and posts each event back to the handler's event loop. A handler whose client went
-away sets the stop event: generation ends at its next token and the next turn starts.
+event, an asyncio queue) to `Scheduler.submit`; this thread starts the turns in order, decodes
+up to `max_concurrent` of them together (continuous batching, `batch.BatchDecoder`), and posts
+each event back to the handler's event loop. A handler whose client went away sets the stop
+event: its answer ends at the next token and leaves the batch.
 
 Clients resend the whole conversation each turn. The prompt caches (`PromptCaches`, nearest
 token prefix wins) hold the previous turns' keys and values, the answer's included; for the
@@ -29,6 +30,7 @@ from ..errors import ApertusError, UsageError
 from .errors import ApiError
 
 if TYPE_CHECKING:
+    from ..batch import BatchDecoder
     from ..turn import TurnRequest, TurnService
     from .models import ModelNames
 
@@ -50,6 +52,17 @@ class Work:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value, logprobs))
         except RuntimeError:  # the event loop is closed: the server is gone
             self.stop.set()
+
+
+@dataclass(eq=False)
+class _Live:
+    """An answer under way on the model thread."""
+
+    work: Work
+    service: TurnService
+    request: TurnRequest
+    turn: Any
+    sent: int = 0  # log-probabilities already posted
 
 
 class AnswerTokens:
@@ -100,8 +113,9 @@ def _canonical(arguments: str) -> str:
 
 
 class Scheduler:
-    """Runs queued turns on one thread that owns the model. At most `max_concurrent +
-    max_queue` requests wait or run; one more is a 429."""
+    """Runs turns on one thread that owns the model: up to `max_concurrent` answers decode
+    together (`batch.BatchDecoder`: a new one joins at the next step, a finished one leaves),
+    `max_queue` more wait; one more is a 429. Without batching, one answer at a time."""
 
     def __init__(
         self,
@@ -113,9 +127,12 @@ class Scheduler:
         idle_unload_s: float | None = None,
         output_filter: Any = None,
         log: Callable[[str], None] | None = None,
+        batching: bool = True,
     ):
         self.names = names
+        self.max_concurrent = max_concurrent
         self.limit = max_concurrent + max_queue
+        self.batching = batching
         self.cache_bytes = cache_bytes
         self.idle_unload_s = idle_unload_s
         self.output_filter = output_filter
@@ -123,6 +140,10 @@ class Scheduler:
         self.answers = AnswerTokens()
         self.service: TurnService | None = None
         self.loaded: str | None = None  # the model key of `service`
+        self.decoder: BatchDecoder | None = None  # the answers decoding together
+        self._live: list[_Live] = []
+        self._held: Work | None = None  # a request for another model, until the others end
+        self._closing = False
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._active: set[Work] = set()
         self._lock = threading.Lock()
@@ -167,23 +188,43 @@ class Scheduler:
     # -- the model thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            try:
-                work = self._queue.get(timeout=self.idle_unload_s if self.service else None)
-            except queue.Empty:
-                self._unload()
-                continue
-            if work is None:
-                return
-            try:
-                self._serve(work)
-            finally:
-                with self._lock:
-                    self._active.discard(work)
-                work.post("end")
+        while self._take():
+            for live in list(self._live):
+                self._advance(live)
+            if self.decoder is not None:
+                self.decoder.step()  # every answer waiting for its next token, together
 
-    def _serve(self, work: Work) -> None:
+    def _take(self) -> bool:
+        """Start waiting requests while there is room (a request for another model waits
+        until the running answers end); block only when nothing runs. False: time to go."""
+        while len(self._live) < self.max_concurrent and not self._closing:
+            if self._held is not None:
+                if self._live:
+                    return True
+                work, self._held = self._held, None
+            else:
+                try:
+                    if self._live:
+                        work = self._queue.get_nowait()
+                    else:
+                        idle = self.idle_unload_s if self.service else None
+                        work = self._queue.get(timeout=idle)
+                except queue.Empty:
+                    if self._live:
+                        return True
+                    self._unload()  # idle for --idle-unload
+                    continue
+            if work is None:
+                self._closing = True
+            elif self._live and work.model != self.loaded:
+                self._held = work
+            else:
+                self._start(work)
+        return bool(self._live) or not self._closing
+
+    def _start(self, work: Work) -> None:
         if work.stop.is_set():  # the client left while waiting
+            self._finish(work)
             return
         try:
             service = self._service_for(work.model)
@@ -191,21 +232,44 @@ class Scheduler:
             if request.kind == "messages":
                 messages = self.answers.annotate(work.model, request.messages or [])
                 request = dataclasses.replace(request, messages=messages)
-            turn = service.start(request, work.stop)
-            sent = 0
+            steps = self.decoder.steps if self.decoder is not None else None
+            turn = service.start(request, work.stop, steps=steps)
+        except Exception as e:
+            self._fail(work, e)
+            self._finish(work)
+            return
+        self._live.append(_Live(work, service, request, turn))
+
+    def _advance(self, live: _Live) -> None:
+        """Run one answer until it waits for the batch's next step, or to its end."""
+        work, turn = live.work, live.turn
+        try:
             for event in turn.events:
-                new = turn.token_logprobs[sent:]
-                sent = len(turn.token_logprobs)
-                work.post("event", event, self._logprobs(service, new) if new else None)
-                self._remember(service, work.model, request, event)
-        except ApiError as e:
+                if getattr(event, "pending", False):
+                    return
+                new = turn.token_logprobs[live.sent :]
+                live.sent = len(turn.token_logprobs)
+                logprobs = self._logprobs(live.service, new) if new else None
+                work.post("event", event, logprobs)
+                self._remember(live.service, work.model, live.request, event)
+        except Exception as e:
+            self._fail(work, e)
+        self._live.remove(live)
+        self._finish(work)
+
+    def _fail(self, work: Work, e: Exception) -> None:
+        if isinstance(e, ApiError):
             work.post("error", e)
-        except (UsageError, ApertusError) as e:
-            status = 400 if isinstance(e, UsageError) else 500
-            work.post("error", ApiError(status, str(e)))
-        except Exception as e:  # a bug of ours: one line, and the server keeps serving
+        elif isinstance(e, ApertusError):
+            work.post("error", ApiError(400 if isinstance(e, UsageError) else 500, str(e)))
+        else:  # a bug of ours: one line, and the server keeps serving
             self.log(f"apertus-mlx: internal error: {type(e).__name__}: {e}")
             work.post("error", ApiError(500, "internal error: the answer failed"))
+
+    def _finish(self, work: Work) -> None:
+        with self._lock:
+            self._active.discard(work)
+        work.post("end")
 
     def _remember(self, service: TurnService, model: str, request: TurnRequest, event) -> None:
         """Keep an answer's tokens without the end token it may close with: the template
@@ -256,6 +320,10 @@ class Scheduler:
             caches=PromptCaches(budget, max_entries=64, min_share=0.5),
         )
         self.loaded = key
+        if self.batching:
+            from ..batch import BatchDecoder
+
+            self.decoder = BatchDecoder(self.service.forward)
         self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s")
         return self.service
 
@@ -267,7 +335,7 @@ class Scheduler:
         import mlx.core as mx
 
         name = self.service.model_id
-        self.service, self.loaded = None, None
+        self.service, self.loaded, self.decoder = None, None, None
         gc.collect()
         mx.clear_cache()
         self.log(f"unloaded {name}")

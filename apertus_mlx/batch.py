@@ -1,0 +1,165 @@
+"""Continuous batching: several answers decode together, one forward pass per step.
+
+Each answer is a turn like any other (`turn.Turn`); only its token layer differs:
+`BatchDecoder.steps` stands in for `generate.generate_step`. A new answer reads its prompt
+alone (with whatever prompt cache serves it), then joins the batch at the next step; a
+finished or stopped one leaves. Every answer keeps its own KV cache, sampler, seed, logits
+processors (penalties, a grammar), stop strings and output filter. The batched pass runs the
+projections and the MLP for all rows at once, and attention per row, over its own cache at
+its own position (`RowsKV`): caches of different lengths, no padding.
+
+Everything here runs on the thread that owns MLX (the server's scheduler). That thread
+advances each answer's event generator until it yields `generate.PENDING` (its next token
+is not computed yet), then runs `step()` for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .device import generation_stream
+from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
+from .generate import PENDING
+from .sampling import LogitsProcessor
+
+
+class RowsRotation:
+    """RoPE for a batch whose rows sit at different positions: each row its own rotation."""
+
+    fast = False  # never the fused Metal q/k/v kernel, which takes one position
+
+    def __init__(self, rotations: list):
+        self.rotations = rotations
+
+    def __call__(self, x: mx.array, norm: Any) -> mx.array:
+        rows = [rotate(x[i : i + 1], norm) for i, rotate in enumerate(self.rotations)]
+        return mx.concatenate(rows, axis=0)
+
+
+class RowsKV:
+    """What a batched decoding step reads and writes: one token per row, each row written to
+    its own cache at its own position and attending over that cache alone."""
+
+    def __init__(self, caches: Sequence[KVCache]):
+        self.caches = list(caches)
+        self.rows = [cache.begin(1) for cache in self.caches]
+
+    def rotation(self, rope: Any, length: int) -> RowsRotation:
+        return RowsRotation([kv.rotation(rope, length) for kv in self.rows])
+
+    def mask(self, length: int) -> None:
+        return None  # one query per row sees all of its own cache
+
+    def attend(self, layer: int, q, keys, values, scale: float, mask) -> mx.array:
+        rows = [
+            kv.attend(layer, q[i : i + 1], keys[i : i + 1], values[i : i + 1], scale, kv.mask(1))
+            for i, kv in enumerate(self.rows)
+        ]
+        return mx.concatenate(rows, axis=0)
+
+    def commit(self, inputs: mx.array) -> None:
+        for i, (cache, kv) in enumerate(zip(self.caches, self.rows)):
+            cache.commit(kv, inputs[i : i + 1])
+
+
+@dataclass(eq=False)
+class _Row:
+    cache: KVCache
+    sample: Callable[[mx.array], tuple[mx.array, mx.array]]
+    want: mx.array | None = None  # the token to feed at the next step
+    ready: tuple[mx.array, mx.array] | None = None  # (next token, its log-probabilities)
+
+
+class BatchDecoder:
+    """The answers decoding together on one model (its compiled `Forward`)."""
+
+    def __init__(self, forward: Forward):
+        self.forward = forward
+        self.rows: list[_Row] = []
+
+    def steps(
+        self,
+        prompt: Sequence[int],
+        forward: Forward,
+        cache: KVCache,
+        *,
+        sampler: Callable[[mx.array], mx.array],
+        logits_processors: Sequence[LogitsProcessor] = (),
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: Callable[[], bool] = lambda: False,
+        progress: PromptProgress | None = None,
+    ) -> Iterator[Any]:
+        """`generate.generate_step` for an answer in the batch: (token, log-probabilities)
+        per token, and `PENDING` while the batch computes the next one. The cache holds the
+        prompt and every yielded token but the last."""
+        progress = progress if progress is not None else PromptProgress()
+        tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
+
+        def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+            nonlocal tokens
+            logits = logits.astype(mx.float32)
+            for processor in logits_processors:
+                logits = processor(tokens, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            token = sampler(logprobs)
+            if tokens is not None:
+                tokens = mx.concatenate([tokens, token.astype(mx.int32)])
+            return token, logprobs.squeeze(0)
+
+        started = time.perf_counter()
+
+        def count(n: int) -> None:
+            progress.read, progress.seconds = n, time.perf_counter() - started
+
+        with mx.stream(generation_stream(forward.model.plan)):
+            logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
+            if logits is None:
+                return
+            y, lp = sample(logits)
+            mx.eval(y, lp)
+        row = _Row(cache, sample)
+        self.rows.append(row)
+        try:
+            for n in range(1, max_tokens + 1):
+                yield y.item(), lp
+                if n == max_tokens or stop():
+                    return
+                row.want = y
+                while row.ready is None:
+                    yield PENDING
+                    if stop():
+                        return
+                (y, lp), row.ready = row.ready, None
+        finally:
+            self.rows.remove(row)
+
+    @property
+    def waiting(self) -> int:
+        """Rows whose next token the next `step` computes."""
+        return sum(row.want is not None for row in self.rows)
+
+    def step(self) -> int:
+        """One decoding step for every row waiting for its next token; how many there were."""
+        rows = [row for row in self.rows if row.want is not None]
+        if not rows:
+            return 0
+        with mx.stream(generation_stream(self.forward.model.plan)):
+            if len(rows) == 1:  # alone: the compiled pass
+                logits = self.forward(rows[0].want[:, None], rows[0].cache)[:, -1, :]
+            else:
+                inputs = mx.concatenate([row.want[:, None] for row in rows], axis=0)
+                kv = RowsKV([row.cache for row in rows])
+                hidden = self.forward.model.model(inputs, kv)
+                kv.commit(inputs)
+                logits = self.forward.model.logits(hidden)[:, -1, :]
+            out = [row.sample(logits[i : i + 1]) for i, row in enumerate(rows)]
+            mx.eval([a for pair in out for a in pair])
+        for row, pair in zip(rows, out):
+            row.ready, row.want = pair, None
+        return len(rows)

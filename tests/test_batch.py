@@ -1,0 +1,87 @@
+"""Continuous batching (`apertus_mlx.batch`): answers decoded together are the answers decoded
+one at a time, whatever their prompts' lengths, samplers and moments of joining."""
+
+from __future__ import annotations
+
+import pytest
+
+from apertus_mlx import load
+from apertus_mlx.batch import BatchDecoder
+from apertus_mlx.generate import Done
+from apertus_mlx.settings import TurnSettings
+from apertus_mlx.turn import TurnRequest, TurnService
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    return TurnService(model, tokenizer, model_id="tiny")
+
+
+def request(i: int, **settings) -> TurnRequest:
+    messages = [{"role": "user", "content": f"Frage {i}: " + "warum? " * (5 * i)}]
+    settings = TurnSettings(**{"temperature": 0, "max_tokens": 24, **settings})
+    return TurnRequest.chat(messages, settings, drop_oldest=False)
+
+
+def alone(service, requests) -> list[Done]:
+    service.caches.clear()
+    return [next(e for e in service.start(r).events if isinstance(e, Done)) for r in requests]
+
+
+def together(service, requests, join_at=None) -> tuple[list[Done], int]:
+    """Every request in one batch (request i joins after `join_at[i]` steps); (Done of each,
+    batched steps taken)."""
+    service.caches.clear()
+    decoder = BatchDecoder(service.forward)
+    join_at = join_at or [0] * len(requests)
+    live, done, steps = {}, {}, 0
+    while len(done) < len(requests):
+        for i, r in enumerate(requests):
+            if join_at[i] == steps:
+                live[i] = service.start(r, steps=decoder.steps).events
+        for i, events in list(live.items()):
+            for event in events:
+                if getattr(event, "pending", False):
+                    break
+                if isinstance(event, Done):
+                    done[i] = event
+            else:
+                del live[i]
+        if decoder.step():
+            steps += 1
+        elif not live:
+            steps += 1  # nobody running: the next ones join
+    return [done[i] for i in range(len(requests))], steps
+
+
+def test_greedy_answers_decoded_together_equal_those_alone(service):
+    requests = [request(i) for i in range(4)]
+    batched, steps = together(service, requests)
+    expected = alone(service, requests)
+    assert [d.tokens for d in batched] == [d.tokens for d in expected]
+    assert [d.text for d in batched] == [d.text for d in expected]
+    # one step per token of the longest answer: the rows decoded together
+    assert steps < sum(len(d.tokens) for d in expected)
+
+
+def test_each_row_keeps_its_own_sampler_seed_and_stops(service):
+    requests = [
+        request(0, temperature=1.0, seed=7),
+        request(1, temperature=0.7, top_k=20, seed=8),
+        request(2),
+        request(3, temperature=1.2, seed=9, max_tokens=9),
+    ]
+    expected = alone(service, requests)
+    stop = expected[2].text[4:6]
+    requests[2] = request(2, stop=(stop,))
+    expected[2] = alone(service, [requests[2]])[0]
+    batched, _ = together(service, requests)
+    assert [d.tokens for d in batched] == [d.tokens for d in expected]
+    assert batched[2].text == expected[2].text and stop not in batched[2].text
+
+
+def test_answers_join_and_leave_at_any_step(service):
+    requests = [request(i, max_tokens=8 + 5 * i) for i in range(4)]
+    batched, _ = together(service, requests, join_at=[0, 3, 3, 11])
+    assert [d.tokens for d in batched] == [d.tokens for d in alone(service, requests)]
