@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import KVBuffers, KVCache
 from .device import generation_stream
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .generate import PENDING
@@ -44,17 +44,17 @@ class RowsRotation:
 
 class RowsKV:
     """What a batched decoding step reads and writes: one token per row, each row written to
-    its own cache at its own position and attending over that cache alone."""
+    its own cache's buffers at its own position and attending over them alone (masked past
+    its position, so the step compiles once per set of buffer sizes, not per position)."""
 
-    def __init__(self, caches: Sequence[KVCache]):
-        self.caches = list(caches)
-        self.rows = [cache.begin(1) for cache in self.caches]
+    def __init__(self, rows: Sequence[KVBuffers]):
+        self.rows = list(rows)
 
     def rotation(self, rope: Any, length: int) -> RowsRotation:
         return RowsRotation([kv.rotation(rope, length) for kv in self.rows])
 
     def mask(self, length: int) -> None:
-        return None  # one query per row sees all of its own cache
+        return None  # each row's own, in `attend`
 
     def attend(self, layer: int, q, keys, values, scale: float, mask) -> mx.array:
         rows = [
@@ -62,10 +62,6 @@ class RowsKV:
             for i, kv in enumerate(self.rows)
         ]
         return mx.concatenate(rows, axis=0)
-
-    def commit(self, inputs: mx.array) -> None:
-        for i, (cache, kv) in enumerate(zip(self.caches, self.rows)):
-            cache.commit(kv, inputs[i : i + 1])
 
 
 @dataclass(eq=False)
@@ -82,6 +78,25 @@ class BatchDecoder:
     def __init__(self, forward: Forward):
         self.forward = forward
         self.rows: list[_Row] = []
+        self._compiled: Callable | None = None
+
+    def _graph(self, layout: Any) -> Callable:
+        """The batched step, compiled (MLX traces it again for new shapes: a new number of
+        rows or a cache grown by a bucket). The weights are inputs, as in `Forward`."""
+        if self._compiled is None:
+            model = self.forward.model
+
+            def pure(inputs, positions, keys, values):
+                rows = [
+                    KVBuffers(layout, list(k), list(v), p)
+                    for k, v, p in zip(keys, values, positions)
+                ]
+                hidden = model.model(inputs, RowsKV(rows))
+                logits = model.logits(hidden[:, -1, :])
+                return logits, [kv.keys for kv in rows], [kv.values for kv in rows]
+
+            self._compiled = mx.compile(pure, inputs=model.state)
+        return self._compiled
 
     def steps(
         self,
@@ -154,10 +169,20 @@ class BatchDecoder:
                 logits = self.forward(rows[0].want[:, None], rows[0].cache)[:, -1, :]
             else:
                 inputs = mx.concatenate([row.want[:, None] for row in rows], axis=0)
-                kv = RowsKV([row.cache for row in rows])
-                hidden = self.forward.model.model(inputs, kv)
-                kv.commit(inputs)
-                logits = self.forward.model.logits(hidden)[:, -1, :]
+                caches = [row.cache for row in rows]
+                for cache in caches:
+                    cache.reserve(cache.offset + 1)
+                positions = [mx.array([c.offset], dtype=mx.int32) for c in caches]
+                graph = self._graph(caches[0].layout)
+                logits, keys, values = graph(
+                    inputs,
+                    positions,
+                    [list(c.keys) for c in caches],
+                    [list(c.values) for c in caches],
+                )
+                for i, cache in enumerate(caches):
+                    kv = KVBuffers(cache.layout, keys[i], values[i], positions[i])
+                    cache.commit(kv, inputs[i : i + 1])
             out = [row.sample(logits[i : i + 1]) for i, row in enumerate(rows)]
             mx.eval([a for pair in out for a in pair])
         for row, pair in zip(rows, out):

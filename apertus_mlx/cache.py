@@ -135,10 +135,11 @@ class KVBuffers:
         for buffers, new in ((self.keys, keys), (self.values, values)):
             parts = self.layout.encode(new)
             buffers[layer] = tuple(
-                mx.slice_update(b, n if n.dtype == b.dtype else n.astype(b.dtype),
-                                self.position, axes=(2,))
+                mx.slice_update(
+                    b, n if n.dtype == b.dtype else n.astype(b.dtype), self.position, axes=(2,)
+                )
                 for b, n in zip(buffers[layer], parts)
-            )  # fmt: skip
+            )
             whole = buffers[layer]
             stored.append(
                 whole if self.end is None else tuple(b[..., : self.end, :] for b in whole)
@@ -262,6 +263,18 @@ class KVCache:
             common += 1
         self.truncate(min(common, len(prompt) - 1))
         return self.offset
+
+    def copy_prefix(self, prompt: Sequence[int]) -> KVCache:
+        """A new cache holding the positions `keep_prefix(prompt)` would keep; this one stays
+        as it is. Nothing is copied now: MLX arrays are values, and the copy's first write
+        makes its own buffers."""
+        copy = KVCache.__new__(KVCache)
+        copy.layout, copy.shape = self.layout, self.shape
+        copy.dtype, copy.step = self.dtype, self.step
+        copy.keys, copy.values = list(self.keys), list(self.values)
+        copy.offset, copy._ids, copy._pending = self.offset, list(self.tokens), []
+        copy.keep_prefix(prompt)
+        return copy
 
     def arrays(self) -> list[mx.array]:
         """Every buffer's arrays, to evaluate after a pass."""

@@ -41,8 +41,9 @@ class PromptCaches:
         self.budget_bytes = budget_bytes
         self.max_entries = max_entries
         # A cache is taken (and cut to the shared prefix) only when that prefix is at least
-        # this part of it: a server's other conversations that merely share a system prompt
-        # keep their caches whole.
+        # this part of it; a shorter shared prefix (a server's conversations that share a
+        # system prompt) is read from a copy, and the cache stays whole for its own
+        # conversation.
         self.min_share = min_share
         self._entries: list[tuple[str | None, KVCache]] = []
         self._lock = threading.Lock()
@@ -63,13 +64,15 @@ class PromptCaches:
                 if not cache.fits(like):
                     continue
                 n = common_prefix(cache.tokens, prompt)
-                if n < self.min_share * len(cache.tokens):
-                    continue
                 if n > best_len:
                     best, best_len = i, n
             if best is None:
                 return None
-            _, cache = self._entries.pop(best)
+            _, cache = self._entries[best]
+            if best_len < self.min_share * len(cache.tokens):
+                self._entries.append(self._entries.pop(best))  # recently used
+                return cache.copy_prefix(prompt)
+            self._entries.pop(best)
         cache.keep_prefix(prompt)
         return cache
 

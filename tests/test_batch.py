@@ -3,6 +3,7 @@ one at a time, whatever their prompts' lengths, samplers and moments of joining.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
 from apertus_mlx import load
@@ -85,3 +86,30 @@ def test_answers_join_and_leave_at_any_step(service):
     requests = [request(i, max_tokens=8 + 5 * i) for i in range(4)]
     batched, _ = together(service, requests, join_at=[0, 3, 3, 11])
     assert [d.tokens for d in batched] == [d.tokens for d in alone(service, requests)]
+
+
+def test_a_prefix_shared_with_another_conversation_is_read_from_a_copy(service):
+    """A server's conversations share the template's opening: a new one reads it from
+    another's cache without cutting that cache short or changing it."""
+    import numpy as np
+
+    from apertus_mlx.prompt_caches import PromptCaches
+
+    forward, model = service.forward, service.model
+    first = list(range(300, 340))
+    cache = model.make_cache()
+    forward.prefill(first, cache)
+    before = [np.array(a) for a in cache.arrays()]
+    pool = PromptCaches(min_share=0.5)
+    pool.put(cache)
+    other = first[:12] + list(range(500, 540))
+    copy = pool.take(other, model.make_cache())
+    assert copy is not cache and copy.offset == 12 and len(pool) == 1
+    forward.prefill(other[12:], copy)
+    assert copy.tokens == other and cache.tokens == first and cache.offset == len(first)
+    assert all(np.array_equal(a, b) for a, b in zip(before, cache.arrays()))
+    # the copy reads as a fresh cache would
+    fresh = model.make_cache()
+    logits = forward.prefill(other, fresh)
+    again = forward(mx.array([[other[-1]]]), copy.copy_prefix(other))
+    assert np.allclose(np.array(logits), np.array(again[:, -1, :]), atol=1e-4)
