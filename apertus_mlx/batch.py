@@ -26,18 +26,31 @@ from .cache import KVBuffers, KVCache
 from .device import generation_stream
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .generate import PENDING
+from .kernels import norm_rope
 from .sampling import LogitsProcessor
 
 
 class RowsRotation:
-    """RoPE for a batch whose rows sit at different positions: each row its own rotation."""
+    """RoPE for a batch of one token per row, each row at its own position. The plain path
+    (the CPU's) rotates all rows at once with per-row tables, as `rope_tables` computes them;
+    the fast one (`mx.fast.rope` takes one offset) rotates row by row."""
 
     fast = False  # never the fused Metal q/k/v kernel, which takes one position
 
     def __init__(self, rotations: list):
         self.rotations = rotations
+        self.tables = None
+        if not rotations[0].fast:
+            positions = mx.concatenate([mx.reshape(r.position, (1,)) for r in rotations])
+            angles = positions.astype(mx.float32)[:, None, None] * rotations[0].inv_freq
+            cos, sin = mx.cos(angles), mx.sin(angles)  # (B, 1, head_dim/2)
+            self.tables = tuple(
+                mx.stack(pair, axis=2)[:, :, None] for pair in ((cos, cos), (-sin, sin))
+            )  # (B, 1, 1, 2, head_dim/2), like rope_tables' (L, 1, 2, head_dim/2) per row
 
     def __call__(self, x: mx.array, norm: Any) -> mx.array:
+        if self.tables is not None:
+            return norm_rope(x, norm.weight, norm.eps, *self.tables)
         rows = [rotate(x[i : i + 1], norm) for i, rotate in enumerate(self.rotations)]
         return mx.concatenate(rows, axis=0)
 
