@@ -29,6 +29,10 @@ from .generate import PENDING
 from .kernels import norm_rope
 from .sampling import LogitsProcessor
 
+# Prompt tokens a joining answer reads between two steps of the others: a long prompt delays
+# them by one chunk at a time, not by all of it.
+PREFILL_CHUNK = 128
+
 
 class RowsRotation:
     """RoPE for a batch of one token per row, each row at its own position. The plain path
@@ -124,7 +128,8 @@ class BatchDecoder:
         progress: PromptProgress | None = None,
     ) -> Iterator[Any]:
         """`generate.generate_step` for an answer in the batch: (token, log-probabilities)
-        per token, and `PENDING` while the batch computes the next one. The cache holds the
+        per token, and `PENDING` while the batch computes the next one (or, while its prompt
+        is read in `PREFILL_CHUNK`s, while the others take a step). The cache holds the
         prompt and every yielded token but the last."""
         progress = progress if progress is not None else PromptProgress()
         tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
@@ -145,10 +150,19 @@ class BatchDecoder:
         def count(n: int) -> None:
             progress.read, progress.seconds = n, time.perf_counter() - started
 
-        with mx.stream(generation_stream(forward.model.plan)):
-            logits = forward.prefill(prompt[cache.offset :], cache, stop, count)
+        rest, read = list(prompt[cache.offset :]), 0
+        while True:  # the prompt in chunks, the others' steps in between
+            chunk = rest[read : read + PREFILL_CHUNK]
+            with mx.stream(generation_stream(forward.model.plan)):
+                logits = forward.prefill(chunk, cache, stop, lambda n, done=read: count(done + n))
             if logits is None:
                 return
+            read += len(chunk)
+            if read == len(rest):
+                break
+            if self.rows:
+                yield PENDING
+        with mx.stream(generation_stream(forward.model.plan)):
             y, lp = sample(logits)
             mx.eval(y, lp)
         row = _Row(cache, sample)

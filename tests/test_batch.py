@@ -113,3 +113,37 @@ def test_a_prefix_shared_with_another_conversation_is_read_from_a_copy(service):
     logits = forward.prefill(other, fresh)
     again = forward(mx.array([[other[-1]]]), copy.copy_prefix(other))
     assert np.allclose(np.array(logits), np.array(again[:, -1, :]), atol=1e-4)
+
+
+def test_a_long_prompt_joins_chunk_by_chunk_while_the_others_decode(service, monkeypatch):
+    import apertus_mlx.batch as batch
+
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 16)
+    settings = TurnSettings(temperature=0, max_tokens=200)
+    short = TurnRequest.chat([{"role": "user", "content": "Hoi"}], settings, drop_oldest=False)
+    long = TurnRequest.chat(
+        [{"role": "user", "content": "Berg " * 60}], settings, drop_oldest=False
+    )
+    service.caches.clear()
+    decoder = BatchDecoder(service.forward)
+
+    def advance(events) -> None:
+        for event in events:
+            if getattr(event, "pending", False):
+                return
+
+    first = service.start(short, steps=decoder.steps).events
+    advance(first)
+    decoder.step()
+    second = service.start(long, steps=decoder.steps).events
+    steps_while_reading = 0
+    while True:
+        advance(second)  # one chunk of its prompt, or the rest and its first token
+        if len(decoder.rows) == 2:
+            break
+        advance(first)
+        steps_while_reading += decoder.step()
+    assert steps_while_reading >= 4  # the short answer went on between the long one's chunks
+    first.close()
+    second.close()
+    assert not decoder.rows
