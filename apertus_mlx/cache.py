@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -135,15 +136,20 @@ class KVBuffers:
         for buffers, new in ((self.keys, keys), (self.values, values)):
             parts = self.layout.encode(new)
             buffers[layer] = tuple(
-                mx.slice_update(b, n if n.dtype == b.dtype else n.astype(b.dtype),
-                                self.position, axes=(2,))
+                mx.slice_update(
+                    b, n if n.dtype == b.dtype else n.astype(b.dtype), self.position, axes=(2,)
+                )
                 for b, n in zip(buffers[layer], parts)
-            )  # fmt: skip
+            )
             whole = buffers[layer]
             stored.append(
                 whole if self.end is None else tuple(b[..., : self.end, :] for b in whole)
             )
         return self.layout.attention(q, *stored, scale, mask)
+
+    def rotation(self, rope: Any, length: int) -> Any:
+        """The pass's RoPE rotation (`model.RoPE`), from its position."""
+        return rope.rotation(length, self.position[0])
 
     def mask(self, length: int) -> mx.array | str | None:
         """Which positions each of `length` queries sees: up to position + i, nothing after."""
@@ -204,18 +210,25 @@ class KVCache:
 
     def run(self, forward: Callable[[mx.array, KVBuffers], mx.array], inputs: mx.array):
         """Run `forward(inputs, buffers)` after the filled positions; keep what it wrote."""
-        length = inputs.shape[1]
+        kv = self.begin(inputs.shape[1])
+        out = forward(inputs, kv)
+        self.commit(kv, inputs)
+        return out
+
+    def begin(self, length: int) -> KVBuffers:
+        """The buffers a pass of `length` inputs after the filled positions writes."""
         self.reserve(self.offset + length)
         position = mx.array([self.offset], dtype=mx.int32)
-        kv = KVBuffers(
+        return KVBuffers(
             self.layout, list(self.keys), list(self.values), position, self.offset + length
         )
-        out = forward(inputs, kv)
+
+    def commit(self, kv: KVBuffers, inputs: mx.array) -> None:
+        """Keep what the pass on `kv` (from `begin`) wrote for `inputs`."""
         self.keys, self.values = kv.keys, kv.values
-        self.offset += length
+        self.offset += inputs.shape[1]
         if inputs.shape[0] == 1 and inputs.ndim == 2:  # ids (a pipeline's later parts take
             self._pending.append(inputs)  # hidden states, which stand for no token here)
-        return out
 
     def reserve(self, needed: int, most: int | None = None) -> None:
         """Grow every layer's buffers to hold `needed` positions (a multiple of `step`).
@@ -259,6 +272,18 @@ class KVCache:
             common += 1
         self.truncate(min(common, len(prompt) - 1))
         return self.offset
+
+    def copy_prefix(self, prompt: Sequence[int]) -> KVCache:
+        """A new cache holding the positions `keep_prefix(prompt)` would keep; this one stays
+        as it is. Nothing is copied now: MLX arrays are values, and the copy's first write
+        makes its own buffers."""
+        copy = KVCache.__new__(KVCache)
+        copy.layout, copy.shape = self.layout, self.shape
+        copy.dtype, copy.step = self.dtype, self.step
+        copy.keys, copy.values = list(self.keys), list(self.values)
+        copy.offset, copy._ids, copy._pending = self.offset, list(self.tokens), []
+        copy.keep_prefix(prompt)
+        return copy
 
     def arrays(self) -> list[mx.array]:
         """Every buffer's arrays, to evaluate after a pass."""

@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "apertus_mlx.commands.filter:filter_group",
         "Install or check the output filter that removes personal data.",
     ),
+    "serve": (
+        "apertus_mlx.commands.serve:serve",
+        "Serve a model over OpenAI- and Anthropic-compatible HTTP.",
+    ),
     "history": (
         "apertus_mlx.commands.history:history",
         "List, show, search, export or delete saved conversations.",

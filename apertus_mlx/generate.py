@@ -27,7 +27,13 @@ from .cache import KVCache
 from .device import generation_stream, wired_limit
 from .errors import UsageError
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
-from .sampling import LogitsProcessor, SamplingParams, make_logits_processors, make_sampler
+from .sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    make_logits_processors,
+    make_sampler,
+    top_logprobs,
+)
 from .stopping import StopStrings
 
 if TYPE_CHECKING:
@@ -126,6 +132,10 @@ class Chunk:
 
     text: str
     token: int
+    # With `generate(logprobs=k)`: this token's log-probability and the k most likely
+    # (id, log-probability) at its step.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -138,6 +148,18 @@ class Done:
     reasoning: str | None = None
     tool_calls: list = field(default_factory=list)
 
+
+class _Pending:
+    """What a token source yields (and `generate` passes on) while this answer's next token
+    is being computed with other answers' (`batch.BatchDecoder`): come back later."""
+
+    pending = True  # how layers that know nothing of this module recognize it
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
 
 Event = Chunk | Done
 
@@ -175,6 +197,8 @@ def generate(
     draft: Draft | None = None,
     forward: Forward | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    logprobs: int | None = None,
+    steps: Callable | None = None,
 ) -> Iterator[Event]:
     """Stream the continuation of `prompt_ids` as `Chunk`s, then one `Done`.
 
@@ -187,7 +211,10 @@ def generate(
     does); without one, this call compiles its own (tens of milliseconds).
     `logits_processors` run after the sampling settings' own (e.g. a grammar's mask from
     `constrained.Constraint.processor`); they follow one answer token by token, so they do
-    not combine with a draft.
+    not combine with a draft. With `logprobs` (k >= 0) each `Chunk` carries its token's
+    log-probability and the k most likely alternatives. `steps` replaces the token layer
+    (`generate_step`'s signature): a batch decoder's source, which may yield `PENDING`
+    (passed on as an event) while other answers share the step.
     """
     params = params or SamplingParams()
     if draft is not None and logits_processors:
@@ -216,7 +243,7 @@ def generate(
             progress=progress,
         )
     elif draft is None:
-        steps = generate_step(
+        steps = (steps or generate_step)(
             prompt,
             forward,
             cache,
@@ -255,7 +282,11 @@ def generate(
     first_token_at = None
     with wired_limit(model):
         try:
-            for token, _ in steps:
+            for step in steps:
+                if step is PENDING:
+                    yield PENDING
+                    continue
+                token, lp = step
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 tokens.append(token)
@@ -264,7 +295,10 @@ def generate(
                     break
                 text, stopped_by_string = stops.feed(detok.add(token))
                 parts.append(text)
-                yield Chunk(text, token)
+                chunk = Chunk(text, token)
+                if logprobs is not None:
+                    chunk.logprob, chunk.top_logprobs = top_logprobs(lp, token, logprobs)
+                yield chunk
                 if stopped_by_string:
                     reason = "stop"
                     break

@@ -278,10 +278,9 @@ class ApertusModel(nn.Module):
         """
         length = inputs.shape[1]
         if kv is None:
-            position, mask = 0, "causal" if length > 1 else None
-        else:
-            position, mask = kv.position[0], kv.mask(length)
-        rotate = self.rope.rotation(length, position)
+            mask, rotate = "causal" if length > 1 else None, self.rope.rotation(length, 0)
+        else:  # rows of a batch may each have their own position (`batch.RowsKV`)
+            mask, rotate = kv.mask(length), kv.rotation(self.rope, length)
         h = self.embed(inputs) if self.part.first else inputs
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, kv, i, rotate)

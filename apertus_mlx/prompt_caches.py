@@ -33,10 +33,18 @@ class PromptCaches:
     """A pool of KV caches, most recently used last; safe to share between threads."""
 
     def __init__(
-        self, budget_bytes: int = DEFAULT_BUDGET_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES
+        self,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        min_share: float = 0.0,
     ):
         self.budget_bytes = budget_bytes
         self.max_entries = max_entries
+        # A cache is taken (and cut to the shared prefix) only when that prefix is at least
+        # this part of it; a shorter shared prefix (a server's conversations that share a
+        # system prompt) is read from a copy, and the cache stays whole for its own
+        # conversation.
+        self.min_share = min_share
         self._entries: list[tuple[str | None, KVCache]] = []
         self._lock = threading.Lock()
 
@@ -60,7 +68,11 @@ class PromptCaches:
                     best, best_len = i, n
             if best is None:
                 return None
-            _, cache = self._entries.pop(best)
+            _, cache = self._entries[best]
+            if best_len < self.min_share * len(cache.tokens):
+                self._entries.append(self._entries.pop(best))  # recently used
+                return cache.copy_prefix(prompt)
+            self._entries.pop(best)
         cache.keep_prefix(prompt)
         return cache
 

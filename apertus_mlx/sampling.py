@@ -181,3 +181,35 @@ def top_p_filter(logprobs: mx.array, top_p: float, candidates: int = 0) -> mx.ar
 def min_p_filter(logprobs: mx.array, min_p: float) -> mx.array:
     threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
     return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def make_penalty_processor(
+    frequency: float, presence: float, prompt_tokens: int
+) -> LogitsProcessor | None:
+    """OpenAI's frequency and presence penalties as one logits processor: each token the
+    answer already said loses `frequency` per time said plus `presence` once. Only the
+    answer's tokens count (as in vLLM), not the prompt's: tokens[prompt_tokens:]."""
+    if not frequency and not presence:
+        return None
+
+    def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
+        said = tokens[prompt_tokens:]
+        if said.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=mx.float32).at[said].add(1.0)
+        return logits - (frequency * counts + presence * (counts > 0))[None, :]
+
+    return penalize
+
+
+def top_logprobs(logprobs: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the k most likely (id, log-probability), best first)."""
+    chosen = logprobs[token]
+    if k <= 0:
+        return chosen.item(), []
+    ids = mx.argpartition(-logprobs, k - 1)[:k]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    ids, values = ids[order], values[order]
+    mx.eval(chosen, ids, values)
+    return chosen.item(), list(zip(ids.tolist(), values.tolist()))

@@ -58,6 +58,13 @@ class TurnRequest:
     tools: list[dict] | None = None
     tool_choice: str | None = None
     json_schema: dict | None = None  # the answer must be JSON following it (a grammar)
+    # OpenAI's penalties on what the answer already said (logits processors).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # k >= 0: keep each token's log-probability and top k
+    # messages: drop the oldest turns when the prompt does not fit (a chat); False refuses
+    # the turn instead, saying by how much it is too long (an API client chose its history).
+    drop_oldest: bool = True
 
     @classmethod
     def new(cls, text: str, settings: TurnSettings, **kw: Any) -> TurnRequest:
@@ -149,8 +156,10 @@ class TurnService:
         self.window = model.args.max_position_embeddings
         model.make_cache(bits=kv_bits)  # refuses a layout this model cannot have, now
 
-    def start(self, request: TurnRequest, stop: threading.Event | None = None) -> Turn:
-        return Turn(self, request, stop)
+    def start(self, request: TurnRequest, stop: threading.Event | None = None, steps=None) -> Turn:
+        """The turn (run it by iterating `events`). `steps`: a batch decoder's token source
+        (`batch.BatchDecoder.steps`); its turns' events then include `generate.PENDING`."""
+        return Turn(self, request, stop, steps)
 
     def delete(self, conversation_id: str) -> Conversation:
         """Delete a stored conversation for good (rows, search entries, saved cache) and the
@@ -178,6 +187,22 @@ class TurnService:
         self.check_fits(len(prompt.ids))
         return prompt, dropped
 
+    def whole_prompt(
+        self, messages: list[dict], settings: TurnSettings, tools: list[dict] | None
+    ) -> ConversationIds:
+        """The token-exact prompt of all of `messages`; UsageError saying by how many tokens
+        it is too long for the window (one token at least is left for the answer)."""
+        prompt = conversation_ids(
+            self.tokenizer, messages, enable_thinking=settings.thinking, tools=tools
+        )
+        if len(prompt.ids) >= self.window:
+            over = len(prompt.ids) - self.window + 1
+            raise UsageError(
+                f"the prompt is too long: {len(prompt.ids)} tokens, {over} more than the "
+                f"model's context of {self.window} leaves room for (one answer token)"
+            )
+        return prompt
+
     def reserve(self, settings: TurnSettings) -> int:
         """Tokens of the window kept free for the answer when old turns must go."""
         return min(settings.max_tokens or DEFAULT_MAX_TOKENS, self.window // 4)
@@ -198,8 +223,11 @@ class TurnService:
 class Turn:
     """One turn under way: iterate `events`; afterwards the attributes say what was stored."""
 
-    def __init__(self, service: TurnService, request: TurnRequest, stop: threading.Event | None):
+    def __init__(
+        self, service: TurnService, request: TurnRequest, stop: threading.Event | None, steps=None
+    ):
         self.service, self.request, self.stop = service, request, stop
+        self.steps = steps
         self.conversation_id: str | None = request.conversation_id
         self.answer_message_id: int | None = None
         self.store_error: StoreError | None = None  # the answer is not (all) in the history
@@ -208,6 +236,9 @@ class Turn:
         self.settings: TurnSettings | None = None  # as resolved for this turn
         self.message: dict | None = None  # the answer as blocks, when it thought or called
         self.max_tokens = DEFAULT_MAX_TOKENS  # the answer's limit
+        # With `request.logprobs`: (token id, log-probability, [(id, log-probability)...])
+        # for each answer token, appended as generation goes (ahead of the parsed events).
+        self.token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.events: Iterator[Event] = self._run()
 
     # -- the turn, in order ------------------------------------------------------------------
@@ -225,6 +256,8 @@ class Turn:
             ids = [int(i) for i in r.prompt_ids or ()]
             s.check_fits(len(ids))
             self.prompt, dropped = ConversationIds(ids, True), 0
+        elif not r.drop_oldest:
+            self.prompt, dropped = s.whole_prompt(messages, settings, tools), 0
         else:
             self.prompt, dropped = s.prompt(messages, settings, tools)
         # Everything that can refuse the turn, before anything is written:
@@ -367,6 +400,8 @@ class Turn:
             draft=None if shape.processors else s.draft,
             forward=s.forward,
             logits_processors=shape.processors,
+            logprobs=self.request.logprobs,
+            steps=self.steps,
         )
         removed = _Removals(f) if f is not None else None
         events = self._tokens_to_store(raw, writer, stream_ids=f is None)
@@ -384,6 +419,9 @@ class Turn:
                     event = next(events)
                 except StopIteration:
                     break
+                if getattr(event, "pending", False):  # the batch computes the next token
+                    yield event
+                    continue
                 if isinstance(event, Done):
                     done = self._done(event, kept, removed, shape, cache, writer)
                     event = done
@@ -413,6 +451,8 @@ class Turn:
         """`generate`'s events, each token id streamed into the store as it comes (not with a
         filter: an id could spell what the filter removes later)."""
         for event in events:
+            if isinstance(event, Chunk) and event.logprob is not None:
+                self.token_logprobs.append((event.token, event.logprob, event.top_logprobs))
             if stream_ids and writer is not None and isinstance(event, Chunk):
                 writer.append("", event.token)
             yield event
@@ -495,10 +535,13 @@ class _Shape:
     @classmethod
     def of(cls, s: TurnService, r: TurnRequest, settings, tools, prompt, limit) -> _Shape:
         from . import format as fmt
+        from .sampling import make_penalty_processor
 
         base = s.model.generation.eos_token_ids
+        penalty = make_penalty_processor(r.frequency_penalty, r.presence_penalty, len(prompt))
+        extra = [penalty] if penalty is not None else []
         if r.kind == "raw":
-            return cls(None, tuple(base), [])
+            return cls(None, tuple(base), extra)
         control = fmt.ControlIds.from_tokenizer(s.tokenizer)
         ends = fmt.end_tokens(s.tokenizer, base, tools_offered=bool(tools))
         parser = fmt.FormatParser(
@@ -506,7 +549,7 @@ class _Shape:
         )
         choice = r.tool_choice
         if not (tools and choice not in (None, "auto", "none")) and r.json_schema is None:
-            return cls(parser, ends, [])
+            return cls(parser, ends, extra)
         from . import constrained
 
         if tools and choice not in (None, "auto", "none"):
@@ -521,7 +564,7 @@ class _Shape:
                 r.json_schema, control, thinking=settings.thinking
             )
         constraint = constrained.Constraint.build(grammar, s.model, s.tokenizer, end_tokens=ends)
-        return cls(parser, ends, [constraint.processor(limit)])
+        return cls(parser, ends, [*extra, constraint.processor(limit)])
 
 
 class _Removals:

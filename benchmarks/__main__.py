@@ -17,6 +17,7 @@ to `.bench-cache/results.json`.
     python -m benchmarks --distributed   # 1, 2 and 3 local ranks (benchmarks/distributed.py)
     python -m benchmarks --chunking      # stop-aware prompt reading vs one graph
     python -m benchmarks --ui            # the chat UI's worst stall while streaming (ui_stall.py)
+    python -m benchmarks --serve         # the HTTP server under load (benchmarks/serve.py)
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "distributed",
         "chunking",
         "ui",
+        "serve",
     )
     for name in sections:
         parser.add_argument(f"--{name}", action="store_true", help=f"Run the {name} section.")
@@ -188,6 +190,12 @@ def _ui(args: argparse.Namespace) -> None:
     ui_stall(["--answers", "1"] if args.quick else [])
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import main as serve
+
+    serve([])
+
+
 SECTIONS = {
     "chunking": _chunking,
     "distributed": _distributed,
@@ -199,6 +207,7 @@ SECTIONS = {
     "filter": _filter,
     "speculative": _speculative,
     "ui": _ui,
+    "serve": _serve,
 }
 
 

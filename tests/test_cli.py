@@ -118,7 +118,8 @@ def test_help_imports_nothing_heavy():
         "import sys; from apertus_mlx.cli import cli\n"
         "try: cli.main(['--help'], standalone_mode=False)\n"
         "except SystemExit: pass\n"
-        "heavy = [m for m in ('transformers', 'torch', 'textual', 'mlx.core', 'tokenizers')"
+        "heavy = [m for m in ('transformers', 'torch', 'textual', 'mlx.core', 'tokenizers',"
+        " 'starlette', 'uvicorn')"
         " if m in sys.modules]\n"
         "print('heavy:', ','.join(heavy))"
     )
@@ -133,7 +134,8 @@ def test_generate_imports_no_transformers_torch_textual_or_the_store(tiny_model_
         "import sys; from apertus_mlx.cli import cli\n"
         f"cli.main(['generate', 'hi', '-m', {str(tiny_model_dir)!r}, '-n', '2'],"
         " standalone_mode=False)\n"
-        "heavy = ('transformers', 'torch', 'textual', 'sqlite3', 'apertus_mlx.store')\n"
+        "heavy = ('transformers', 'torch', 'textual', 'sqlite3', 'apertus_mlx.store',"
+        " 'starlette', 'uvicorn', 'apertus_mlx.server')\n"
         "print([m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

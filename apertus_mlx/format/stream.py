@@ -312,6 +312,9 @@ def filter_events(events: Iterable[Any], output_filter: Any) -> Iterator[Any]:
     kind: type | None = None
     stream = None
     for event in events:
+        if getattr(event, "pending", False):  # a batch's wait: nothing to release yet
+            yield event
+            continue
         if isinstance(event, Thought | Chunk):
             if type(event) is not kind:
                 if stream is not None and (rest := stream.flush()):

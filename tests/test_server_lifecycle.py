@@ -1,0 +1,159 @@
+"""The server's life: a client that hangs up frees its slot, a full queue answers 429, the
+output filter applies to streamed answers, and Ctrl+C / SIGTERM end it cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import pytest
+
+from apertus_mlx.output_filter import MARKER, words
+from tests.servers import Served
+from tests.test_cli import cli
+from tests.test_filter_cli import write_filter
+
+openai = pytest.importorskip("openai")
+
+ENDLESS = {
+    "messages": [{"role": "user", "content": "Erzähl mir alles."}],
+    "max_tokens": 50000,
+    "temperature": 0,
+    "stream": True,
+}
+
+
+def first_line(lines) -> str:
+    """The first SSE data line of a streamed answer with some text (`lines`: an iterator)."""
+    for line in lines:
+        if line.startswith("data: ") and '"content": ""' not in line:
+            return line
+    raise AssertionError("the stream ended early")
+
+
+def wait_idle(server: Served) -> None:
+    """Until the server holds no request (the model thread has let go of the last one)."""
+    with httpx.Client() as c:
+        for _ in range(3000):
+            if c.get(server.url + "/health").json()["requests"] == 0:
+                return
+            c.get(server.url + "/v1/models")  # a round trip instead of a sleep
+    raise AssertionError("the server never became idle")
+
+
+def test_a_hung_up_client_frees_its_slot_and_a_full_queue_is_429(endless_model):
+    server = Served(endless_model, "--max-concurrent", "1", "--max-queue", "0")
+    try:
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", server.base + "/chat/completions", json=ENDLESS) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # kept: dropping it closes the response (a hang-up)
+                first_line(lines)
+                busy = c.post(server.base + "/chat/completions", json={**ENDLESS, "stream": False})
+                assert (
+                    busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+                )
+            # hung up mid-answer: the endless answer stops and the next request is served
+            wait_idle(server)
+            short = {**ENDLESS, "stream": False, "max_tokens": 3}
+            assert c.post(server.base + "/chat/completions", json=short).status_code == 200
+            with c.stream("POST", server.base + "/chat/completions", json=ENDLESS) as r:
+                lines = r.iter_lines()
+                first_line(lines)
+                server.proc.send_signal(signal.SIGINT)  # Ctrl+C: the answer is cut, cleanly
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            assert '"finish_reason": "stop"' in rest[-2]
+        assert server.wait() == 130
+        assert not any("Traceback" in line for line in server.log)
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_sigterm_ends_the_answers_and_exits_143(endless_model):
+    server = Served(endless_model)
+    try:
+        with (
+            httpx.Client(timeout=60) as c,
+            c.stream("POST", server.base + "/chat/completions", json=ENDLESS) as r,
+        ):
+            lines = r.iter_lines()
+            first_line(lines)
+            server.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert server.wait() == 143
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_the_output_filter_applies_to_a_streamed_answer(tiny_model_dir, tmp_path, monkeypatch):
+    prompt = "Grüezi mitenand!"
+    plain = cli("generate", prompt, "-m", str(tiny_model_dir), "--temp", "0", "-n", "24")
+    said = words(plain.stdout)
+    assert len(said) >= 3, plain.stdout
+    home = tmp_path / "home"
+    monkeypatch.setenv("APERTUS_MLX_HOME", str(home))
+    assert cli("filter", "install", write_filter(tmp_path / "f.json", [said[1]])).returncode == 0
+    server = Served(tiny_model_dir, env={"APERTUS_MLX_HOME": str(home)})
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)
+        chunks = client.chat.completions.create(
+            model="",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert MARKER in text
+        assert said[1] not in words(text)
+    finally:
+        server.stop()
+
+
+def test_an_idle_model_is_unloaded_and_loads_again(tiny_model_dir):
+    server = Served(tiny_model_dir, "--idle-unload", "0.002")  # 0.12 s
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)
+        ask = dict(model="", messages=[{"role": "user", "content": "Hoi"}], max_tokens=3)
+        assert client.chat.completions.create(**ask).usage.completion_tokens == 3
+        with httpx.Client() as c:
+            for _ in range(100_000):  # round trips until the model thread lets go of it
+                if not c.get(server.url + "/health").json()["loaded"]:
+                    break
+            else:
+                raise AssertionError("the idle model was never unloaded")
+        assert client.chat.completions.create(**ask).usage.completion_tokens == 3
+        assert httpx.get(server.url + "/health").json()["loaded"]
+        assert sum(line.startswith("unloaded ") for line in server.log) >= 1
+    finally:
+        server.stop()
+
+
+def test_an_internal_error_is_one_line_and_a_500():
+    """The guard around the routes: a bug becomes a 500 in the API's shape and one log line."""
+    import asyncio
+
+    from apertus_mlx.server.app import Guard
+
+    async def broken(scope, receive, send):
+        raise ZeroDivisionError("boom")
+
+    lines: list[str] = []
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/messages", "headers": []}
+    asyncio.run(Guard(broken, None, lines.append)(scope, receive, send))
+    assert sent[0]["status"] == 500
+    body = json.loads(sent[1]["body"])
+    assert body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert lines[0] == "apertus-mlx: internal error: ZeroDivisionError: boom"
+    assert lines[1].startswith("POST /v1/messages 500 0 tokens")
