@@ -464,3 +464,24 @@ def test_hostfile_and_split_flags_are_checked_before_anything_starts(models, tmp
     args = ("generate", "hi", "-m", str(models["f32"]), "--temp", "0", "-n", "4")
     alone = cli(*args, "--hostfile", str(local_hostfile(tmp_path, 1)))  # one process
     assert alone.returncode == 0 and alone.stdout == cli(*args).stdout
+
+
+def test_serve_across_hosts_answers_as_one_process(models, tmp_path):
+    """`serve --hostfile`: rank 0 serves HTTP, the answer is the one-process answer."""
+    import openai
+
+    from tests.servers import Served
+
+    message = "Grüezi mitenand!"
+    one = cli("generate", message, "-m", str(models["f32"]), "-n", "12", "--temp", "0", "--json")
+    assert one.returncode == 0, one.stderr
+    served = Served(models["f32"], "--hostfile", str(local_hostfile(tmp_path, 2)), env=env())
+    try:
+        client = openai.OpenAI(base_url=served.base, api_key="none")
+        answer = client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": message}], max_tokens=12,
+            temperature=0,
+        )  # fmt: skip
+        assert answer.choices[0].message.content == json.loads(one.stdout)["text"]
+    finally:
+        assert served.stop() == 143, served.log

@@ -9,6 +9,7 @@ import click
 
 from ..errors import UsageError
 from . import model_option
+from .across_hosts import across_hosts
 
 
 def is_loopback(host: str) -> bool:
@@ -30,6 +31,7 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server(address[:2], family=family, backlog=128)
 
 
+@across_hosts
 @click.command()
 @model_option(required=False, extra_help=" Loaded at start; requests may name another one.")
 @click.option(

@@ -320,7 +320,9 @@ class Scheduler:
             caches=PromptCaches(budget, max_entries=64, min_share=0.5),
         )
         self.loaded = key
-        if self.batching:
+        # A model across hosts (pipeline ranks) decodes one answer at a time: each step
+        # passes one token's hidden state from rank to rank.
+        if self.batching and getattr(model, "pipeline", None) is None:
             from ..batch import BatchDecoder
 
             self.decoder = BatchDecoder(self.service.forward)
