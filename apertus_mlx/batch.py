@@ -5,8 +5,9 @@ Each answer is a turn like any other (`turn.Turn`); only its token layer differs
 alone (with whatever prompt cache serves it), then joins the batch at the next step; a
 finished or stopped one leaves. Every answer keeps its own KV cache, sampler, seed, logits
 processors (penalties, a grammar), stop strings and output filter. The batched pass runs the
-projections and the MLP for all rows at once, and attention per row, over its own cache at
-its own position (`RowsKV`): caches of different lengths, no padding.
+projections and the MLP for all rows at once, and attention over each row's own cache at its
+own position (`RowsKV`): one attention for the rows whose caches have the same size, no
+padding, so a row's answer is the one it gets alone.
 
 Everything here runs on the thread that owns MLX (the server's scheduler). That thread
 advances each answer's event generator until it yields `generate.PENDING` (its next token
