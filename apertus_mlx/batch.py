@@ -128,9 +128,8 @@ class RowsKV:
             stacked.append(whole)
         capacity = stacked[0].shape[2]
         seen = mx.arange(capacity, dtype=mx.int32)[None, :] <= positions[:, None]
-        return mx.fast.scaled_dot_product_attention(
-            q, *stacked, scale=scale, mask=seen[:, None, None, :]
-        )
+        keys, values = ((x,) for x in stacked)
+        return rows[0].layout.attention(q, keys, values, scale, seen[:, None, None, :])
 
 
 @dataclass(eq=False)
