@@ -5,8 +5,9 @@ Each answer is a turn like any other (`turn.Turn`); only its token layer differs
 alone (with whatever prompt cache serves it), then joins the batch at the next step; a
 finished or stopped one leaves. Every answer keeps its own KV cache, sampler, seed, logits
 processors (penalties, a grammar), stop strings and output filter. The batched pass runs the
-projections and the MLP for all rows at once, and attention per row, over its own cache at
-its own position (`RowsKV`): caches of different lengths, no padding.
+projections and the MLP for all rows at once, and attention over each row's own cache at its
+own position (`RowsKV`): one attention for the rows whose caches have the same size, no
+padding, so a row's answer is the one it gets alone.
 
 Everything here runs on the thread that owns MLX (the server's scheduler). That thread
 advances each answer's event generator until it yields `generate.PENDING` (its next token
@@ -22,7 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import KVBuffers, KVCache
+from .cache import KVBuffers, KVCache, PlainBuffers
 from .device import generation_stream
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
 from .generate import PENDING
@@ -62,10 +63,24 @@ class RowsRotation:
 class RowsKV:
     """What a batched decoding step reads and writes: one token per row, each row written to
     its own cache's buffers at its own position and attending over them alone (masked past
-    its position, so the step compiles once per set of buffer sizes, not per position)."""
+    its position, so the step compiles once per set of buffer sizes, not per position).
+
+    Rows whose plain buffers have the same capacity attend together: their buffers are
+    stacked, each row's keys and values scattered in at its position, and one attention runs
+    over the stack with a per-row mask. Each row's result is the one it gets alone (the same
+    buffer, the same mask; the batch dimension only repeats the computation), in far fewer
+    operations than one attention per row, which is what a step of a small model spends its
+    time on. Quantized buffers attend row by row."""
 
     def __init__(self, rows: Sequence[KVBuffers]):
         self.rows = list(rows)
+        self.groups: list[list[int]] = []  # rows attending together, by buffer capacity
+        if all(isinstance(kv.layout, PlainBuffers) for kv in self.rows):
+            capacities: dict[int, list[int]] = {}
+            for i, kv in enumerate(self.rows):
+                capacities.setdefault(kv.keys[0][0].shape[2], []).append(i)
+            self.groups = list(capacities.values())
+            self.positions = mx.concatenate([kv.position for kv in self.rows])
 
     def rotation(self, rope: Any, length: int) -> RowsRotation:
         return RowsRotation([kv.rotation(rope, length) for kv in self.rows])
@@ -74,11 +89,47 @@ class RowsKV:
         return None  # each row's own, in `attend`
 
     def attend(self, layer: int, q, keys, values, scale: float, mask) -> mx.array:
-        rows = [
-            kv.attend(layer, q[i : i + 1], keys[i : i + 1], values[i : i + 1], scale, kv.mask(1))
-            for i, kv in enumerate(self.rows)
-        ]
-        return mx.concatenate(rows, axis=0)
+        if not self.groups:
+            rows = [
+                kv.attend(
+                    layer, q[i : i + 1], keys[i : i + 1], values[i : i + 1], scale, kv.mask(1)
+                )
+                for i, kv in enumerate(self.rows)
+            ]
+            return mx.concatenate(rows, axis=0)
+        if len(self.groups) == 1:
+            return self._attend_group(self.groups[0], layer, q, keys, values, scale)
+        order = [i for group in self.groups for i in group]
+        parts = []
+        for group in self.groups:
+            take = mx.array(group, dtype=mx.int32)
+            part = (x[take] for x in (q, keys, values))
+            parts.append(self._attend_group(group, layer, *part, scale))
+        back = mx.array(sorted(range(len(order)), key=order.__getitem__), dtype=mx.int32)
+        return mx.concatenate(parts, axis=0)[back]
+
+    def _attend_group(self, group: list[int], layer: int, q, keys, values, scale: float):
+        """One attention for rows of one capacity: stack, scatter the new keys and values in
+        at each row's position, hand each row its part back, attend masked per row."""
+        rows = [self.rows[i] for i in group]
+        positions = (
+            self.positions
+            if len(group) == len(self.rows)
+            else self.positions[mx.array(group, dtype=mx.int32)]
+        )
+        B, heads, _, dim = keys.shape
+        at = mx.broadcast_to(positions[:, None, None, None], (B, heads, 1, dim))
+        stacked = []
+        for name, new in (("keys", keys), ("values", values)):
+            whole = mx.concatenate([getattr(kv, name)[layer][0] for kv in rows], axis=0)
+            whole = mx.put_along_axis(whole, at, new.astype(whole.dtype), axis=2)
+            for i, kv in enumerate(rows):
+                getattr(kv, name)[layer] = (whole[i : i + 1],)
+            stacked.append(whole)
+        capacity = stacked[0].shape[2]
+        seen = mx.arange(capacity, dtype=mx.int32)[None, :] <= positions[:, None]
+        keys, values = ((x,) for x in stacked)
+        return rows[0].layout.attention(q, keys, values, scale, seen[:, None, None, :])
 
 
 @dataclass(eq=False)

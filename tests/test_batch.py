@@ -30,9 +30,9 @@ def alone(service, requests) -> list[Done]:
     return [next(e for e in service.start(r).events if isinstance(e, Done)) for r in requests]
 
 
-def together(service, requests, join_at=None) -> tuple[list[Done], int]:
+def together(service, requests, join_at=None, capacities=None) -> tuple[list[Done], int]:
     """Every request in one batch (request i joins after `join_at[i]` steps); (Done of each,
-    batched steps taken)."""
+    batched steps taken). `capacities` (a set) collects the rows' cache sizes per step."""
     service.caches.clear()
     decoder = BatchDecoder(service.forward)
     join_at = join_at or [0] * len(requests)
@@ -49,6 +49,8 @@ def together(service, requests, join_at=None) -> tuple[list[Done], int]:
                     done[i] = event
             else:
                 del live[i]
+        if capacities is not None:
+            capacities.add(tuple(row.cache.capacity for row in decoder.rows))
         if decoder.step():
             steps += 1
         elif not live:
@@ -64,6 +66,23 @@ def test_greedy_answers_decoded_together_equal_those_alone(service):
     assert [d.text for d in batched] == [d.text for d in expected]
     # one step per token of the longest answer: the rows decoded together
     assert steps < sum(len(d.tokens) for d in expected)
+
+
+def test_rows_of_different_cache_sizes_decode_together_as_alone(service):
+    """Rows attend together by cache size: mixed sizes, interleaved, change no answer."""
+    settings = TurnSettings(temperature=0, max_tokens=24)
+    requests = [
+        TurnRequest.chat(
+            [{"role": "user", "content": f"Frage {i}: " + "warum? " * n}],
+            settings,
+            drop_oldest=False,
+        )
+        for i, n in enumerate((3, 60, 5, 80, 8))
+    ]
+    capacities: set = set()
+    batched, _ = together(service, requests, join_at=[4, 0, 4, 8, 8], capacities=capacities)
+    assert (512, 256, 256, 256, 512) in capacities  # two sizes, interleaved
+    assert [d.tokens for d in batched] == [d.tokens for d in alone(service, requests)]
 
 
 def test_each_row_keeps_its_own_sampler_seed_and_stops(service):
