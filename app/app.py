@@ -7,7 +7,6 @@ file, the reminder about the output filter, the command palette, quitting.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
 from textual.app import App, SystemCommand
@@ -21,8 +20,6 @@ from .downloads import DownloadFinished, DownloadProgress, Downloads
 from .settings import AppConfig, ChatSettings
 from .widgets import warm_markdown
 from .worker import ModelWorker
-
-SWITCH_INTERVAL_S = 0.001  # GIL hand-over while the model thread works (see on_mount)
 
 
 class ChatApp(App):
@@ -43,16 +40,10 @@ class ChatApp(App):
         self.worker: ModelWorker | None = None
         self.chat: ChatScreen | None = None
         self.downloads = Downloads(self.post_message)
-        self._switch_interval = sys.getswitchinterval()
 
     async def on_mount(self) -> None:
         from apertus_mlx.store import Store
 
-        # The model thread runs Python between its MLX calls, so the event loop, waking from
-        # select, waits for the GIL; the default 5 ms switch interval is paid on every wake-up
-        # (several per frame) and stretches a frame's work past 50 ms on a loaded machine.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             self.config = AppConfig.load()
         except ApertusError as e:
@@ -92,7 +83,6 @@ class ChatApp(App):
             self.notify(note, title="Output filter", severity="warning", timeout=15)
 
     def on_unmount(self) -> None:
-        sys.setswitchinterval(self._switch_interval)
         self.downloads.shutdown()
         if self.worker is not None:
             self.worker.shutdown(timeout=2.0)
