@@ -18,6 +18,7 @@ from apertus_mlx.errors import ApertusError
 from .chat_screen import ChatScreen
 from .downloads import DownloadFinished, DownloadProgress, Downloads
 from .settings import AppConfig, ChatSettings
+from .widgets import warm_markdown
 from .worker import ModelWorker
 
 
@@ -67,6 +68,7 @@ class ChatApp(App):
                                resume=resume)  # fmt: skip
         self.worker = ModelWorker(self.chat.post_message, self.store)
         await self.push_screen(self.chat)
+        self.run_worker(warm_markdown, thread=True, exit_on_error=False)
         self.remind_filter()
 
     def remind_filter(self) -> None:

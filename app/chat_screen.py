@@ -344,7 +344,7 @@ class ChatScreen(Screen):
         if r is None:
             return
         r.text += message.text
-        self.live_speed()
+        self.live_speed(message.tokens)
         answer = self.live_answer()
         if answer is not None:
             await answer.append(message.text)
@@ -358,17 +358,17 @@ class ChatScreen(Screen):
         if answer is not None:
             await answer.think(message.text)
 
-    def live_speed(self) -> None:
+    def live_speed(self, chunks: int = 1) -> None:
         """tok/s while the answer streams (a chunk is about a token), twice a second."""
         import time
 
         now = time.monotonic()
-        self.chunks += 1
-        if self.first_chunk is None:
+        if self.first_chunk is None:  # the rate counts the chunks after the first message
             self.first_chunk, self.shown_at = now, now
             return
-        if now - self.shown_at >= 0.5 and self.chunks > 1:
-            self.tps = (self.chunks - 1) / (now - self.first_chunk)
+        self.chunks += chunks
+        if now - self.shown_at >= 0.5 and self.chunks > 0:
+            self.tps = self.chunks / (now - self.first_chunk)
             self.shown_at = now
             self.update_status()
 

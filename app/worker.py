@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,9 @@ from textual.message import Message
 
 if TYPE_CHECKING:
     from apertus_mlx.turn import TurnRequest, TurnService
+
+
+BATCH_S = 0.025  # the answer's text reaches the UI at most 40 times a second
 
 
 class ModelLoading(Message):
@@ -77,9 +81,12 @@ class TurnRefused(TurnMessage):
 
 
 class AnswerChunk(TurnMessage):
-    def __init__(self, job: int, text: str) -> None:
+    """More of the answer's text: `tokens` chunks of the turn, sent together (see `Batch`)."""
+
+    def __init__(self, job: int, text: str, tokens: int = 1) -> None:
         super().__init__(job)
         self.text = text
+        self.tokens = tokens
 
 
 class AnswerThought(TurnMessage):
@@ -120,6 +127,38 @@ class AnswerDone(TurnMessage):
         self.context_used = context_used
         self.store_error = store_error
         self.deleted = deleted
+
+
+class Batch:
+    """The answer's text (or thoughts) posted at most every `interval` seconds: a fast model
+    makes hundreds of chunks a second, and each message costs the event loop a wake-up and a
+    handler while it also lays out the answer (benchmarks/ui_stall.py). A chunk that comes
+    `interval` after the last post goes out at once, so a model slower than that streams
+    token by token; what is held back goes out with the next chunk or `flush`."""
+
+    def __init__(self, post: Callable[[Message], object], job: int, interval: float) -> None:
+        self._post, self._job, self._interval = post, job, interval
+        self._kind: type[AnswerChunk] | type[AnswerThought] | None = None
+        self._text, self._count, self._posted = "", 0, -float("inf")  # the first goes at once
+
+    def add(self, kind: type[AnswerChunk] | type[AnswerThought], text: str) -> None:
+        if kind is not self._kind:
+            self.flush()
+            self._kind = kind
+        self._text += text
+        self._count += 1
+        if time.monotonic() - self._posted >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Post what is held back (before any other message of the turn)."""
+        if not self._text:
+            return
+        if self._kind is AnswerChunk:
+            self._post(AnswerChunk(self._job, self._text, self._count))
+        else:
+            self._post(AnswerThought(self._job, self._text))
+        self._text, self._count, self._posted = "", 0, time.monotonic()
 
 
 def describe_error(e: BaseException) -> str:
@@ -251,18 +290,20 @@ class ModelWorker:
         turn = self._service.start(request, stop)
         started = False
         text, stats, error = "", None, None
+        batch = Batch(self._post, job, BATCH_S)
         try:
             for event in turn.events:
                 if isinstance(event, Chunk):
                     if event.text:
                         text += event.text
-                        self._post(AnswerChunk(job, event.text))
+                        batch.add(AnswerChunk, event.text)
                 elif isinstance(event, Thought):
                     if event.text:
-                        self._post(AnswerThought(job, event.text))
+                        batch.add(AnswerThought, event.text)
                 elif isinstance(event, Done):
                     stats = event.stats
                 elif isinstance(event, Note):
+                    batch.flush()
                     self._post(TurnNote(job, event.text))
                 elif isinstance(event, Started):
                     started = True
@@ -273,6 +314,7 @@ class ModelWorker:
                 self._post(TurnRefused(job, describe_error(e)))
                 return
             error = describe_error(e)
+        batch.flush()
         used = stats.prompt_tokens + stats.generated_tokens if stats is not None else 0
         store_error = str(turn.store_error) if turn.store_error else None
         self._post(AnswerDone(job, text, stats, error, used, store_error, turn.deleted))
