@@ -21,9 +21,10 @@ def load(
 ) -> tuple[Model, Tokenizer]:
     """Load model and tokenizer from a checkpoint directory or a cached hub repo id.
 
-    dtype: compute dtype ("bfloat16", "float16", "float32" or an mx.Dtype); by default
-    float32 on the CPU backend, the checkpoint's dtype on Metal. The model carries the
-    checkpoint's end tokens and sampling defaults as `model.generation`.
+    dtype: compute dtype ("bfloat16", "float16", "float32" or an mx.Dtype); by default the
+    checkpoint's dtype on Metal; on the CPU a dense bfloat16 checkpoint's own dtype and
+    float32 for the rest (see `plan.compute_dtype`). The model carries the checkpoint's end
+    tokens and sampling defaults as `model.generation`.
     """
     from .config import GenerationConfig, ModelArgs
     from .distributed import active
