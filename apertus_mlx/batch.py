@@ -26,7 +26,7 @@ import mlx.core as mx
 from .cache import KVBuffers, KVCache, PlainBuffers
 from .device import generation_stream
 from .forward import DEFAULT_MAX_TOKENS, Forward, PromptProgress
-from .generate import PENDING
+from .generate import PENDING, token_sampler
 from .kernels import norm_rope
 from .sampling import LogitsProcessor
 
@@ -183,18 +183,7 @@ class BatchDecoder:
         is read in `PREFILL_CHUNK`s, while the others take a step). The cache holds the
         prompt and every yielded token but the last."""
         progress = progress if progress is not None else PromptProgress()
-        tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
-
-        def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-            nonlocal tokens
-            logits = logits.astype(mx.float32)
-            for processor in logits_processors:
-                logits = processor(tokens, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = sampler(logprobs)
-            if tokens is not None:
-                tokens = mx.concatenate([tokens, token.astype(mx.int32)])
-            return token, logprobs.squeeze(0)
+        sample = token_sampler(prompt, sampler, logits_processors)
 
         started = time.perf_counter()
 

@@ -45,6 +45,29 @@ __all__ = ["DEFAULT_MAX_TOKENS", "Chunk", "Done", "Event", "Forward", "Stats", "
 # --- the token layer ----------------------------------------------------------------------
 
 
+def token_sampler(
+    prompt: Sequence[int],
+    sampler: Callable[[mx.array], mx.array],
+    logits_processors: Sequence[LogitsProcessor] = (),
+) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
+    """(logits (1, vocab)) -> (token, log-probabilities (vocab,)), in float32; the logits
+    processors see the prompt and every token drawn so far."""
+    tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal tokens
+        logits = logits.astype(mx.float32)
+        for processor in logits_processors:
+            logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if tokens is not None:
+            tokens = mx.concatenate([tokens, token.astype(mx.int32)])
+        return token, logprobs.squeeze(0)
+
+    return sample
+
+
 def generate_step(
     prompt: Sequence[int],
     forward: Forward,
@@ -65,18 +88,7 @@ def generate_step(
     the prompt and each yielded token but the last.
     """
     progress = progress if progress is not None else PromptProgress()
-    tokens = mx.array(prompt, dtype=mx.int32) if logits_processors else None
-
-    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal tokens
-        logits = logits.astype(mx.float32)
-        for processor in logits_processors:
-            logits = processor(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        if tokens is not None:
-            tokens = mx.concatenate([tokens, token.astype(mx.int32)])
-        return token, logprobs.squeeze(0)
+    sample = token_sampler(prompt, sampler, logits_processors)
 
     def count(n: int) -> None:
         progress.read, progress.seconds = n, time.perf_counter() - started
