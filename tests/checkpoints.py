@@ -181,6 +181,16 @@ def finish(proc, timeout: float = 60) -> tuple[str, str]:
 # Scripted answers (see `build_scripted_checkpoint`): trigger -> what the model says after it.
 # A trigger is a control token, a piece, or "]" (the end of tool results in a prompt).
 WEATHER_CALL = '[{"get_weather": {"city": "Bern"}}]'
+TOOLS = [  # the tool the scripted answers call (OpenAI's nested form)
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 SCRIPTS: dict[str, dict[str, list[str]]] = {
     "deliberation": {
         "<|assistant_start|>": [

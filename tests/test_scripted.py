@@ -25,18 +25,8 @@ from apertus_mlx.format import (
 )
 from apertus_mlx.generate import Done, generate
 from apertus_mlx.sampling import SamplingParams
-from tests.checkpoints import SCRIPTS, reference_model
+from tests.checkpoints import SCRIPTS, TOOLS, reference_model
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather now",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
 QUESTION = [{"role": "user", "content": "Weather in Bern?"}]
 
 

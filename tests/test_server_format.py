@@ -8,22 +8,13 @@ import json
 
 import pytest
 
+from tests.checkpoints import TOOLS
 from tests.servers import Served
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
 KEY = "sesam-oeffne-dich"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather now",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
 FLAT = [
     {
         "name": "get_weather",
