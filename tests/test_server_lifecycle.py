@@ -71,6 +71,38 @@ def test_a_hung_up_client_frees_its_slot_and_a_full_queue_is_429(endless_model):
         server.stop(signal.SIGKILL)
 
 
+def test_a_conversation_beside_a_running_one_reads_their_shared_opening(endless_model):
+    """Two conversations sharing a long opening, the second starting while the first still
+    answers (it never ends): the second reads the opening from a cache, as much of it as
+    when nothing else runs."""
+    opening = "Du bist ein Bergführer im Berner Oberland. " * 6
+
+    def ask(c: httpx.Client, last: str, **kw) -> dict:
+        messages = [{"role": "system", "content": opening + last}]
+        out = c.post(
+            server.base + "/chat/completions",
+            json={**ENDLESS, "messages": messages, "stream": False, **kw},
+        )
+        assert out.status_code == 200, out.text
+        return out.json()["usage"]
+
+    server = Served(endless_model)
+    try:
+        with httpx.Client(timeout=60) as c:
+            first = ask(c, "Sei kurz.", max_tokens=1)
+            assert first["prompt_tokens_details"]["cached_tokens"] < first["prompt_tokens"] / 2
+            running = {**ENDLESS, "messages": [{"role": "system", "content": opening + "Lang."}]}
+            with c.stream("POST", server.base + "/chat/completions", json=running) as r:
+                lines = r.iter_lines()
+                first_line(lines)  # its prompt is read: it holds a cache of its own
+                beside = ask(c, "Sei nett.", max_tokens=2)["prompt_tokens_details"]
+            wait_idle(server)
+            alone = ask(c, "Sei froh.", max_tokens=2)["prompt_tokens_details"]
+        assert beside["cached_tokens"] == alone["cached_tokens"] > first["prompt_tokens"] / 2
+    finally:
+        server.stop(signal.SIGKILL)
+
+
 def test_sigterm_ends_the_answers_and_exits_143(endless_model):
     server = Served(endless_model)
     try:

@@ -317,7 +317,10 @@ class Scheduler:
             model_id=model_id,
             revision=revision,
             output_filter=lambda: f,
-            caches=PromptCaches(budget, max_entries=64, min_share=0.5),
+            # Cut a cache only for the conversation it holds whole (a follow-up turn); any
+            # other request sharing its opening reads a copy, so conversations running at
+            # the same time all find the template's opening and the shared system prompt.
+            caches=PromptCaches(budget, max_entries=64, min_share=1.0),
         )
         self.loaded = key
         # A model across hosts (pipeline ranks) decodes one answer at a time: each step
