@@ -1,6 +1,10 @@
 """The conversation list with its search box: every saved conversation, or the ones the
 history's full-text index finds. It reads the store and says which one the user picked
-(`Chosen`); what to show is the app's decision."""
+(`Chosen`); what to show is the app's decision.
+
+The list is one `OptionList` (its rows drawn as lines, only the visible ones), not a widget
+per conversation: with a long history, hundreds of row widgets made every frame of a
+streaming answer lay them all out again (`benchmarks/ui_stall.py --history 200`)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content
 from textual.message import Message
-from textual.widgets import Input, Label, ListItem, ListView
+from textual.widgets import Input, OptionList
+from textual.widgets.option_list import Option
 
 from .display_text import for_display
 
@@ -36,15 +42,16 @@ def when(timestamp: float, now: float | None = None) -> str:
     return t.strftime("%b %-d") if t.year == today.year else t.strftime("%Y-%m-%d")
 
 
-class ConversationItem(ListItem):
-    def __init__(self, conversation_id: str, title: str, detail: str = "",
-                 date: str = "") -> None:  # fmt: skip
-        super().__init__(
-            Label(short_title(title), markup=False, classes="title"),
-            Label(date, classes="date", markup=False),
-            *([Label(for_display(detail), classes="hit", markup=False)] if detail else []),
-        )
-        self.conversation_id = conversation_id
+def conversation_row(conversation_id: str, title: str, *, date: str = "", detail: str = "",
+                     open_: bool = False) -> Option:  # fmt: skip
+    """A conversation's row: its title (marked when it is the one open), when it changed or
+    the search hit's words. Text from the store is never read as markup."""
+    lines = [(short_title(title), "bold $accent" if open_ else "")]
+    lines += [(line, "$text-muted") for line in (date, for_display(detail)) if line]
+    parts: list = []
+    for text, style in lines:
+        parts += ["\n" if parts else "", (" ".join(text.split()), style)]
+    return Option(Content.assemble(*parts), id=conversation_id)
 
 
 class SearchInput(Input):
@@ -68,31 +75,40 @@ class Sidebar(Vertical):
 
     def compose(self) -> ComposeResult:
         yield SearchInput(placeholder="Search history (F3)", id="search")
-        yield ListView(id="conversations")
+        yield OptionList(id="conversations")
+
+    @property
+    def listed(self) -> list[str]:
+        """The conversations listed, top to bottom (their ids)."""
+        view = self.query_one("#conversations", OptionList)
+        return [view.get_option_at_index(i).id for i in range(view.option_count)]
 
     def refill(self, current: str | None = None) -> None:
         """List the conversations again (after a change), keeping the search typed."""
         self.current = current
         query = self.query_one("#search", Input).value
-        items: list[ConversationItem] = []
+        rows: list[Option] = []
         if query.strip():
             seen: set[str] = set()
             for hit in self.app.store.search(query):
-                if hit.conversation_id not in seen:
-                    seen.add(hit.conversation_id)
+                cid = hit.conversation_id
+                if cid not in seen:
+                    seen.add(cid)
                     title = hit.title or "untitled"
-                    items.append(ConversationItem(hit.conversation_id, title, hit.snippet))
+                    rows.append(
+                        conversation_row(cid, title, detail=hit.snippet, open_=cid == current)
+                    )
         else:
             for c in self.app.store.list_conversations(limit=LIST_LIMIT):
-                items.append(ConversationItem(c.id, c.title or "untitled",
-                                              date=when(c.updated_at)))  # fmt: skip
-        for item in items:  # the open conversation, marked whether or not it is highlighted
-            item.set_class(item.conversation_id == current, "-open")
-        view = self.query_one("#conversations", ListView)
-        view.clear()
-        view.extend(items)
-        index = next((i for i, it in enumerate(items) if it.conversation_id == current), None)
-        view.index = index if index is not None else (0 if items else None)
+                date = when(c.updated_at)
+                rows.append(
+                    conversation_row(c.id, c.title or "untitled", date=date, open_=c.id == current)
+                )
+        view = self.query_one("#conversations", OptionList)
+        view.clear_options()
+        view.add_options(rows)
+        index = next((i for i, row in enumerate(rows) if row.id == current), None)
+        view.highlighted = index if index is not None else (0 if rows else None)
 
     def clear_search(self) -> None:
         """Esc in the search box: the search text goes, the whole list comes back."""
@@ -116,13 +132,13 @@ class Sidebar(Vertical):
 
     @on(Input.Submitted, "#search")
     def search_submitted(self) -> None:
-        view = self.query_one("#conversations", ListView)
-        if view.index is None and len(view):
-            view.index = 0  # Enter again opens the best hit
+        view = self.query_one("#conversations", OptionList)
+        if view.highlighted is None and view.option_count:
+            view.highlighted = 0  # Enter again opens the best hit
         view.focus()
 
-    @on(ListView.Selected, "#conversations")
-    def selected(self, event: ListView.Selected) -> None:
+    @on(OptionList.OptionSelected, "#conversations")
+    def selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
-        if isinstance(event.item, ConversationItem):
-            self.post_message(self.Chosen(event.item.conversation_id))
+        if event.option.id is not None:
+            self.post_message(self.Chosen(event.option.id))

@@ -206,17 +206,26 @@ class AssistantMessage(Vertical):
         if self._flush_timer is not None:
             self._flush_timer.stop()
             self._flush_timer = None
-        self._pending = ""  # the whole answer is drawn below
+        rest, self._pending = self._pending + self._shown.flush(), ""
         if self._stream is not None:
+            # the streamed blocks are the answer's (DisplayFilter's pieces add up to
+            # `for_display` of the whole); drawing it all again would restyle every block
+            # at once, the longest stall of a long answer
+            await self._stream.write(rest)
             await self._stream.stop()
             self._stream = None
-        # one clean render of the whole answer
-        await self.query_one(Markdown).update(for_display(self.text))
+        else:
+            await self.query_one(Markdown).update(for_display(self.text))
         self.finished = True
         self._status = status
         line = self.query_one(AnswerStatus)
         line.update(status)
         line.set_class(error, "error")
+
+    @property
+    def pending(self) -> bool:
+        """Text appended but not drawn yet (it is, within FLUSH_S)."""
+        return self._flush_timer is not None
 
     @property
     def status(self) -> str:

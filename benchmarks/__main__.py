@@ -187,7 +187,9 @@ def _chunking(args: argparse.Namespace) -> None:
 def _ui(args: argparse.Namespace) -> None:
     from .ui_stall import main as ui_stall
 
-    ui_stall(["--answers", "1"] if args.quick else [])
+    quick = ["--answers", "1"] if args.quick else []
+    ui_stall(quick)  # a first start: an empty history
+    ui_stall([*quick, "--history", "200"])  # a long-time user's sidebar
 
 
 def _serve(args: argparse.Namespace) -> None:

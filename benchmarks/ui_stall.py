@@ -4,6 +4,7 @@ every redraw path is exercised): the target is at most 50 ms.
 
     python -m benchmarks.ui_stall                # 3 answers of 600 tokens
     python -m benchmarks.ui_stall --tokens 300 --answers 1 --json
+    python -m benchmarks.ui_stall --history 200   # a lived-in history: 200 conversations listed
 
 Runs the real app headless (Textual's `run_test`) on a random-weight checkpoint whose answers
 never end by themselves (the test suite's `endless` model), and a probe task on the same
@@ -102,6 +103,16 @@ async def measure(model: Path, tokens: int, answers: int) -> dict:
     }
 
 
+def lived_in(conversations: int) -> None:
+    """A history of `conversations` short exchanges, as a long-time user's sidebar lists."""
+    from apertus_mlx.store import Store
+
+    with Store.open() as store:
+        for i in range(conversations):
+            c = store.create_conversation(model="bench", title=f"Earlier chat {i + 1}")
+            store.add_message(c.id, "user", f"Question {i + 1}")
+
+
 def where(at: int) -> str:
     return "as its answer ended" if at < 0 else f"at {at} characters of its answer"
 
@@ -111,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--tokens", type=int, default=600, help="Tokens per answer.")
     parser.add_argument("--answers", type=int, default=3, help="Answers streamed.")
+    parser.add_argument("--history", type=int, default=0,
+                        help="Conversations in the history beforehand.")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="One JSON object.")
     args = parser.parse_args(argv)
     model = checkpoint()
     with tempfile.TemporaryDirectory() as home:
         os.environ["APERTUS_MLX_HOME"] = home  # a throwaway history and config
+        lived_in(args.history)
         result = asyncio.run(measure(model, args.tokens, args.answers))
     if args.json:
         print(json.dumps(result))

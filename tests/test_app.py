@@ -150,10 +150,8 @@ async def test_first_start_downloads_the_recommended_model(tiny_model_dir, tmp_p
         assert repo in str(again.screen.query_one("#first-start").render())
         assert not again.chat.query(Notice)
         await pilot.press("escape")
-        titles = [
-            str(item.query_one("Label").render()) for item in again.chat.query("ConversationItem")
-        ]
-        assert titles == ["Hi"]  # the conversation is kept
+        rows = again.chat.sidebar.query_one("#conversations").options
+        assert [row.prompt.plain.splitlines()[0] for row in rows] == ["Hi"]  # kept
 
 
 def test_download_cancel_then_resume(tiny_model_dir, tmp_path, monkeypatch):
@@ -348,7 +346,7 @@ async def test_search_rename_and_delete(tiny_model_dir):
         await pilot.press("ctrl+n")
         await ask(app, pilot, "Fondue for two")
         await answered(app, pilot, 1)
-        assert len(app.chat.query("ConversationItem")) == 2
+        assert len(app.chat.sidebar.listed) == 2
         await pilot.press("ctrl+n")
 
         await pilot.press("f3")
@@ -357,7 +355,7 @@ async def test_search_rename_and_delete(tiny_model_dir):
         assert app.focused is app.chat.prompt
         await pilot.press("f3")
         await pilot.press(*"fondue")
-        await wait_for(pilot, lambda: len(app.chat.query("ConversationItem")) == 1)
+        await wait_for(pilot, lambda: len(app.chat.sidebar.listed) == 1)
         await pilot.press("enter", "enter")  # to the list, then open the hit
         await wait_for(
             pilot, lambda: app.chat.conversation and app.chat.conversation.title == "Fondue for two"

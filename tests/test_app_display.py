@@ -79,13 +79,17 @@ async def show_and_stream(text: str, chunks: list[str], home) -> None:
         assert app.chat.query(UserMessage).last().text == text
         live = AssistantMessage()
         await app.chat.messages.mount(live)
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             await live.append(chunk)
+            while i < len(chunks) - 1 and live.pending:  # drawn, but for the last chunk
+                await pilot.pause(0.01)
         drawn = live.query_one(Markdown).source
         assert not controls(drawn)  # streamed: nothing a terminal acts on reaches a widget
         await live.finish("done")
         await pilot.pause()
         assert live.text == text
+        # streamed, then finished: drawn as the stored answer is drawn whole
+        assert live.query_one(Markdown).source == shown[-1].query_one(Markdown).source
         for widget in (live, shown[-1]):
             drawn = widget.query_one(Markdown).source
             assert not controls(drawn) and "<|inner_prefix|>" not in drawn

@@ -115,15 +115,15 @@ async def test_sidebar_marks_the_open_chat_shows_dates_and_esc_clears_the_search
             await pilot.press("ctrl+n")
             await ask(app, pilot, text)
             await answered(app, pilot, 1)
-        items = list(app.chat.query("ConversationItem"))
-        opened = [i for i in items if i.has_class("-open")]
-        assert len(items) == 2 and len(opened) == 1
-        assert opened[0].conversation_id == app.chat.conversation.id
-        assert all(str(i.query_one(".date").render()) for i in items)
+        rows = app.chat.sidebar.query_one("#conversations").options
+        opened = [r for r in rows if any("bold" in str(s.style) for s in r.prompt.spans)]
+        assert len(rows) == 2 and len(opened) == 1
+        assert opened[0].id == app.chat.conversation.id
+        assert all(":" in r.prompt.plain.splitlines()[1] for r in rows)  # today: the time
         await pilot.press("f3", *"rosti")
-        await wait_for(pilot, lambda: len(app.chat.query("ConversationItem")) == 1)
+        await wait_for(pilot, lambda: len(app.chat.sidebar.listed) == 1)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: len(app.chat.query("ConversationItem")) == 2)
+        await wait_for(pilot, lambda: len(app.chat.sidebar.listed) == 2)
         assert app.chat.sidebar.query_one("#search").value == ""
         assert app.focused is app.chat.prompt
         assert "Stop" not in [b.description for _, b, *_ in app.chat.active_bindings.values()
