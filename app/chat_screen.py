@@ -10,7 +10,7 @@ the conversation changes, so the store stays the one truth.
 
 from __future__ import annotations
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -124,6 +124,10 @@ class ChatScreen(Screen):
     @property
     def settings(self) -> ChatSettings:
         return self.chat.settings
+
+    def on_resize(self, event: events.Resize) -> None:
+        # below 100 columns the keys' labels sit closer, so the last of them (Quit) still shows
+        self.query_one(Footer).compact = event.size.width < 100
 
     async def on_mount(self) -> None:
         self.prompt.border_title = "Message (Enter sends, ctrl+j new line)"
