@@ -155,3 +155,14 @@ def test_answer_details_are_titled_by_time_not_by_an_internal_id():
     assert first == "Answer of " + datetime.fromtimestamp(1_700_000_000.0).strftime(
         "%Y-%m-%d %H:%M"
     )
+
+
+async def test_quit_shows_in_the_footer_at_80_columns(tiny_model_dir):
+    app = ChatApp(str(tiny_model_dir), GREEDY)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.chat.loaded is not None)
+        await wait_for(pilot, lambda: app.chat.query("FooterKey"))
+        keys = {k.key: k for k in app.chat.query("FooterKey")}
+        await pilot.pause()
+        quit_key = keys["ctrl+q"]
+        assert quit_key.region.width and quit_key.region.right <= 80 - len("^p palette")
