@@ -232,6 +232,7 @@ class ChatScreen(Screen):
 
     async def on_sidebar_chosen(self, message: Sidebar.Chosen) -> None:
         await self.show_conversation(message.conversation_id)
+        self.refresh_conversations()  # the open chat's mark moves with it
         self.prompt.focus()
 
     async def show_conversation(self, conversation_id: str | None) -> None:

@@ -105,8 +105,13 @@ class Sidebar(Vertical):
                     conversation_row(c.id, c.title or "untitled", date=date, open_=c.id == current)
                 )
         view = self.query_one("#conversations", OptionList)
-        view.clear_options()
-        view.add_options(rows)
+        if [o.id for o in view.options] == [r.id for r in rows]:
+            # the same list (an answer ended in the open chat): only changed rows are drawn
+            for i, (old, new) in enumerate(zip(view.options, rows)):
+                if not old.prompt.is_same(new.prompt):
+                    view.replace_option_prompt_at_index(i, new.prompt)
+        else:
+            view.set_options(rows)
         index = next((i for i, row in enumerate(rows) if row.id == current), None)
         view.highlighted = index if index is not None else (0 if rows else None)
 

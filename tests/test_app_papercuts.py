@@ -120,6 +120,12 @@ async def test_sidebar_marks_the_open_chat_shows_dates_and_esc_clears_the_search
         assert len(rows) == 2 and len(opened) == 1
         assert opened[0].id == app.chat.conversation.id
         assert all(":" in r.prompt.plain.splitlines()[1] for r in rows)  # today: the time
+        other = next(r.id for r in rows if r.id != app.chat.conversation.id)
+        app.chat.sidebar.post_message(app.chat.sidebar.Chosen(other))
+        await wait_for(pilot, lambda: app.chat.conversation.id == other)
+        rows = app.chat.sidebar.query_one("#conversations").options
+        opened = [r for r in rows if any("bold" in str(s.style) for s in r.prompt.spans)]
+        assert [r.id for r in opened] == [other]  # the mark moved with the open chat
         await pilot.press("f3", *"rosti")
         await wait_for(pilot, lambda: len(app.chat.sidebar.listed) == 1)
         await pilot.press("escape")
