@@ -276,6 +276,7 @@ def load_model(
     dtype: mx.Dtype | str | None = None,
     fuse: bool = True,
     part: Part | None = None,
+    tensor_group: mx.distributed.Group | None = None,
     **plan: bool,
 ) -> Model:
     """Build the model for the checkpoint at `path` (a local directory).
@@ -283,14 +284,16 @@ def load_model(
     The execution plan (compute dtype, kernels, fusion) is made here, once, from the machine
     and the checkpoint; `fuse=False` keeps q, k and v apart (what `convert` saves), and
     `plan` forces other fields of it (tests run the Metal path's `fast_ops=True` on a CPU).
-    `part` loads one block of layers (see `model.Part`), reading only that block's tensors.
+    `part` loads one block of layers (see `model.Part`), reading only that block's tensors;
+    `tensor_group` keeps this rank's slice of every layer (`tensor_parallel.shard`), each
+    tensor read whole and cut before the next, so the peak is about the slice.
     """
     path = Path(path)
     args = ModelArgs.from_dir(path)
     part = part or Part.whole(args)
     weights, stored = read_weights(path, holds(part, args.tie_word_embeddings))
     weights, quant = localize(sanitize(weights, args), args.quantization, part)
-    fuse = fuse and can_fuse(weights, quant)
+    fuse = fuse and tensor_group is None and can_fuse(weights, quant)
     if fuse:
         weights, quant = fuse_qkv(weights, quant)
     plan = replace(make_plan(stored, dtype, fuse, quantized=bool(quant)), **plan)
@@ -302,6 +305,10 @@ def load_model(
     head = "model.embed_tokens." if args.tie_word_embeddings else "lm_head."
     model.update(tree_unflatten(list(cast_weights(weights, plan.dtype, head).items())))
     del weights
+    if tensor_group is not None:
+        from .tensor_parallel import shard
+
+        shard(model, tensor_group)  # before anything is read: the cuts are what is read
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -1,4 +1,5 @@
-"""One model across 1, 2 and 3 local processes: what the pipeline's ring costs per token.
+"""One model across 1, 2 and 3 local processes: what the pipeline's ring costs per token, and
+tensor parallel (`tensor_parallel.shard`, heads split across 2 ranks) on the same model.
 
     python -m benchmarks.distributed            # narrow and 0.5B shapes, 1-3 ranks
     python -m benchmarks.distributed --quick    # narrow only, fewer tokens
@@ -34,12 +35,14 @@ ROWS = {  # shape row of benchmarks/models.py -> (prompt tokens, generated token
     "0.5B-bf16": (16, 8),
 }
 QUICK = {"narrow-bf16": (16, 12)}
+TENSOR = {"0.5B-bf16": 2}  # the narrow shape's single kv head does not divide
 RANKS = (1, 2, 3)
 REPEATS = 2
 
 
 def measure(path: Path, prompt: int, gen: int, repeats: int, hostfile: str | None) -> dict:
-    """In the rank-0 process: best time to first token and decode speed over `repeats` runs."""
+    """In the rank-0 process: best time to first token and decode speed over `repeats` runs.
+    `hostfile` "tensor": every rank runs this, its slice of every layer (under mlx.launch)."""
     import mlx.core as mx
     import numpy as np
 
@@ -48,9 +51,13 @@ def measure(path: Path, prompt: int, gen: int, repeats: int, hostfile: str | Non
     from apertus_mlx.loading import load_model
     from apertus_mlx.sampling import SamplingParams, make_sampler
 
-    distributed.start(hostfile)
-    pipeline = distributed.active()
-    model = pipeline.load(str(path), path) if pipeline else load_model(path)
+    pipeline = None
+    if hostfile == "tensor":
+        model = load_model(path, tensor_group=mx.distributed.init(strict=True))
+    else:
+        distributed.start(hostfile)
+        pipeline = distributed.active()
+        model = pipeline.load(str(path), path) if pipeline else load_model(path)
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, prompt).tolist()
     forward = Forward(model)
     greedy = SamplingParams(temperature=0)
@@ -78,13 +85,19 @@ def measure(path: Path, prompt: int, gen: int, repeats: int, hostfile: str | Non
     return best
 
 
-def run_row(name: str, prompt: int, gen: int, ranks: int, repeats: int) -> dict:
+def run_row(
+    name: str, prompt: int, gen: int, ranks: int, repeats: int, tensor: bool = False
+) -> dict:
     """One measurement in fresh processes (MLX's distributed group is one per process)."""
     path = ensure(next(m for m in MODELS if m.name == name))
     command = [sys.executable, "-m", "benchmarks.distributed", "--measure", str(path),
                str(prompt), str(gen), str(repeats)]  # fmt: skip
+    if tensor:  # every rank runs the measurement: started by mlx.launch
+        launch = Path(sys.executable).parent / "mlx.launch"
+        command = [str(launch), "--backend", "ring", "-n", str(ranks), "--hosts", "127.0.0.1",
+                   "--", *command, "tensor"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        if ranks > 1:
+        if ranks > 1 and not tensor:
             hostfile = Path(tmp) / "hosts.json"
             hostfile.write_text(json.dumps([{"ssh": "127.0.0.1"}] * ranks))
             command.append(str(hostfile))
@@ -123,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['prefill_tps']:>14.1f} {r['decode_tps']:>13.1f} {ring:>14}",
                   flush=True)  # fmt: skip
     print("\nring ms/token: added per decoded token against one process (the same layers)")
+    if args.quick:
+        return 0
+    print("\ntensor parallel (heads and MLP columns split; 2 sums per layer and token)")
+    for name, ranks in TENSOR.items():
+        prompt, gen = rows.get(name, ROWS[name])
+        r = run_row(name, prompt, gen, ranks, repeats, tensor=True)
+        print(f"{name:<13} {ranks:>5} {f'{prompt}/{gen}':>10} {r['ttft_s']:>8.3f} "
+              f"{r['prefill_tps']:>14.1f} {r['decode_tps']:>13.1f}", flush=True)  # fmt: skip
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,6 +138,57 @@ def test_two_ranks_started_by_hand_under_mlx_launch_match_one_process(models):
     assert len(results) == 2
     for path, got in zip(paths, results):
         check_against_one_process(path, got, [[0, 2], [2, 4]])
+
+
+def test_tensor_parallel_on_two_ranks_matches_one_process(models, tmp_path):
+    """Heads and MLP columns split across two ranks under `mlx.launch`: every rank ends each
+    step with the same logits and so the same tokens, those of one process (float32 and
+    INT4 compute in float32 here; bfloat16 partial sums round, so only close)."""
+    paths = [models["f32"], models["int4"], models["tied-bf16"]]
+    command = [str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--"]
+    out = subprocess.run(
+        [*command, sys.executable, "-m", "tests.tensor_driver", str(tmp_path), *map(str, paths)],
+        capture_output=True, text=True, timeout=240, env=env(),
+    )  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    SAME = ("greedy", "seeded", "unseeded", "logits")
+    for mine, theirs in zip(*ranks):
+        assert {k: v for k, v in mine.items() if k in SAME} == {
+            k: v for k, v in theirs.items() if k in SAME
+        }
+    from tests.tensor_driver import workload as tensor_workload
+
+    for path, got in zip(paths, ranks[0]):
+        model, tokenizer = load(path, fuse=False)
+        want = tensor_workload(model, tokenizer)
+        # each rank holds half of every projection; the embedding, head and norms whole
+        sizes = {name: a.nbytes for name, a in tree_flatten(model.parameters())}
+        split = sum(
+            n for name, n in sizes.items() if re.search(r"\.(q|k|v|o|up|down)_proj\.", name)
+        )
+        assert got["parameter_bytes"] == sum(sizes.values()) - split // 2
+        close = 0.05 if "bf16" in path.name else 1e-5
+        np.testing.assert_allclose(np.array(got["logits"]), np.array(want["logits"]), atol=close)
+        if "bf16" not in path.name:
+            assert (got["greedy"], got["seeded"]) == (want["greedy"], want["seeded"]), path.name
+
+
+def test_tensor_parallel_refuses_what_does_not_divide(models):
+    from apertus_mlx.errors import UsageError
+    from apertus_mlx.tensor_parallel import shard
+
+    class Three:  # the group's size and rank are all `shard` asks before any sum
+        def size(self) -> int:
+            return 3
+
+        def rank(self) -> int:
+            return 0
+
+    with pytest.raises(UsageError, match=r"num_attention_heads \(4\) does not divide by 3"):
+        shard(load(models["f32"], fuse=False)[0], Three())
+    with pytest.raises(UsageError, match="q, k and v apart"):
+        shard(load(models["f32"])[0], type("Two", (Three,), {"size": lambda self: 2})())
 
 
 def test_three_ranks_from_a_hostfile_match_one_process(models, tmp_path):
