@@ -46,12 +46,13 @@ def conversation_row(conversation_id: str, title: str, *, date: str = "", detail
                      open_: bool = False) -> Option:  # fmt: skip
     """A conversation's row: its title (marked when it is the one open), when it changed or
     the search hit's words. Text from the store is never read as markup."""
-    lines = [(short_title(title), "bold $accent" if open_ else "")]
-    lines += [(line, "$text-muted") for line in (date, for_display(detail)) if line]
-    parts: list = []
-    for text, style in lines:
-        parts += ["\n" if parts else "", (" ".join(text.split()), style)]
-    return Option(Content.assemble(*parts), id=conversation_id)
+    lines = [Content.styled(short_title(title), "bold $accent" if open_ else "")]
+    lines += [
+        Content.styled(" ".join(text.split()), "$text-muted")
+        for text in (date, for_display(detail))
+        if text
+    ]
+    return Option(Content("\n").join(lines), id=conversation_id)
 
 
 class SearchInput(Input):
@@ -80,8 +81,7 @@ class Sidebar(Vertical):
     @property
     def listed(self) -> list[str]:
         """The conversations listed, top to bottom (their ids)."""
-        view = self.query_one("#conversations", OptionList)
-        return [view.get_option_at_index(i).id for i in range(view.option_count)]
+        return [row.id for row in self.query_one("#conversations", OptionList).options]
 
     def refill(self, current: str | None = None) -> None:
         """List the conversations again (after a change), keeping the search typed."""
