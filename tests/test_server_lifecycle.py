@@ -189,3 +189,51 @@ def test_an_internal_error_is_one_line_and_a_500():
     assert body["type"] == "error" and body["error"]["type"] == "api_error"
     assert lines[0] == "apertus-mlx: internal error: ZeroDivisionError: boom"
     assert lines[1].startswith("POST /v1/messages 500 0 tokens")
+
+
+def test_save_keeps_each_exchange_in_the_history(tiny_model_dir, tmp_path):
+    """`--save`: a conversation resent with the answer goes on in the same saved
+    conversation; another conversation is another; tool results are not kept."""
+    from apertus_mlx.store import Store
+
+    home = tmp_path / "home"
+    server = Served(tiny_model_dir, "--save", env={"APERTUS_MLX_HOME": str(home)})
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)
+
+        def ask(messages: list[dict], **kw) -> str:
+            out = client.chat.completions.create(
+                model="", messages=messages, max_tokens=6, temperature=0, **kw
+            )
+            return out.choices[0].message.content
+
+        talk = [
+            {"role": "system", "content": "Sei kurz."},
+            {"role": "user", "content": "Grüezi!"},
+        ]
+        talk.append({"role": "assistant", "content": ask(talk)})
+        talk.append({"role": "user", "content": "Und jetzt?"})
+        streamed = client.chat.completions.create(
+            model="", messages=talk, max_tokens=6, temperature=0, stream=True
+        )
+        talk.append({"role": "assistant", "content": "".join(
+            c.choices[0].delta.content or "" for c in streamed if c.choices
+        )})  # fmt: skip
+        other = [{"role": "user", "content": "Wie spät ist es?"}]
+        other.append({"role": "assistant", "content": ask(other)})
+        tools = [*talk, {"role": "tool", "content": "42", "tool_call_id": "x"}]
+        ask([*tools, {"role": "user", "content": "Danke"}])
+    finally:
+        server.stop()
+    with Store.open(home / "history.db") as store:
+        conversations = store.list_conversations()
+        saved = {c.title: c for c in conversations}
+        assert len(conversations) == 2 and sorted(saved) == ["Grüezi!", "Wie spät ist es?"]
+        kept = saved["Grüezi!"]
+        assert kept.system == "Sei kurz."
+        said = [(m.role, m.content) for m in store.branch(kept.id)]
+        assert said == [(m["role"], m["content"]) for m in talk[1:]]
+        assert [(m.role, m.content) for m in store.branch(saved["Wie spät ist es?"].id)] == [
+            (m["role"], m["content"]) for m in other
+        ]
+    assert sum("keeps no exchange with tool results" in line for line in server.log) == 1

@@ -44,8 +44,9 @@ def _echo_json(value) -> None:
 def history() -> None:
     """Saved conversations: list, show, search, export, rename and delete them.
 
-    Conversations are saved by the chat and by `apertus-mlx generate --save`, in history.db
-    under APERTUS_MLX_HOME when it is set, else the user data directory.
+    Conversations are saved by the chat, by `apertus-mlx generate --save` and by `apertus-mlx
+    serve --save`, in history.db under APERTUS_MLX_HOME when it is set, else the user data
+    directory.
     """
 
 

@@ -92,6 +92,11 @@ def bind(host: str, port: int) -> socket.socket:
     help="Decode concurrent answers together (continuous batching), or one at a time.",
 )
 @click.option("--no-output-filter", is_flag=True, help="Do not apply the installed output filter.")
+@click.option(
+    "--save",
+    is_flag=True,
+    help="Keep each chat exchange in the history (`apertus-mlx history`), as `llm` logs.",
+)
 def serve(
     model_name,
     host,
@@ -104,6 +109,7 @@ def serve(
     cors_origins,
     batch,
     no_output_filter,
+    save,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and
     Anthropic's /v1/messages, plus /health.
@@ -138,6 +144,7 @@ def serve(
         idle_unload_s=None if idle_minutes is None else idle_minutes * 60,
         output_filter=the_filter,
         batching=batch,
+        save=save,
     )
     scheduler.start(preload=names.default)
     app = build_app(scheduler, api_key=api_key, cors_origins=tuple(cors_origins))

@@ -128,6 +128,7 @@ class Scheduler:
         output_filter: Any = None,
         log: Callable[[str], None] | None = None,
         batching: bool = True,
+        save: bool = False,
     ):
         self.names = names
         self.max_concurrent = max_concurrent
@@ -138,6 +139,11 @@ class Scheduler:
         self.output_filter = output_filter
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.answers = AnswerTokens()
+        self.exchanges = None  # `--save`: chat exchanges kept in the history
+        if save:
+            from .history import ExchangeLog
+
+            self.exchanges = ExchangeLog(self.log)
         self.service: TurnService | None = None
         self.loaded: str | None = None  # the model key of `service`
         self.decoder: BatchDecoder | None = None  # the answers decoding together
@@ -193,6 +199,8 @@ class Scheduler:
                 self._advance(live)
             if self.decoder is not None:
                 self.decoder.step()  # every answer waiting for its next token, together
+        if self.exchanges is not None:
+            self.exchanges.close()  # on the thread that opened it, as sqlite3 wants
 
     def _take(self) -> bool:
         """Start waiting requests while there is room (a request for another model waits
@@ -252,6 +260,8 @@ class Scheduler:
                 logprobs = self._logprobs(live.service, new) if new else None
                 work.post("event", event, logprobs)
                 self._remember(live.service, work.model, live.request, event)
+                if self.exchanges is not None and live.request.kind == "messages":
+                    self._save(live, event)
         except Exception as e:
             self._fail(work, e)
         self._live.remove(live)
@@ -284,6 +294,12 @@ class Scheduler:
             calls = [(c.name, c.arguments) for c in event.tool_calls]
             if tokens:
                 self.answers.remember(AnswerTokens.key(model, event.text, calls), tokens)
+
+    def _save(self, live: _Live, event) -> None:
+        from ..generate import Done
+
+        if isinstance(event, Done):
+            self.exchanges.save(live.service.model_id, live.request.messages or [], event)
 
     @staticmethod
     def _logprobs(service: TurnService, entries: list) -> list[dict]:
