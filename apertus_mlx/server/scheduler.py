@@ -258,10 +258,10 @@ class Scheduler:
                 new = turn.token_logprobs[live.sent :]
                 live.sent = len(turn.token_logprobs)
                 logprobs = self._logprobs(live.service, new) if new else None
-                work.post("event", event, logprobs)
                 self._remember(live.service, work.model, live.request, event)
                 if self.exchanges is not None and live.request.kind == "messages":
-                    self._save(live, event)
+                    self._save(live, event)  # saved by the time the client has the answer
+                work.post("event", event, logprobs)
         except Exception as e:
             self._fail(work, e)
         self._live.remove(live)
