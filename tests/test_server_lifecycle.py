@@ -237,3 +237,12 @@ def test_save_keeps_each_exchange_in_the_history(tiny_model_dir, tmp_path):
             (m["role"], m["content"]) for m in other
         ]
     assert sum("keeps no exchange with tool results" in line for line in server.log) == 1
+
+
+def test_save_with_a_history_that_cannot_be_written_fails_at_start(tiny_model_dir, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    out = cli("serve", "-m", str(tiny_model_dir), "--port", "0", "--save",
+              env={"APERTUS_MLX_HOME": str(blocked / "home")})  # fmt: skip
+    assert out.returncode != 0 and not out.stdout
+    assert out.stderr.count("\n") == 1 and "history directory" in out.stderr

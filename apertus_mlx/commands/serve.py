@@ -128,6 +128,10 @@ def serve(
     from .filter import output_filter
 
     names = ModelNames(model_name)  # a model that is not here fails now, before binding
+    if save:  # a history that cannot be written fails now, not at each answer
+        from ..store import Store
+
+        Store.open().close()
     the_filter = output_filter(disabled=no_output_filter)
     sock = bind(host, port)  # a port in use fails now, before the model loads
 
