@@ -37,9 +37,8 @@ def digest(messages: list[dict]) -> str:
 class ExchangeLog:
     """The history the server saves exchanges in (opened at the first one)."""
 
-    def __init__(self, log: Callable[[str], None], store_path: Any = None, size: int = 4096):
+    def __init__(self, log: Callable[[str], None], size: int = 4096):
         self.log = log
-        self.store_path = store_path
         self.size = size
         self._store = None
         self._leaves: OrderedDict[str, tuple[str, int]] = OrderedDict()  # digest -> answer
@@ -62,10 +61,10 @@ class ExchangeLog:
 
     def _save(self, model_id: str, messages: list[dict], done: Any) -> None:
         from ..format.tools import content_text
-        from ..store import Store
+        from ..store import FINISH_REASONS, Store
 
         if self._store is None:
-            self._store = Store.open(self.store_path)
+            self._store = Store.open()
         store = self._store
         known = self._leaves.get(digest(messages[:-1]))
         if known is not None and store.exists(known[0]):
@@ -89,7 +88,7 @@ class ExchangeLog:
             done.text,
             parent,
             tokens=done.tokens,
-            finish_reason=reason if reason in ("stop", "length", "interrupted") else "stop",
+            finish_reason=reason if reason in FINISH_REASONS else "stop",
             stats=done.stats,
         )
         said = [*messages, {"role": "assistant", "content": done.text}]
