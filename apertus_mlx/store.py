@@ -615,11 +615,15 @@ class Store:
         seed: int | None = None,
         interval: float = FLUSH_INTERVAL_S,
         on_error: Callable[[StoreError], None] | None = None,
+        question: str | None = None,
     ) -> AnswerWriter:
         """Create the assistant message (empty, finish_reason None) and a writer that streams
         into it. parent_id as for `add_message`; a second answer to the same user message is a
-        regeneration: a sibling branch. Raises StoreError if even the empty row cannot be
-        written; after that, the writer reports failures instead of raising them."""
+        regeneration: a sibling branch. With `question`, the user message it answers goes in
+        first, after parent_id, in the same transaction (its id: `writer.question_id`), so no
+        other process ever finds that question as the leaf and writes its own after it.
+        Raises StoreError if even the empty row cannot be written; after that, the writer
+        reports failures instead of raising them."""
         cid = self.get_conversation(conversation_id).id
         row = (
             "assistant",
@@ -633,8 +637,16 @@ class Store:
             None,
             None,
         )
-        mid = self._write(lambda db: self._insert_message(db, cid, parent_id, row))
-        return AnswerWriter(self, mid, cid, interval=interval, on_error=on_error)
+        asked = None if question is None else ("user", question, *(None,) * 8)
+
+        def insert(db: sqlite3.Connection) -> tuple[int | None, int]:
+            parent = parent_id if asked is None else self._insert_message(db, cid, parent_id, asked)
+            return (None if asked is None else parent), self._insert_message(db, cid, parent, row)
+
+        question_id, mid = self._write(insert)
+        writer = AnswerWriter(self, mid, cid, interval=interval, on_error=on_error)
+        writer.question_id = question_id
+        return writer
 
     def _insert_message(self, db: sqlite3.Connection, cid: str, parent_id: Any, row: tuple) -> int:
         conv = db.execute("SELECT current_leaf, title FROM conversations WHERE id = ?", (cid,))
@@ -813,6 +825,7 @@ class AnswerWriter:
     ):
         self.store = store
         self.message_id = message_id
+        self.question_id: int | None = None  # the user message written with it, if any
         self.conversation_id = conversation_id
         self.interval = interval
         self.error: StoreError | None = None

@@ -341,13 +341,11 @@ class Turn:
                 self.conversation_id = conversation.id
             elif any(getattr(conversation, k) != v for k, v in fields.items()):
                 store.update_conversation(conversation.id, **fields)
-            parent = path[-1].id if path else None
-            user_id = parent  # answering again: the user message is already there
-            if r.text is not None:
-                user_id = store.add_message(conversation.id, "user", r.text, parent).id
+            parent = path[-1].id if path else None  # answering again: the user message
             writer = store.start_answer(
-                conversation.id, user_id, settings=record, seed=settings.seed
+                conversation.id, parent, settings=record, seed=settings.seed, question=r.text
             )
+            user_id = parent if r.text is None else writer.question_id
         except StoreError as e:
             if not r.best_effort_store:
                 raise

@@ -71,6 +71,26 @@ def test_a_follow_up_reuses_the_cache_and_answers_as_a_cold_start(tiny, tmp_path
     assert isinstance(started, Started) and started.answer_message_id == branch[3].id
 
 
+def test_no_other_process_ever_sees_a_new_question_as_the_leaf(tiny, tmp_path, monkeypatch):
+    """A follow-up's question and its answer's row go in together: a process reading the
+    conversation in between would write its own question after this one's (seen in CI: three
+    `generate --continue` at once, one question filed under another)."""
+    s = service(tiny, tmp_path)
+    first, _, _ = run(s, TurnRequest.new("Grüezi!", GREEDY))
+    before = s.store.get_conversation(first.conversation_id).current_leaf
+    other = Store.open(tmp_path / "history.db")  # another process's view
+    seen: list[int | None] = []
+    insert = Store._insert_message
+
+    def watched(self, db, cid, parent_id, row):
+        seen.append(other.get_conversation(cid).current_leaf)
+        return insert(self, db, cid, parent_id, row)
+
+    monkeypatch.setattr(Store, "_insert_message", watched)
+    run(s, TurnRequest.follow(first.conversation_id, "Und jetzt?"))
+    assert seen == [before, before]  # before the question, and before its answer's row
+
+
 def test_a_refused_message_writes_nothing(tiny, tmp_path):
     s = service(tiny, tmp_path)
     with pytest.raises(UsageError, match="too long"):
