@@ -919,9 +919,6 @@ class AnswerWriter:
                     return
                 if not changed:
                     return
-                if cur.rowcount == 0:  # its conversation was deleted, here or elsewhere
-                    self.deleted = True
-                    return
                 if finish_reason is not None:
                     s = stats or {}
                     db.execute(
