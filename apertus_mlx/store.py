@@ -637,11 +637,13 @@ class Store:
             None,
             None,
         )
-        asked = None if question is None else ("user", question, *(None,) * 8)
 
         def insert(db: sqlite3.Connection) -> tuple[int | None, int]:
-            parent = parent_id if asked is None else self._insert_message(db, cid, parent_id, asked)
-            return (None if asked is None else parent), self._insert_message(db, cid, parent, row)
+            question_id, parent = None, parent_id
+            if question is not None:
+                asked = ("user", question, *(None,) * 8)
+                question_id = parent = self._insert_message(db, cid, parent_id, asked)
+            return question_id, self._insert_message(db, cid, parent, row)
 
         question_id, mid = self._write(insert)
         writer = AnswerWriter(self, mid, cid, interval=interval, on_error=on_error)

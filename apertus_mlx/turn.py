@@ -341,7 +341,9 @@ class Turn:
                 self.conversation_id = conversation.id
             elif any(getattr(conversation, k) != v for k, v in fields.items()):
                 store.update_conversation(conversation.id, **fields)
-            parent = path[-1].id if path else None  # answering again: the user message
+            # the new question and its answer's row together; answering again (no new
+            # text), the path already ends with the user's message
+            parent = path[-1].id if path else None
             writer = store.start_answer(
                 conversation.id, parent, settings=record, seed=settings.seed, question=r.text
             )

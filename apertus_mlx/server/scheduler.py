@@ -259,8 +259,7 @@ class Scheduler:
                 live.sent = len(turn.token_logprobs)
                 logprobs = self._logprobs(live.service, new) if new else None
                 self._remember(live.service, work.model, live.request, event)
-                if self.exchanges is not None and live.request.kind == "messages":
-                    self._save(live, event)  # saved by the time the client has the answer
+                self._save(live, event)  # saved by the time the client has the answer
                 work.post("event", event, logprobs)
         except Exception as e:
             self._fail(work, e)
@@ -296,8 +295,11 @@ class Scheduler:
                 self.answers.remember(AnswerTokens.key(model, event.text, calls), tokens)
 
     def _save(self, live: _Live, event) -> None:
+        """`--save`: an ended chat exchange into the history."""
         from ..generate import Done
 
+        if self.exchanges is None or live.request.kind != "messages":
+            return
         if isinstance(event, Done):
             self.exchanges.save(live.service.model_id, live.request.messages or [], event)
 
